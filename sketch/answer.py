@@ -1,0 +1,57 @@
+"""From shard answers to the answer a user reads.
+
+Each shard answers a range query for K keys with three small arrays: the
+register-value histogram of its slice (``K x 52`` ints at p = 14), its
+distinct coupon count (-1 once any piece was dense) and its impressions.
+Summing them over shards gives the histogram of the whole sketch, so the
+estimate needs nothing else: a few hundred bytes per key cross the network
+whatever the sketch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .hll import Estimate, estimate_from_parts
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    key: str | None
+    start: int
+    end: int
+    estimate: Estimate
+    impressions: int
+
+    @property
+    def unique_visitors(self) -> int:
+        return self.estimate.unique_visitors
+
+    def to_dict(self) -> dict:
+        e = self.estimate
+        return {"key": self.key, "start": self.start, "end": self.end,
+                "unique_visitors": e.unique_visitors, "impressions": int(self.impressions),
+                "relative_error": round(float(e.relative_error), 6),
+                "interval": [int(np.floor(e.interval[0])), int(np.ceil(e.interval[1]))
+                             if np.isfinite(e.interval[1]) else None],
+                "exact": e.exact, "partial": e.partial}
+
+
+def combine_answers(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], m: int,
+                    registers_per_shard: int, shards_total: int) -> list[tuple[Estimate, int]]:
+    """Sum shard answers (``hist``, ``sparse``, ``impressions``, one row per
+    key) and estimate each key.  Missing shards (fewer answers than
+    ``shards_total``) make the estimates partial."""
+    hist = sum(a[0] for a in answers)
+    sparse_all = np.all([a[1] >= 0 for a in answers], axis=0)
+    sparse = sum(np.maximum(a[1], 0) for a in answers)
+    imp = sum(a[2] for a in answers)
+    seen = registers_per_shard * len(answers)
+    out = []
+    for i in range(hist.shape[0]):
+        est = estimate_from_parts(hist[i], int(sparse[i]) if sparse_all[i] else None, m,
+                                  seen if len(answers) < shards_total else None)
+        out.append((est, int(imp[i])))
+    return out

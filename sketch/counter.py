@@ -1,0 +1,65 @@
+"""An in-process counter: ``S`` shard stores behind the user-level API.
+
+This is the whole system without Ray: the same validation, the same
+per-shard batches, the same shard stores and the same answer combination
+that the actor cluster uses, called directly.  It is what the tests use as
+the reference for the cluster, and what the core benchmark measures.
+
+    >>> c = Counter(SketchConfig(), shards=2)
+    >>> report = c.ingest(ts=[now, now], keys=["ad-1", "ad-2"], visitors=["u1", "u1"], now=now)
+    >>> c.unique("ad-1", last="15m", now=now).unique_visitors
+    1
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .answer import RangeResult, combine_answers
+from .events import IngestReport, prepare
+from .store import ShardStore, SketchConfig
+from .timeindex import resolve_range
+
+
+class Counter:
+    def __init__(self, config: SketchConfig | None = None, shards: int = 1):
+        self.config = config or SketchConfig()
+        self.stores = [ShardStore(self.config, s, shards) for s in range(shards)]
+
+    @property
+    def shards(self) -> int:
+        return len(self.stores)
+
+    def ingest(self, ts, keys, visitors=None, hashes=None, now: float | None = None) -> IngestReport:
+        """Validate and add events; returns the ingest report."""
+        cfg = self.config
+        batch, report = prepare(ts, keys, visitors=visitors, hashes=hashes,
+                                now=time.time() if now is None else now, bucket_seconds=cfg.bucket_seconds,
+                                retention_buckets=cfg.retention_buckets, future_seconds=cfg.future_seconds)
+        for store, part in zip(self.stores, batch.split(cfg.p, self.shards)):
+            store.apply(part.key_names, part.key_index, part.bucket, part.coupon)
+        return report
+
+    def maintain(self, now: float | None = None) -> None:
+        for store in self.stores:
+            store.maintain(now)
+
+    def query(self, keys, *, last=None, start=None, end=None, now: float | None = None) -> list[RangeResult]:
+        """Unique visitors and impressions for each key (None = site-wide)."""
+        cfg = self.config
+        rng = resolve_range(bucket_seconds=cfg.bucket_seconds, retention_buckets=cfg.retention_buckets,
+                            now=time.time() if now is None else now, last=last, start=start, end=end)
+        keys = list(keys)
+        answers = [store.query(keys, rng.b0, rng.b1) for store in self.stores]
+        prec = self.stores[0].prec
+        combined = combine_answers(answers, prec.m, prec.R, self.shards)
+        return [RangeResult(k, rng.start, rng.end, est, imp) for k, (est, imp) in zip(keys, combined)]
+
+    def unique(self, key=None, **kw) -> RangeResult:
+        return self.query([key], **kw)[0]
+
+    def registers(self, key, b0: int, b1: int):
+        """The full dense sketch (all shards' slices concatenated)."""
+        return np.concatenate([s.registers(key, b0, b1) for s in self.stores])

@@ -1,0 +1,569 @@
+"""One shard's sketches: every key, every time bucket, one register range.
+
+Where data lives
+----------------
+Events arrive as (key, bucket, coupon) triples; every event also counts for
+the site-wide key (id 0).  They go through four places, newest first:
+
+1. **memtable**: unsorted numpy chunks, at most ``memtable_rows`` rows;
+   queries scan it with a vectorized mask.
+2. **leaf slots** (level ``leaf_level`` = 6, 64 buckets): ``flush`` sorts
+   the memtable into level-0 rows (one per key and bucket, see
+   ``rows.RowTable``) and appends them to the slot of their leaf node as a
+   *run*.  When the leaf's time is sealed (``lateness_buckets`` behind the
+   newest bucket seen) its runs are merged and its rollups built: levels
+   1..6, each node kept only where the rollup rule says it pays
+   (``rows.level_up``).
+3. **segment slots** (level ``segment_level`` = 11, 2048 buckets): once a
+   whole segment is sealed its leaves are merged into one slot, with
+   rollups for levels 7..11 computed from the leaves' top-level merges.
+   Late events for a built slot become runs on it, folded in later.
+4. **upper index** (levels 12..``top_level``): rollup rows built from the
+   segments' top-level merges, for ranges longer than a segment.
+
+Every place holds a *complete* answer for what it covers, and merging is a
+``max``, so a query may take any pieces that cover its range, overlapping or
+not: the rollups may lag behind late events (those are in runs or the
+memtable, which queries always read) and never make an answer wrong.
+
+Impressions are exact counts on the level-0 rows only (each event is in
+exactly one place); a range sums prefix sums, O(log n) per table touched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .hll import Precision, distinct_coupon_count
+from .rows import RowTable, level_up, merge, rows_from_events
+from .timeindex import dyadic
+
+ALL_KEY = 0  # the site-wide key's id in every store
+
+
+@dataclass(frozen=True)
+class SketchConfig:
+    """Parameters of the sketch store.  ``p`` and ``bucket_seconds`` (and the
+    tier levels) are part of a stored state's identity: a state written with
+    other values is refused on load."""
+
+    p: int = 14
+    bucket_seconds: int = 60
+    retention_seconds: int = 30 * 86400
+    future_seconds: int = 300
+    leaf_level: int = 6
+    segment_level: int = 11
+    lateness_buckets: int = 2
+    memtable_rows: int = 1 << 16
+    max_runs: int = 4
+
+    def __post_init__(self):
+        if self.bucket_seconds < 1:
+            raise ValueError(f"bucket_seconds must be at least 1, got {self.bucket_seconds}")
+        if self.retention_seconds < self.bucket_seconds or self.retention_seconds % self.bucket_seconds:
+            raise ValueError(f"retention of {self.retention_seconds} s must be a whole number of "
+                             f"{self.bucket_seconds}-second buckets")
+        if not (1 <= self.leaf_level < self.segment_level <= 20):
+            raise ValueError(f"need 1 <= leaf_level ({self.leaf_level}) < segment_level "
+                             f"({self.segment_level}) <= 20")
+        if self.future_seconds < 0 or self.lateness_buckets < 0 or self.memtable_rows < 1 or self.max_runs < 1:
+            raise ValueError("future_seconds, lateness_buckets, memtable_rows and max_runs must be positive")
+        Precision(self.p)  # validates p
+
+    @property
+    def retention_buckets(self) -> int:
+        return self.retention_seconds // self.bucket_seconds
+
+    @property
+    def top_level(self) -> int:
+        """Highest useful node level: a larger node never fits in a query."""
+        return max(self.segment_level, int(math.floor(math.log2(self.retention_buckets))))
+
+    def identity(self) -> dict[str, int]:
+        """The parameters a stored state must match to be loaded."""
+        return {"p": self.p, "bucket_seconds": self.bucket_seconds,
+                "leaf_level": self.leaf_level, "segment_level": self.segment_level}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KeyTable:
+    """Key name <-> dense integer id.  Id 0 is the site-wide key (name None)."""
+
+    def __init__(self):
+        self._ids: dict[str | None, int] = {None: ALL_KEY}
+        self.names: list[str | None] = [None]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def get(self, name: str | None) -> int | None:
+        return self._ids.get(name)
+
+    def ids(self, names) -> np.ndarray:
+        """Ids of ``names`` (created as needed), as uint32."""
+        out = np.empty(len(names), np.uint32)
+        ids, table = self._ids, self.names
+        for i, name in enumerate(names):
+            k = ids.get(name)
+            if k is None:
+                k = ids[name] = len(table)
+                table.append(name)
+            out[i] = k
+        return out
+
+
+class Slot:
+    """A leaf or segment node: its built tables (levels 0..level) and runs."""
+
+    __slots__ = ("level", "node", "main", "runs")
+
+    def __init__(self, level: int, node: int):
+        self.level, self.node = level, node
+        self.main: list[RowTable] | None = None
+        self.runs: list[RowTable] = []
+
+    @property
+    def start(self) -> int:
+        return self.node << self.level
+
+    @property
+    def end(self) -> int:
+        return (self.node + 1) << self.level
+
+    def base_tables(self) -> list[RowTable]:
+        return ([self.main[0]] if self.main else []) + self.runs
+
+
+class Pieces:
+    """Sketch pieces gathered for one key; ``finish`` merges them."""
+
+    __slots__ = ("coupons", "dense")
+
+    def __init__(self):
+        self.coupons: list[np.ndarray] = []
+        self.dense: list[np.ndarray] = []  # 2-D (k, R) blocks
+
+    def add_row(self, t: RowTable, r: int) -> None:
+        d = int(t.dense[r])
+        if d >= 0:
+            self.dense.append(t.regs[d:d + 1])
+        else:
+            self.coupons.append(t.coupons[t.off[r]:t.off[r + 1]])
+
+    def add_rows(self, t: RowTable, r0: int, r1: int) -> None:
+        if r1 <= r0:
+            return
+        c0, c1 = t.off[r0], t.off[r1]
+        if c1 > c0:
+            self.coupons.append(t.coupons[c0:c1])
+        d0, d1 = t.dense_cs[r0], t.dense_cs[r1]
+        if d1 > d0:
+            self.dense.append(t.regs[d0:d1])
+
+    def registers(self, prec: Precision) -> np.ndarray:
+        regs = np.zeros(prec.R, np.uint8)
+        for block in self.dense:
+            np.maximum(regs, block.max(axis=0) if len(block) > 1 else block[0], out=regs)
+        if self.coupons:
+            prec.registers_from_coupons(np.concatenate(self.coupons), out=regs)
+        return regs
+
+    def finish(self, prec: Precision) -> tuple[np.ndarray, int]:
+        """(register-value histogram of this slice, distinct coupon count or -1).
+
+        The count is given exactly when the merged slice would be stored
+        sparse (at most ``dense_threshold`` coupons), so the answer depends on
+        the data alone, never on which pieces happened to be stored dense: a
+        dense piece always holds more than the threshold itself.
+        """
+        regs = self.registers(prec)
+        hist = np.bincount(regs, minlength=prec.hist_len)
+        if self.dense:
+            return hist, -1
+        if not self.coupons:
+            return hist, 0
+        k = distinct_coupon_count(np.concatenate(self.coupons))
+        return hist, (k if k <= prec.dense_threshold else -1)
+
+
+class ShardStore:
+    """The sketches of one register range (``shard`` of ``shards``)."""
+
+    def __init__(self, config: SketchConfig | None = None, shard: int = 0, shards: int = 1):
+        self.config = config or SketchConfig()
+        self.prec = Precision(self.config.p, shards, shard)
+        self.keys = KeyTable()
+        self.slots: dict[tuple[int, int], Slot] = {}
+        self.upper: dict[tuple[int, int], RowTable] = {}  # built upper nodes (table may be empty)
+        self.summaries: dict[tuple[int, int], RowTable] = {}  # full merges awaiting their parent
+        self._loose: set[tuple[int, int]] = set()  # slots whose data the upper index may lack
+        self._mem: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._mem_n = 0
+        self._mem_cat = None
+        self.max_bucket = -1
+        self.events = 0
+
+    @property
+    def shard(self) -> int:
+        return self.prec.shard
+
+    @property
+    def shards(self) -> int:
+        return self.prec.shards
+
+    # ================================================================ ingest
+    def apply(self, key_names, key_index: np.ndarray, buckets: np.ndarray, coupons: np.ndarray) -> int:
+        """Add validated events: ``key_names[key_index[i]]`` saw coupon
+        ``coupons[i]`` in bucket ``buckets[i]``.  Each also counts site-wide.
+        Returns the number of events applied."""
+        n = len(buckets)
+        if n == 0:
+            return 0
+        ids = self.keys.ids(key_names)[np.asarray(key_index, np.int64)]
+        b = np.asarray(buckets, np.int64).astype(np.uint32)
+        c = np.asarray(coupons, np.uint32)
+        self._mem.append((np.concatenate([ids, np.zeros(n, np.uint32)]), np.concatenate([b, b]),
+                          np.concatenate([c, c])))
+        self._mem_n += 2 * n
+        self._mem_cat = None
+        self.max_bucket = max(self.max_bucket, int(b.max()))
+        self.events += n
+        if self._mem_n >= self.config.memtable_rows:
+            self.flush()
+        return n
+
+    def _memtable(self):
+        if self._mem_cat is None:
+            if not self._mem:
+                e = np.zeros(0, np.uint32)
+                self._mem_cat = (e, e, e)
+            elif len(self._mem) == 1:
+                self._mem_cat = self._mem[0]
+            else:
+                self._mem_cat = tuple(np.concatenate(parts) for parts in zip(*self._mem))
+                self._mem = [self._mem_cat]
+        return self._mem_cat
+
+    def flush(self) -> None:
+        """Sort the memtable into level-0 runs on their leaf (or segment) slots."""
+        if not self._mem_n:
+            return
+        k, b, c = self._memtable()
+        self._mem, self._mem_n, self._mem_cat = [], 0, None
+        rows = rows_from_events(k, b, c, self.prec)
+        LF = self.config.leaf_level
+        leaf = rows.nodes >> LF
+        if len(leaf) and leaf.min() != leaf.max():
+            order = np.argsort(leaf, kind="stable")
+            rows, leaf = rows.take_rows(order), leaf[order]
+            cuts = np.flatnonzero(leaf[1:] != leaf[:-1]) + 1
+        else:
+            cuts = np.zeros(0, np.int64)
+        bounds = np.concatenate([[0], cuts, [len(leaf)]])
+        for r0, r1 in zip(bounds[:-1], bounds[1:]):
+            run = rows.slice(int(r0), int(r1)) if len(bounds) > 2 else rows
+            self._add_run(int(leaf[r0]), run)
+
+    def _add_run(self, jf: int, run: RowTable) -> None:
+        cfg = self.config
+        js = jf >> (cfg.segment_level - cfg.leaf_level)
+        slot = self.slots.get((cfg.segment_level, js))
+        if slot is None:
+            slot = self.slots.get((cfg.leaf_level, jf))
+            if slot is None:
+                slot = self.slots[(cfg.leaf_level, jf)] = Slot(cfg.leaf_level, jf)
+        slot.runs.append(run)
+        self._loose.add((slot.level, slot.node))
+
+    # ================================================================ maintenance
+    def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
+        """Fold runs and build rollups for sealed time.  Returns True when
+        nothing is left to do (False if ``max_seconds`` cut it short)."""
+        deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+        self.flush()
+        if now is not None:
+            self.expire(now)
+        cfg = self.config
+        LF, LS = cfg.leaf_level, cfg.segment_level
+        sealed_end = self.max_bucket + 1 - cfg.lateness_buckets
+
+        def out_of_time():
+            return deadline is not None and time.perf_counter() > deadline
+
+        # 1. leaves: build sealed ones; compact long run lists of open ones
+        for key in sorted(k for k in self.slots if k[0] == LF):
+            slot = self.slots[key]
+            if slot.runs and slot.end <= sealed_end:
+                self._build_leaf(slot)
+            elif len(slot.runs) > cfg.max_runs:
+                slot.runs = [merge(slot.runs, self.prec)]
+            if out_of_time():
+                return False
+        # 2. segments: build sealed ones from their leaves; fold late runs
+        d = LS - LF
+        candidates = {k[1] >> d for k in self.slots if k[0] == LF} | {k[1] for k in self.slots if k[0] == LS}
+        for js in sorted(candidates):
+            if (js + 1) << LS > sealed_end:
+                continue
+            slot = self.slots.get((LS, js))
+            if slot is not None:
+                base_rows = len(slot.main[0]) if slot.main else 0
+                run_rows = sum(len(r) for r in slot.runs)
+                if run_rows and (run_rows * 8 >= base_rows or len(slot.runs) > cfg.max_runs):
+                    self._rebuild_segment(slot)
+            else:
+                leaves = [self.slots[(LF, jf)] for jf in range(js << d, (js + 1) << d) if (LF, jf) in self.slots]
+                if leaves and all(not s.runs for s in leaves):
+                    self._build_segment(js, leaves)
+            if out_of_time():
+                return False
+        # 3. upper index, bottom-up
+        for lvl in range(LS, cfg.top_level):
+            for (l, j) in sorted(k for k in self.summaries if k[0] == lvl):
+                if (l, j) not in self.summaries:
+                    continue  # consumed with its sibling
+                parent = (lvl + 1, j >> 1)
+                if parent in self.upper or ((j >> 1) + 1) << (lvl + 1) > sealed_end:
+                    continue
+                sib = (lvl, j ^ 1)
+                if sib in self.summaries or not self._pending(lvl, j ^ 1):
+                    self._build_upper(*parent)
+                if out_of_time():
+                    return False
+        for k in [k for k in self.summaries if k[0] >= cfg.top_level]:
+            del self.summaries[k]
+        return True
+
+    def _build_levels(self, base: RowTable, top: int) -> tuple[list[RowTable], RowTable]:
+        tables, cur = [base], base
+        for lvl in range(1, top + 1):
+            cur, kept = level_up([cur], self.prec, lvl)
+            tables.append(kept)
+        return tables, cur
+
+    def _build_leaf(self, slot: Slot) -> None:
+        base = merge(slot.base_tables(), self.prec)
+        slot.main, self.summaries[(slot.level, slot.node)] = self._build_levels(base, slot.level)
+        slot.runs = []
+
+    def _build_segment(self, js: int, leaves: list[Slot]) -> None:
+        cfg = self.config
+        LF, LS = cfg.leaf_level, cfg.segment_level
+        slot = Slot(LS, js)
+        tables = [merge([leaf.main[lvl] for leaf in leaves], self.prec) for lvl in range(LF + 1)]
+        for t, lvl in zip(tables, range(LF + 1)):
+            t.level = lvl
+        cur = [self.summaries.pop((LF, leaf.node)) for leaf in leaves]
+        for lvl in range(LF + 1, LS + 1):
+            full, kept = level_up(cur, self.prec, lvl)
+            tables.append(kept)
+            cur = [full]
+        slot.main = tables
+        for leaf in leaves:
+            del self.slots[(LF, leaf.node)]
+            self._loose.discard((LF, leaf.node))
+        self.slots[(LS, js)] = slot
+        self._settle_summary(js, cur[0])
+
+    def _rebuild_segment(self, slot: Slot) -> None:
+        base = merge(slot.base_tables(), self.prec)
+        slot.main, summary = self._build_levels(base, slot.level)
+        slot.runs = []
+        self._loose.discard((slot.level, slot.node))
+        self._settle_summary(slot.node, summary)
+
+    def _settle_summary(self, js: int, summary: RowTable) -> None:
+        """Keep a segment's top merge for its parent, or, when the parent is
+        already built (late data), fold it into the built upper nodes."""
+        LS = self.config.segment_level
+        if (LS + 1, js >> 1) not in self.upper:
+            self.summaries[(LS, js)] = summary
+            return
+        cur, lvl, j = summary, LS, js
+        while lvl < self.config.top_level and (lvl + 1, j >> 1) in self.upper:
+            cur, _ = level_up([cur], self.prec, lvl + 1)
+            lvl, j = lvl + 1, j >> 1
+            t = self.upper[(lvl, j)]
+            if len(t):
+                self.upper[(lvl, j)] = merge([t, cur.take(np.isin(cur.code >> np.uint64(32), t.code >> np.uint64(32)))], self.prec)
+        if (lvl, j) in self.summaries:  # the highest built node still awaits its parent
+            self.summaries[(lvl, j)] = merge([self.summaries[(lvl, j)], cur], self.prec)
+
+    def _build_upper(self, lvl: int, j: int) -> None:
+        children = [self.summaries.pop(k) for k in ((lvl - 1, 2 * j), (lvl - 1, 2 * j + 1)) if k in self.summaries]
+        full, kept = level_up(children, self.prec, lvl)
+        self.upper[(lvl, j)] = kept
+        if lvl < self.config.top_level:
+            self.summaries[(lvl, j)] = full
+
+    def _pending(self, lvl: int, j: int) -> bool:
+        """Whether node (lvl, j) has data not yet summarised at its level."""
+        cfg = self.config
+        LF, LS = cfg.leaf_level, cfg.segment_level
+        start, end = j << lvl, (j + 1) << lvl
+        for l in range(LS, lvl):
+            for jj in range(start >> l, end >> l):
+                if (l, jj) in self.summaries:
+                    return True
+        for js in range(start >> LS, end >> LS):
+            if (LS, js) in self.slots:
+                return True
+            for jf in range(js << (LS - LF), (js + 1) << (LS - LF)):
+                if (LF, jf) in self.slots:
+                    return True
+        return False
+
+    def expire(self, now: float) -> None:
+        """Drop every node entirely older than the retention window."""
+        oldest = math.floor(now / self.config.bucket_seconds) - self.config.retention_buckets + 1
+        for k in [k for k in self.slots if (k[1] + 1) << k[0] <= oldest]:
+            del self.slots[k]
+            self._loose.discard(k)
+        for d in (self.upper, self.summaries):
+            for k in [k for k in d if (k[1] + 1) << k[0] <= oldest]:
+                del d[k]
+
+    # ================================================================ queries
+    def query(self, key_names, b0: int, b1: int):
+        """Answer for each key over buckets ``[b0, b1)``.
+
+        Returns ``(hist, sparse, impressions)``: ``hist[i]`` the register-value
+        histogram of key i's merged slice (``hist_len`` ints), ``sparse[i]``
+        its distinct coupon count, or -1 when dense, ``impressions[i]`` its
+        exact impression count on this shard.
+        """
+        K, H = len(key_names), self.prec.hist_len
+        hist = np.zeros((K, H), np.int64)
+        sparse = np.zeros(K, np.int64)
+        imp = np.zeros(K, np.int64)
+        nodes = dyadic(b0, b1)
+        for i, name in enumerate(key_names):
+            kid = self.keys.get(name)
+            if kid is None:
+                hist[i, 0] = self.prec.R
+                continue
+            pc = self._pieces(kid, b0, b1, nodes)
+            hist[i], sparse[i] = pc.finish(self.prec)
+            imp[i] = self._impressions(kid, b0, b1)
+        return hist, sparse, imp
+
+    def registers(self, name: str | None, b0: int, b1: int) -> np.ndarray:
+        """This shard's dense register slice for ``name`` over ``[b0, b1)``."""
+        kid = self.keys.get(name)
+        if kid is None:
+            return np.zeros(self.prec.R, np.uint8)
+        return self._pieces(kid, b0, b1, dyadic(b0, b1)).registers(self.prec)
+
+    def _pieces(self, kid: int, b0: int, b1: int, nodes) -> Pieces:
+        pc = Pieces()
+        for lvl, j in nodes:
+            self._cover(kid, lvl, j, pc)
+        k, b, c = self._memtable()
+        if len(k):
+            mask = (k == kid) & (b >= b0) & (b < b1)
+            if mask.any():
+                pc.coupons.append(c[mask])
+        return pc
+
+    def _cover(self, kid: int, lvl: int, j: int, pc: Pieces) -> None:
+        cfg = self.config
+        LF, LS = cfg.leaf_level, cfg.segment_level
+        if lvl > LS:
+            t = self.upper.get((lvl, j))
+            if t is not None:
+                r = t.find(kid, j)
+                if r >= 0:
+                    pc.add_row(t, r)
+                    self._loose_cover(kid, j << lvl, (j + 1) << lvl, pc)
+                    return
+            self._cover(kid, lvl - 1, 2 * j, pc)
+            self._cover(kid, lvl - 1, 2 * j + 1, pc)
+            return
+        slot = self.slots.get((LS, j >> (LS - lvl)))
+        if slot is None and lvl <= LF:
+            slot = self.slots.get((LF, j >> (LF - lvl)))
+        if slot is None:
+            if lvl > LF:  # spans several leaves of an unbuilt segment
+                self._cover(kid, lvl - 1, 2 * j, pc)
+                self._cover(kid, lvl - 1, 2 * j + 1, pc)
+            return
+        if slot.main:
+            self._segment_cover(slot.main, kid, lvl, j, pc)
+        lo, hi = j << lvl, (j + 1) << lvl
+        for run in slot.runs:
+            pc.add_rows(run, *run.node_range(kid, lo, hi))
+
+    def _segment_cover(self, tables: list[RowTable], kid: int, lvl: int, j: int, pc: Pieces) -> None:
+        if 0 < lvl < len(tables):
+            r = tables[lvl].find(kid, j)
+            if r >= 0:
+                pc.add_row(tables[lvl], r)
+                return
+        base = tables[0]
+        r0, r1 = base.node_range(kid, j << lvl, (j + 1) << lvl)
+        if r0 == r1:
+            return
+        # small enough to read from the base, or nothing finer to look for
+        if lvl == 0 or base.bytes_between(r0, r1) <= 4 * self.prec.R:
+            pc.add_rows(base, r0, r1)
+            return
+        self._segment_cover(tables, kid, lvl - 1, 2 * j, pc)
+        self._segment_cover(tables, kid, lvl - 1, 2 * j + 1, pc)
+
+    def _loose_cover(self, kid: int, lo: int, hi: int, pc: Pieces) -> None:
+        """Base rows in ``[lo, hi)`` that the upper index may not include yet."""
+        for key in self._loose:
+            slot = self.slots[key]
+            if slot.end > lo and slot.start < hi:
+                tables = slot.runs + ([slot.main[0]] if slot.main and slot.level == self.config.leaf_level else [])
+                for t in tables:
+                    pc.add_rows(t, *t.node_range(kid, lo, hi))
+
+    def _slots_overlapping(self, b0: int, b1: int):
+        LF, LS = self.config.leaf_level, self.config.segment_level
+        for js in range(b0 >> LS, ((b1 - 1) >> LS) + 1):
+            slot = self.slots.get((LS, js))
+            if slot is not None:
+                yield slot
+                continue
+            for jf in range(max(b0 >> LF, js << (LS - LF)), min(((b1 - 1) >> LF) + 1, (js + 1) << (LS - LF))):
+                slot = self.slots.get((LF, jf))
+                if slot is not None:
+                    yield slot
+
+    def _impressions(self, kid: int, b0: int, b1: int) -> int:
+        total = 0
+        for slot in self._slots_overlapping(b0, b1):
+            for t in slot.base_tables():
+                total += t.impressions_between(*t.node_range(kid, b0, b1))
+        k, b, _ = self._memtable()
+        if len(k):
+            total += int(np.count_nonzero((k == kid) & (b >= b0) & (b < b1)))
+        return total
+
+    # ================================================================ introspection
+    def stats(self) -> dict:
+        """Row and byte counts per place, for benchmarks and the design doc."""
+        base = rollup = upper = 0
+        base_rows = rollup_rows = 0
+        for slot in self.slots.values():
+            for t in slot.base_tables():
+                base += t.nbytes
+                base_rows += len(t)
+            for t in (slot.main or [])[1:]:
+                rollup += t.nbytes
+                rollup_rows += len(t)
+        for t in self.upper.values():
+            upper += t.nbytes
+            rollup_rows += len(t)
+        return {"keys": len(self.keys), "events": self.events, "memtable_rows": self._mem_n,
+                "slots": len(self.slots), "upper_nodes": len(self.upper), "summaries": len(self.summaries),
+                "base_rows": base_rows, "rollup_rows": rollup_rows,
+                "base_bytes": base, "rollup_bytes": rollup + upper,
+                "summary_bytes": sum(t.nbytes for t in self.summaries.values())}

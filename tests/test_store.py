@@ -1,0 +1,189 @@
+"""The shard store against brute force: every range, every key, every path."""
+
+import math
+
+import numpy as np
+import pytest
+
+from sketch.counter import Counter
+from sketch.hll import Precision
+from sketch.store import ShardStore, SketchConfig
+from sketch.timeindex import dyadic
+from tests.reference import Events
+
+NOW = 1_800_000_000.0
+KEYS = [f"ad-{i}" for i in range(12)]
+# small tiers and a small precision so a few thousand buckets exercise every
+# place data can live: memtable, runs, leaves, segments, upper levels, deltas,
+# sparse and dense rows
+SMALL = SketchConfig(p=11, leaf_level=3, segment_level=6, memtable_rows=3000, lateness_buckets=2)
+
+
+def _stream(rng, n, b_lo, b_hi, hot=0.3):
+    """Events: key popularity skewed, a hot key dense per bucket, repeat visitors."""
+    k = np.minimum(rng.zipf(1.6, n) - 1, len(KEYS) - 1)
+    k[rng.random(n) < hot] = 0
+    b = rng.integers(b_lo, b_hi, n)
+    h = rng.integers(0, 2**64, 4000, dtype=np.uint64)[rng.integers(0, 4000, n)]
+    fresh = rng.random(n) < 0.5
+    h[fresh] = rng.integers(0, 2**64, int(fresh.sum()), dtype=np.uint64)
+    return k, b, h
+
+
+def _ingest(counter, events, k, b, h):
+    w = counter.config.bucket_seconds
+    rep = counter.ingest(b * w + 0.5, [KEYS[i] for i in k], hashes=h, now=NOW)
+    assert rep.accepted == len(k)
+    events.add(k, b, h)
+
+
+def _check_ranges(counter, events, rng, b_lo, b_hi, n_ranges=60):
+    p = counter.config.p
+    for _ in range(n_ranges):
+        b0 = int(rng.integers(b_lo - 5, b_hi))
+        b1 = int(rng.integers(b0 + 1, b_hi + 10))
+        for key in [None, KEYS[0], KEYS[int(rng.integers(1, len(KEYS)))], "never-seen"]:
+            want = events.registers(key if key in KEYS or key is None else None, b0, b1, p) \
+                if key != "never-seen" else np.zeros(1 << p, np.uint8)
+            got = counter.registers(key, b0, b1)
+            assert np.array_equal(got, want), (key, b0, b1)
+            res = counter.query([key], start=b0 * counter.config.bucket_seconds,
+                                end=b1 * counter.config.bucket_seconds, now=NOW)[0]
+            want_imp = events.impressions(key, b0, b1) if key != "never-seen" else 0
+            assert res.impressions == want_imp, (key, b0, b1)
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_random_ranges_equal_brute_force_through_every_stage(shards):
+    rng = np.random.default_rng(shards)
+    c = Counter(SMALL, shards=shards)
+    ev = Events(KEYS)
+    now_b = int(NOW // 60)
+    b_lo, b_hi = now_b - 3000, now_b - 10
+    # in time order, in chunks, maintaining now and then
+    for i, (lo, hi) in enumerate(zip(range(b_lo, b_hi, 300), range(b_lo + 300, b_hi + 300, 300))):
+        _ingest(c, ev, *_stream(rng, 6000, lo, min(hi, b_hi)))
+        if i % 3 == 1:
+            c.maintain()
+    _check_ranges(c, ev, rng, b_lo, b_hi, 30)  # before the last maintenance: memtable and runs
+    c.maintain()
+    _check_ranges(c, ev, rng, b_lo, b_hi, 30)
+    # late events everywhere: runs on built segments, folded into upper nodes
+    _ingest(c, ev, *_stream(rng, 4000, b_lo, b_hi))
+    _check_ranges(c, ev, rng, b_lo, b_hi, 30)
+    c.maintain()
+    st = c.stores[0].stats()
+    assert st["upper_nodes"] > 0 and st["rollup_rows"] > 0
+    _check_ranges(c, ev, rng, b_lo, b_hi, 30)
+
+
+def test_sharded_slices_concatenate_to_the_unsharded_sketch():
+    rng = np.random.default_rng(11)
+    one, four = Counter(SMALL, 1), Counter(SMALL, 4)
+    ev1, ev4 = Events(KEYS), Events(KEYS)
+    now_b = int(NOW // 60)
+    k, b, h = _stream(rng, 30_000, now_b - 2000, now_b)
+    _ingest(one, ev1, k, b, h)
+    _ingest(four, ev4, k, b, h)
+    one.maintain()
+    four.maintain()
+    for b0, b1 in [(now_b - 2000, now_b), (now_b - 1500, now_b - 700), (now_b - 77, now_b - 5)]:
+        for key in [None, KEYS[0], KEYS[3]]:
+            full = one.registers(key, b0, b1)
+            slices = [s.registers(key, b0, b1) for s in four.stores]
+            assert b"".join(x.tobytes() for x in slices) == full.tobytes()
+            assert [len(x) for x in slices] == [len(full) // 4] * 4
+
+
+def test_shuffled_and_duplicated_input_changes_nothing():
+    rng = np.random.default_rng(5)
+    now_b = int(NOW // 60)
+    k, b, h = _stream(rng, 20_000, now_b - 1500, now_b)
+    a, s, d = Counter(SMALL, 2), Counter(SMALL, 2), Counter(SMALL, 2)
+    sink = Events(KEYS)
+    _ingest(a, sink, k, b, h)
+    a.maintain()
+    perm = rng.permutation(len(k))
+    for part in np.array_split(perm, 7):  # shuffled, in pieces, maintained in between
+        _ingest(s, sink, k[part], b[part], h[part])
+        s.maintain()
+    dup = np.concatenate([perm, perm[: len(perm) // 3]])
+    _ingest(d, sink, k[dup], b[dup], h[dup])
+    d.maintain()
+    for b0, b1 in [(now_b - 1500, now_b), (now_b - 900, now_b - 100), (now_b - 3, now_b)]:
+        for key in [None, KEYS[0], KEYS[5]]:
+            ra = a.registers(key, b0, b1)
+            assert np.array_equal(ra, s.registers(key, b0, b1))
+            assert np.array_equal(ra, d.registers(key, b0, b1))
+            w = SMALL.bucket_seconds
+            qa, qs = (c.unique(key, start=b0 * w, end=b1 * w, now=NOW) for c in (a, s))
+            assert qa.impressions == qs.impressions  # impressions count events: shuffling keeps them
+            assert qa.unique_visitors == qs.unique_visitors
+
+
+def test_a_long_range_merges_logarithmically_many_sketches():
+    """30 days at 1-minute buckets: a busy key's query touches O(log n) sketches."""
+    cfg = SketchConfig(p=12)
+    st = ShardStore(cfg)
+    rng = np.random.default_rng(3)
+    now_b = int(NOW // 60)
+    n_b = 43_200
+    per = 40  # 40 distinct-ish visitors a minute, repeating over the month
+    b = np.repeat(np.arange(now_b - n_b + 1, now_b + 1), per)
+    pool = rng.integers(0, 2**64, 20_000, dtype=np.uint64)
+    h = pool[rng.integers(0, len(pool), len(b))]
+    from sketch.hll import coupons_from_hashes
+    for chunk in np.array_split(np.arange(len(b)), 20):
+        st.apply(["busy"], np.zeros(len(chunk), np.int32), b[chunk], coupons_from_hashes(h[chunk]))
+        st.maintain()
+    kid = st.keys.get("busy")
+    counts = {}
+    for n in (60, 1440, 10_080, 43_200):
+        b0 = now_b + 1 - n
+        pc = st._pieces(kid, b0, now_b + 1, dyadic(b0, now_b + 1))
+        counts[n] = sum(len(x) for x in pc.dense) + len(pc.coupons)
+    # about 2 log2(n) pieces, not n
+    for n, c in counts.items():
+        assert c <= 4 * math.log2(n) + 8, counts
+    assert counts[43_200] <= 3 * counts[60] + 10, counts
+    s = st.stats()
+    assert s["rollup_bytes"] <= 2 * s["base_bytes"], s
+
+
+def test_rollup_index_is_at_most_twice_the_base():
+    rng = np.random.default_rng(9)
+    c = Counter(SMALL, 1)
+    now_b = int(NOW // 60)
+    ev = Events(KEYS)
+    _ingest(c, ev, *_stream(rng, 60_000, now_b - 4000, now_b))
+    c.maintain()
+    s = c.stores[0].stats()
+    assert s["rollup_bytes"] <= 2 * s["base_bytes"], s
+
+
+def test_expire_drops_old_nodes_and_keeps_the_window_intact():
+    cfg = SketchConfig(p=11, leaf_level=3, segment_level=6, retention_seconds=3000 * 60)
+    c = Counter(cfg)
+    ev = Events(KEYS)
+    rng = np.random.default_rng(2)
+    now_b = int(NOW // 60)
+    _ingest(c, ev, *_stream(rng, 20_000, now_b - 2990, now_b))
+    c.maintain(now=NOW)
+    later = NOW + 1000 * 60  # 1000 buckets later: the oldest third has expired
+    before = c.stores[0].stats()["base_rows"]
+    c.maintain(now=later)
+    assert c.stores[0].stats()["base_rows"] < before
+    lb = int(later // 60)
+    b0 = lb - 3000 + 1
+    assert np.array_equal(c.registers(None, b0, now_b), ev.registers(None, b0, now_b, cfg.p))
+    with pytest.raises(ValueError, match="retention"):
+        c.unique(None, start=(b0 - 1) * 60, now=later)
+
+
+def test_precision_and_shard_layout_are_checked():
+    with pytest.raises(ValueError, match="precision"):
+        Precision(30)
+    with pytest.raises(ValueError, match="power of two"):
+        Precision(14, 3)
+    with pytest.raises(ValueError, match="retention"):
+        SketchConfig(retention_seconds=90, bucket_seconds=60)
