@@ -105,8 +105,11 @@ class Precision:
         # rank contributed by the coupon index's low bits when they are not all zero
         low = np.arange(1 << self.low_bits, dtype=np.int64)
         self._low_rank = (self.low_bits - _bit_length(low) + 1).astype(np.uint8)
-        # a dense slice costs R bytes; a coupon 4: switch to dense past R/4 coupons
-        self.dense_threshold = max(1, self.R // 4)
+        # a dense slice costs R bytes in memory and, compressed, about a third
+        # of that at rest; a coupon costs 4 bytes either way.  Switching to
+        # dense past R/8 coupons keeps a sparse row at most half a dense one
+        # in memory and never much above a dense one at rest.
+        self.dense_threshold = max(1, self.R // 8)
 
     def coupon_registers(self, coupons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coupons -> (register index relative to this shard's slice, rank)."""

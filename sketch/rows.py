@@ -34,6 +34,7 @@ from .hll import RANK_BITS, Precision
 KEY_SHIFT = np.uint64(32)
 NODE_MASK = np.uint64(0xFFFFFFFF)
 _EMPTY_U32 = np.zeros(0, dtype=np.uint32)
+_LITTLE = np.little_endian
 
 
 def make_code(key: np.ndarray | int, node: np.ndarray | int) -> np.ndarray:
@@ -149,17 +150,14 @@ class RowTable:
                         self.coupons[self.off[r0]:self.off[r1]], self.regs[d0:d1], self.imp[r0:r1])
 
 
-def _kernel(gid, n_groups, lengths, coupons, dense_idx, regs, imp, prec: Precision):
-    """Fold input rows into ``n_groups`` output rows (see module docstring).
+def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
+    """Fold sparse entries and dense rows into ``n_groups`` output rows.
 
-    gid[i] is input row i's output group; ``lengths``/``coupons`` its sparse
-    coupons (None lengths = one coupon per row); ``dense_idx`` its dense row
-    in ``regs`` or -1.  Returns (off, dense, coupons, regs, imp).
+    ``comp`` holds every sparse entry as ``gid << 32 | coupon``, sorted;
+    ``dense_gid[i]`` is the output group of dense input ``regs[dense_src[i]]``.
+    Returns (off, dense, coupons, regs) of the output rows.
     """
     R = prec.R
-    ent_gid = gid if lengths is None else np.repeat(gid, lengths)
-    comp = (ent_gid.astype(np.uint64) << KEY_SHIFT) | coupons.astype(np.uint64)
-    comp.sort()
     if len(comp) > 1:
         # same group and coupon index: keep the last (largest rank) of each run
         hi = comp >> np.uint64(RANK_BITS)
@@ -167,64 +165,83 @@ def _kernel(gid, n_groups, lengths, coupons, dense_idx, regs, imp, prec: Precisi
         np.not_equal(hi[1:], hi[:-1], out=last[:-1])
         last[-1] = True
         comp = comp[last]
-    g = (comp >> KEY_SHIFT).astype(np.int64)
+    g = (comp >> KEY_SHIFT).view(np.int64)  # < 2**32: the same bits either way
     cnt = np.bincount(g, minlength=n_groups)
     is_dense = cnt > prec.dense_threshold
-    has_dense_in = dense_idx >= 0 if dense_idx is not None else None
-    if has_dense_in is not None and has_dense_in.any():
-        is_dense[gid[has_dense_in]] = True
+    if len(dense_gid):
+        is_dense[dense_gid] = True
     dgroups = np.flatnonzero(is_dense)
     out_dense = np.full(n_groups, -1, np.int32)
     out_dense[dgroups] = np.arange(len(dgroups), dtype=np.int32)
     out_regs = np.zeros((len(dgroups), R), np.uint8)
-    if len(dgroups):
-        if has_dense_in is not None and has_dense_in.any():
-            rows = np.flatnonzero(has_dense_in)
-            tgt = out_dense[gid[rows]]
-            order = np.argsort(tgt, kind="stable")
-            t_sorted = tgt[order]
-            src = regs[dense_idx[rows[order]]]
-            starts = np.flatnonzero(np.r_[True, t_sorted[1:] != t_sorted[:-1]])
-            out_regs[t_sorted[starts]] = np.maximum.reduceat(src, starts, axis=0)
-        ent_dense = is_dense[g]
-        if ent_dense.any():
-            reg, rank = prec.coupon_registers((comp[ent_dense] & NODE_MASK).astype(np.uint32))
-            flat = out_dense[g[ent_dense]].astype(np.int64) * R + reg
-            np.maximum.at(out_regs.reshape(-1), flat, rank)
-        keep = ~ent_dense
-        out_coupons = (comp[keep] & NODE_MASK).astype(np.uint32)
-        cnt = np.where(is_dense, 0, cnt)
-    else:
-        out_coupons = (comp & NODE_MASK).astype(np.uint32)
+    if not len(dgroups):
+        off = np.zeros(n_groups + 1, np.int64)
+        np.cumsum(cnt, out=off[1:])
+        return off, out_dense, _low32(comp), out_regs
+    if len(dense_gid):
+        tgt = out_dense[dense_gid]
+        order = np.argsort(tgt, kind="stable")
+        t_sorted = tgt[order]
+        starts = np.flatnonzero(np.r_[True, t_sorted[1:] != t_sorted[:-1]])
+        if len(starts) == len(t_sorted):  # one dense input per output: a plain copy
+            out_regs[t_sorted] = regs[dense_src[order]]
+        else:
+            out_regs[t_sorted[starts]] = np.maximum.reduceat(regs[dense_src[order]], starts, axis=0)
+    ent_dense = is_dense[g]
+    if ent_dense.any():
+        reg, rank = prec.coupon_registers(_low32(comp[ent_dense]))
+        flat = out_dense[g[ent_dense]].astype(np.int64) * R + reg
+        np.maximum.at(out_regs.reshape(-1), flat, rank)
     off = np.zeros(n_groups + 1, np.int64)
-    np.cumsum(cnt, out=off[1:])
-    out_imp = np.zeros(n_groups, np.int64)
-    if imp is not None and len(imp):
-        np.add.at(out_imp, gid, imp)
-    return off, out_dense, out_coupons, out_regs, out_imp
+    np.cumsum(np.where(is_dense, 0, cnt), out=off[1:])
+    return off, out_dense, _low32(comp[~ent_dense]), out_regs
+
+
+def _low32(comp: np.ndarray) -> np.ndarray:
+    """The coupons (low 32 bits) of ``gid << 32 | coupon`` entries."""
+    return np.ascontiguousarray(comp.view(np.uint32)[0::2] if _LITTLE else (comp & NODE_MASK).astype(np.uint32))
+
+
+def _group(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique codes, group of each code); skips the sort when already sorted."""
+    if len(codes) < 2 or bool(np.all(codes[1:] >= codes[:-1])):
+        new = np.empty(len(codes), bool)
+        new[:1] = True
+        np.not_equal(codes[1:], codes[:-1], out=new[1:])
+        return codes[new], np.cumsum(new) - 1
+    out, gid = np.unique(codes, return_inverse=True)
+    return out, gid.reshape(-1)
 
 
 def combine(tables: list[RowTable], target_codes: list[np.ndarray], level: int, prec: Precision):
     """Merge the rows of ``tables`` into rows keyed by ``target_codes``
     (one array per table, one code per row).  Returns (table, gid) where
-    ``gid`` maps every input row, tables concatenated, to its output row."""
-    tables = [t for t in tables]
+    ``gid`` maps every input row, tables concatenated, to its output row.
+    Impressions of rows merged together are added."""
     if not tables:
         return RowTable.empty(level, prec.R), np.zeros(0, np.int64)
     codes = np.concatenate(target_codes) if len(target_codes) > 1 else target_codes[0]
-    out_code, gid = np.unique(codes, return_inverse=True)
-    gid = gid.reshape(-1)
-    lengths = np.concatenate([t.lengths for t in tables])
+    out_code, gid = _group(codes)
+    lengths = np.concatenate([t.lengths for t in tables]) if len(tables) > 1 else tables[0].lengths
     coupons = np.concatenate([t.coupons for t in tables]) if len(tables) > 1 else tables[0].coupons
-    base, dense_parts = 0, []
+    comp = np.repeat(gid.astype(np.uint64) << KEY_SHIFT, lengths)
+    comp |= coupons
+    comp.sort()
+    dense_gid, dense_src, base = [], [], 0
+    row_base = 0
     for t in tables:
-        dense_parts.append(np.where(t.dense >= 0, t.dense + base, -1))
+        rows = np.flatnonzero(t.dense >= 0)
+        dense_gid.append(gid[row_base + rows])
+        dense_src.append(t.dense[rows].astype(np.int64) + base)
         base += len(t.regs)
-    dense_idx = np.concatenate(dense_parts)
+        row_base += len(t)
     regs = np.concatenate([t.regs for t in tables]) if len(tables) > 1 else tables[0].regs
-    imp = np.concatenate([t.imp for t in tables])
-    off, dense, cps, rg, im = _kernel(gid, len(out_code), lengths, coupons, dense_idx, regs, imp, prec)
-    return RowTable(level, out_code, off, dense, cps, rg, im), gid
+    off, dense, cps, rg = _fold(comp, len(out_code), np.concatenate(dense_gid), np.concatenate(dense_src), regs, prec)
+    imp = np.zeros(len(out_code), np.int64)
+    all_imp = np.concatenate([t.imp for t in tables]) if len(tables) > 1 else tables[0].imp
+    if all_imp.any():
+        np.add.at(imp, gid, all_imp)
+    return RowTable(level, out_code, off, dense, cps, rg, imp), gid
 
 
 def merge(tables: list[RowTable], prec: Precision) -> RowTable:
@@ -262,12 +279,182 @@ def level_up(tables: list[RowTable], prec: Precision, level: int) -> tuple[RowTa
 
 
 def rows_from_events(keys: np.ndarray, buckets: np.ndarray, coupons: np.ndarray, prec: Precision) -> RowTable:
-    """Level-0 rows from events (one coupon each), impressions counted."""
-    if len(keys) == 0:
+    """Level-0 rows from events (one coupon each), impressions counted.
+
+    One 64-bit sort does the work when key ids and the batch's bucket span
+    fit in 32 bits together (``key << bits | bucket offset`` above the
+    coupon), which covers any realistic flush; otherwise a general path.
+    """
+    n = len(keys)
+    if n == 0:
         return RowTable.empty(0, prec.R)
-    codes = make_code(keys, buckets)
-    out_code, gid = np.unique(codes, return_inverse=True)
-    gid = gid.reshape(-1)
-    off, dense, cps, rg, im = _kernel(gid, len(out_code), None, np.asarray(coupons, np.uint32), None,
-                                     None, np.ones(len(gid), np.int64), prec)
-    return RowTable(0, out_code, off, dense, cps, rg, im)
+    keys = np.asarray(keys, np.uint64)
+    buckets = np.asarray(buckets, np.int64)
+    b_min = int(buckets.min())
+    bb = (int(buckets.max()) - b_min).bit_length()
+    kb = int(keys.max()).bit_length()
+    if kb + bb > 32:
+        codes = make_code(keys, buckets)
+        out_code, gid = _group(codes)
+        comp = (gid.astype(np.uint64) << KEY_SHIFT) | np.asarray(coupons, np.uint64)
+        comp.sort()
+        imp = np.bincount(gid, minlength=len(out_code)).astype(np.int64)
+    else:
+        comp = (keys << np.uint64(bb + 32)) | ((buckets - b_min).astype(np.uint64) << KEY_SHIFT) \
+            | np.asarray(coupons, np.uint64)
+        comp.sort()
+        hi = comp >> KEY_SHIFT
+        new = np.empty(n, bool)
+        new[0] = True
+        np.not_equal(hi[1:], hi[:-1], out=new[1:])
+        starts = np.flatnonzero(new)
+        group_hi = hi[starts]
+        out_code = make_code(group_hi >> np.uint64(bb), (group_hi & np.uint64((1 << bb) - 1)).astype(np.int64) + b_min)
+        gid = np.cumsum(new) - 1
+        imp = np.diff(np.r_[starts, n]).astype(np.int64)
+        comp = (gid.astype(np.uint64) << KEY_SHIFT) | (comp & NODE_MASK)
+    empty = np.zeros(0, np.int64)
+    off, dense, cps, rg = _fold(comp, len(out_code), empty, empty, None, prec)
+    return RowTable(0, out_code, off, dense, cps, rg, imp)
+
+
+def split_by_node(t: RowTable, shift: int) -> list[tuple[int, RowTable]]:
+    """Cut a table into one table per ``node >> shift`` (each still sorted)."""
+    if not len(t):
+        return []
+    part = t.nodes >> shift
+    if part.min() == part.max():
+        return [(int(part[0]), t)]
+    order = np.argsort(part, kind="stable")
+    t, part = t.take_rows(order), part[order]
+    cuts = np.r_[0, np.flatnonzero(part[1:] != part[:-1]) + 1, len(part)]
+    return [(int(part[a]), t.slice(int(a), int(b))) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def build_levels(base: RowTable, top: int, prec: Precision, summary: bool = True) -> tuple[list[RowTable], RowTable | None]:
+    """Rollups of a level-0 table for levels 1..``top``, and its full merge at ``top``.
+
+    Returns (tables, summary): ``tables[l]`` holds the level-l nodes kept by
+    the rollup rule (``tables[0]`` is ``base``); ``summary`` every level-top
+    node, fully merged (None unless asked for).
+
+    Deciding which nodes to keep needs every node's size, i.e. its number of
+    distinct coupons.  Rather than merging every level to count (a sort of
+    all coupons per level), the coupons are sorted once by (key, coupon
+    index, bucket): a coupon is then new in its level-l node exactly when
+    the key or index changed or ``bucket >> l`` did, so every level's counts
+    are a few vector passes.  Only the kept nodes (and the summary) are then
+    merged, each from its kept children when all of them were kept, else
+    from the base rows beneath it.
+    """
+    n = len(base)
+    R = prec.R
+    if n == 0:
+        return [base] + [RowTable.empty(lvl, R) for lvl in range(1, top + 1)], \
+            (RowTable.empty(top, R) if summary else None)
+    code = base.code
+    key_part = code & ~NODE_MASK
+    node0 = (code & NODE_MASK).astype(np.int64)
+    lengths = base.lengths
+    b_lo = (int(node0.min()) >> top) << top
+    bb = (int(node0.max()) - b_lo).bit_length()
+    new_key = np.r_[True, key_part[1:] != key_part[:-1]]
+    key_rank = np.cumsum(new_key) - 1
+    kb = int(key_rank[-1]).bit_length()
+    if kb + (32 - RANK_BITS) + bb > 64:  # cannot pack the sort key: merge level by level
+        tables, full = _build_levels_by_merging(base, top, prec)
+        return tables, (full if summary else None)
+
+    # group ids of every row at every level (rows are sorted by key, bucket)
+    gids, codes_at = [np.arange(n)], [code]
+    for lvl in range(1, top + 1):
+        c = key_part | ((code & NODE_MASK) >> np.uint64(lvl))
+        new = np.r_[True, c[1:] != c[:-1]]
+        gids.append(np.cumsum(new) - 1)
+        codes_at.append(c[new])
+    dense_row = base.dense >= 0
+
+    # distinct coupon counts per node at every level, from one sort
+    counts = [lengths.astype(np.int64)]
+    if len(base.coupons):
+        ent_row = np.repeat(np.arange(n), lengths)
+        comp = (key_rank[ent_row].astype(np.uint64) << np.uint64(32 - RANK_BITS + bb)) \
+            | ((base.coupons >> np.uint32(RANK_BITS)).astype(np.uint64) << np.uint64(bb)) \
+            | (node0[ent_row] - b_lo).astype(np.uint64)
+        order = np.argsort(comp)
+        s_row = ent_row[order]
+        s_comp = comp[order]
+        ki = s_comp >> np.uint64(bb)
+        ki_new = np.r_[True, ki[1:] != ki[:-1]]
+        s_b = (s_comp & np.uint64((1 << bb) - 1)).view(np.int64) if bb else np.zeros(len(s_comp), np.int64)
+        for lvl in range(1, top + 1):
+            nb = s_b >> lvl
+            first = ki_new.copy()
+            first[1:] |= nb[1:] != nb[:-1]
+            counts.append(np.bincount(gids[lvl][s_row[first]], minlength=len(codes_at[lvl])))
+    else:
+        counts += [np.zeros(len(codes_at[lvl]), np.int64) for lvl in range(1, top + 1)]
+
+    sizes = [base.row_bytes().astype(np.int64)]
+    kept_masks = [np.ones(n, bool)]
+    tables = [base]
+    for lvl in range(1, top + 1):
+        g, G = gids[lvl], len(codes_at[lvl])
+        dense = np.bincount(g, weights=dense_row, minlength=G) > 0
+        dense |= counts[lvl] > prec.dense_threshold
+        size = np.where(dense, R, 4 * counts[lvl])
+        first_rows = np.flatnonzero(np.r_[True, gids[lvl - 1][1:] != gids[lvl - 1][:-1]])
+        parent_of_child = g[first_rows]  # level l-1 group -> level l group
+        children = np.bincount(parent_of_child, weights=sizes[-1], minlength=G)
+        kept = 2 * size <= children
+        sizes.append(size)
+        if lvl == 1:
+            all_kids_kept = np.zeros(G, bool)  # level 0 is the base itself
+        else:
+            all_kids_kept = np.bincount(parent_of_child, weights=~kept_masks[-1], minlength=G) == 0
+        tables.append(_materialize(base, tables[-1], kept_masks[-1], parent_of_child, g, codes_at[lvl],
+                                   kept & all_kids_kept, kept & ~all_kids_kept, lvl, prec))
+        kept_masks.append(kept)
+    if not summary:
+        return tables, None
+    # the summary: kept top nodes as they are, the others merged from the base
+    rest = ~kept_masks[-1]
+    rows = np.flatnonzero(rest[gids[top]])
+    merged = combine([base.take_rows(rows)], [codes_at[top][gids[top][rows]]], top, prec)[0] if len(rows) \
+        else RowTable.empty(top, R)
+    full = merge([tables[-1], merged], prec) if len(tables[-1]) else merged
+    full.level = top
+    full.imp[:] = 0
+    return tables, full
+
+
+def _materialize(base, prev, prev_kept, parent_of_child, g, codes, from_kids, from_base, lvl, prec):
+    """Level-``lvl`` rows for the kept nodes: from the kept children (``prev``
+    holds exactly the kept level-(l-1) nodes, in order) where all were kept,
+    else from the base rows beneath."""
+    parts, targets = [], []
+    if from_kids.any():
+        kid_groups = np.flatnonzero(prev_kept)  # prev's rows, as level l-1 group ids
+        use = from_kids[parent_of_child[kid_groups]]
+        if use.any():
+            parts.append(prev.take(use))
+            targets.append(codes[parent_of_child[kid_groups[use]]])
+    if from_base.any():
+        rows = np.flatnonzero(from_base[g])
+        parts.append(base.take_rows(rows))
+        targets.append(codes[g[rows]])
+    if not parts:
+        return RowTable.empty(lvl, prec.R)
+    t = combine(parts, targets, lvl, prec)[0]
+    t.imp[:] = 0
+    return t
+
+
+def _build_levels_by_merging(base: RowTable, top: int, prec: Precision) -> tuple[list[RowTable], RowTable]:
+    """The same result as ``build_levels``, one merge per level (for tables
+    whose keys and buckets cannot share one 64-bit sort key)."""
+    tables, cur = [base], base
+    for lvl in range(1, top + 1):
+        cur, kept = level_up([cur], prec, lvl)
+        tables.append(kept)
+    return tables, cur

@@ -39,10 +39,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .hll import Precision, distinct_coupon_count
-from .rows import RowTable, level_up, merge, rows_from_events
+from .rows import RowTable, build_levels, level_up, merge, rows_from_events, split_by_node
 from .timeindex import dyadic
 
 ALL_KEY = 0  # the site-wide key's id in every store
+SITE_KEY = "*"  # an event with this key counts toward the site-wide total only
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,11 @@ class SketchConfig:
 
 
 class KeyTable:
-    """Key name <-> dense integer id.  Id 0 is the site-wide key (name None)."""
+    """Key name <-> dense integer id.  Id 0 is the site-wide key (name None,
+    also reached as ``"*"``)."""
 
     def __init__(self):
-        self._ids: dict[str | None, int] = {None: ALL_KEY}
+        self._ids: dict[str | None, int] = {None: ALL_KEY, SITE_KEY: ALL_KEY}
         self.names: list[str | None] = [None]
 
     def __len__(self) -> int:
@@ -228,9 +230,14 @@ class ShardStore:
         ids = self.keys.ids(key_names)[np.asarray(key_index, np.int64)]
         b = np.asarray(buckets, np.int64).astype(np.uint32)
         c = np.asarray(coupons, np.uint32)
-        self._mem.append((np.concatenate([ids, np.zeros(n, np.uint32)]), np.concatenate([b, b]),
-                          np.concatenate([c, c])))
-        self._mem_n += 2 * n
+        own = ids != ALL_KEY  # events keyed "*" have no key of their own
+        if own.all():
+            entry = (np.concatenate([ids, np.zeros(n, np.uint32)]), np.concatenate([b, b]), np.concatenate([c, c]))
+        else:
+            entry = (np.concatenate([ids[own], np.zeros(n, np.uint32)]), np.concatenate([b[own], b]),
+                     np.concatenate([c[own], c]))
+        self._mem.append(entry)
+        self._mem_n += len(entry[0])
         self._mem_cat = None
         self.max_bucket = max(self.max_bucket, int(b.max()))
         self.events += n
@@ -257,18 +264,8 @@ class ShardStore:
         k, b, c = self._memtable()
         self._mem, self._mem_n, self._mem_cat = [], 0, None
         rows = rows_from_events(k, b, c, self.prec)
-        LF = self.config.leaf_level
-        leaf = rows.nodes >> LF
-        if len(leaf) and leaf.min() != leaf.max():
-            order = np.argsort(leaf, kind="stable")
-            rows, leaf = rows.take_rows(order), leaf[order]
-            cuts = np.flatnonzero(leaf[1:] != leaf[:-1]) + 1
-        else:
-            cuts = np.zeros(0, np.int64)
-        bounds = np.concatenate([[0], cuts, [len(leaf)]])
-        for r0, r1 in zip(bounds[:-1], bounds[1:]):
-            run = rows.slice(int(r0), int(r1)) if len(bounds) > 2 else rows
-            self._add_run(int(leaf[r0]), run)
+        for jf, run in split_by_node(rows, self.config.leaf_level):
+            self._add_run(jf, run)
 
     def _add_run(self, jf: int, run: RowTable) -> None:
         cfg = self.config
@@ -279,6 +276,8 @@ class ShardStore:
             if slot is None:
                 slot = self.slots[(cfg.leaf_level, jf)] = Slot(cfg.leaf_level, jf)
         slot.runs.append(run)
+        if len(slot.runs) > 4 * cfg.max_runs:  # bound what a query reads between maintenance passes
+            slot.runs = [merge(slot.runs, self.prec)]
         self._loose.add((slot.level, slot.node))
 
     # ================================================================ maintenance
@@ -296,16 +295,7 @@ class ShardStore:
         def out_of_time():
             return deadline is not None and time.perf_counter() > deadline
 
-        # 1. leaves: build sealed ones; compact long run lists of open ones
-        for key in sorted(k for k in self.slots if k[0] == LF):
-            slot = self.slots[key]
-            if slot.runs and slot.end <= sealed_end:
-                self._build_leaf(slot)
-            elif len(slot.runs) > cfg.max_runs:
-                slot.runs = [merge(slot.runs, self.prec)]
-            if out_of_time():
-                return False
-        # 2. segments: build sealed ones from their leaves; fold late runs
+        # 1. segments: build each sealed one straight from its base rows; fold late runs
         d = LS - LF
         candidates = {k[1] >> d for k in self.slots if k[0] == LF} | {k[1] for k in self.slots if k[0] == LS}
         for js in sorted(candidates):
@@ -318,11 +308,22 @@ class ShardStore:
                 if run_rows and (run_rows * 8 >= base_rows or len(slot.runs) > cfg.max_runs):
                     self._rebuild_segment(slot)
             else:
-                leaves = [self.slots[(LF, jf)] for jf in range(js << d, (js + 1) << d) if (LF, jf) in self.slots]
-                if leaves and all(not s.runs for s in leaves):
-                    self._build_segment(js, leaves)
+                self._build_segment(js, [self.slots[(LF, jf)] for jf in range(js << d, (js + 1) << d)
+                                         if (LF, jf) in self.slots])
             if out_of_time():
                 return False
+        # 2. leaves of the open segments: build the sealed ones (in one pass); compact long run lists
+        sealed = []
+        for key in sorted(k for k in self.slots if k[0] == LF):
+            slot = self.slots[key]
+            if slot.runs and slot.end <= sealed_end:
+                sealed.append(slot)
+            elif len(slot.runs) > cfg.max_runs:
+                slot.runs = [merge(slot.runs, self.prec)]
+        if sealed:
+            self._build_leaves(sealed)
+        if out_of_time():
+            return False
         # 3. upper index, bottom-up
         for lvl in range(LS, cfg.top_level):
             for (l, j) in sorted(k for k in self.summaries if k[0] == lvl):
@@ -340,40 +341,37 @@ class ShardStore:
             del self.summaries[k]
         return True
 
-    def _build_levels(self, base: RowTable, top: int) -> tuple[list[RowTable], RowTable]:
-        tables, cur = [base], base
-        for lvl in range(1, top + 1):
-            cur, kept = level_up([cur], self.prec, lvl)
-            tables.append(kept)
-        return tables, cur
-
-    def _build_leaf(self, slot: Slot) -> None:
-        base = merge(slot.base_tables(), self.prec)
-        slot.main, self.summaries[(slot.level, slot.node)] = self._build_levels(base, slot.level)
-        slot.runs = []
+    def _build_leaves(self, slots: list[Slot]) -> None:
+        """Build leaves together: node numbers keep them apart until level
+        ``leaf_level``, so one vectorized pass serves them all."""
+        LF = self.config.leaf_level
+        base = merge([t for s in slots for t in s.base_tables()], self.prec)
+        tables, _ = build_levels(base, LF, self.prec, summary=False)
+        by_leaf = {s.node: s for s in slots}
+        for s in slots:
+            s.main = [RowTable.empty(lvl, self.prec.R) for lvl in range(LF + 1)]
+            s.runs = []
+        for lvl, t in enumerate(tables):
+            for jf, part in split_by_node(t, LF - lvl):
+                by_leaf[jf].main[lvl] = part
 
     def _build_segment(self, js: int, leaves: list[Slot]) -> None:
+        """A sealed segment, from all its leaves' base rows in one pass (the
+        leaves' own rollups only served while the segment was open)."""
         cfg = self.config
         LF, LS = cfg.leaf_level, cfg.segment_level
         slot = Slot(LS, js)
-        tables = [merge([leaf.main[lvl] for leaf in leaves], self.prec) for lvl in range(LF + 1)]
-        for t, lvl in zip(tables, range(LF + 1)):
-            t.level = lvl
-        cur = [self.summaries.pop((LF, leaf.node)) for leaf in leaves]
-        for lvl in range(LF + 1, LS + 1):
-            full, kept = level_up(cur, self.prec, lvl)
-            tables.append(kept)
-            cur = [full]
-        slot.main = tables
+        base = merge([t for leaf in leaves for t in leaf.base_tables()], self.prec)
+        slot.main, summary = build_levels(base, LS, self.prec)
         for leaf in leaves:
             del self.slots[(LF, leaf.node)]
             self._loose.discard((LF, leaf.node))
         self.slots[(LS, js)] = slot
-        self._settle_summary(js, cur[0])
+        self._settle_summary(js, summary)
 
     def _rebuild_segment(self, slot: Slot) -> None:
         base = merge(slot.base_tables(), self.prec)
-        slot.main, summary = self._build_levels(base, slot.level)
+        slot.main, summary = build_levels(base, slot.level, self.prec)
         slot.runs = []
         self._loose.discard((slot.level, slot.node))
         self._settle_summary(slot.node, summary)
