@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from benchmarks.report import machine, table, write_section
-from benchmarks.workload import generate
+from cluster.workload import generate
 from sketch.arrowio import _node_batches
 from sketch.counter import Counter
 from sketch.hashing import hash_visitors
@@ -179,7 +179,7 @@ def main(argv=None):
     body = f"""## Sketch core, one core (`{cmd}`)
 
 Machine: {machine()}.  Streams: {events:,} events over 29.9 days ending at a fixed time, 3M visitors with
-skewed activity, daily cycle (`benchmarks/workload.py`, seed {a.seed}); ingested in batches of 1M through
+skewed activity, daily cycle (`cluster/workload.py`, seed {a.seed}); ingested in batches of 1M through
 `Counter.ingest` (validation, vectorized hashing of string ids, memtable, flush), then `maintain()` builds
 the segments and rollups.  One shard = one core's work.
 

@@ -1,0 +1,1 @@
+"""Configuration, storage, bootstrap, ingest jobs, the Python client and the CLI."""

@@ -1,0 +1,35 @@
+"""The README's commands and snippets are the ones that work."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _commands():
+    return re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    setup = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
+    assert len(blocks) == 2 and all("\n" not in b for b in blocks)
+    assert "impressions demo" in blocks[0] and "pytest" in blocks[1]
+    assert blocks[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_python_snippet_runs():
+    code = re.findall(r"```python\n(.*?)\n```", README, flags=re.S)[0]
+    env: dict = {}
+    exec(compile(code, "README.md", "exec"), env)
+    r = env["c"].unique("ad-1", last="15m", now=1_800_000_000).to_dict()
+    assert (r["unique_visitors"], r["impressions"], r["exact"]) == (2, 2, True)
+    assert env["c"].unique(None, last="1h", now=1_800_000_000).unique_visitors == 2
+
+
+def test_demo_runs_small(capsys):
+    from cluster.cli import main
+    assert main(["demo", "--events", "20000", "--ads", "20", "--days", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "site-wide" in out and "ad-0" in out
