@@ -24,6 +24,7 @@ MAX_KEY_BYTES = 256
 MAX_SAMPLES = 10
 
 REASONS = {
+    "malformed": "row could not be parsed",
     "missing_ts": "timestamp is missing",
     "bad_ts": "timestamp could not be parsed",
     "missing_key": "key is missing",
@@ -104,6 +105,18 @@ class Batch:
         parts = np.split(order, cuts)
         return [Batch(self.key_names, self.key_index[ix], self.bucket[ix], self.coupon[ix]) for ix in parts]
 
+    def compact(self) -> "Batch":
+        """The same batch with only the key names it uses (per-shard parts of a
+        batch share the whole dictionary until compacted)."""
+        if not len(self.key_index):
+            return Batch([], self.key_index, self.bucket, self.coupon)
+        used = np.bincount(self.key_index, minlength=len(self.key_names)) > 0
+        if used.all():
+            return self
+        lut = np.cumsum(used) - 1
+        names = [n for n, u in zip(self.key_names, used) if u]
+        return Batch(names, lut[self.key_index].astype(np.int32), self.bucket, self.coupon)
+
     def to_arrow(self) -> pa.RecordBatch:
         keys = pa.DictionaryArray.from_arrays(pa.array(self.key_index, pa.int32()), pa.array(self.key_names, pa.string()))
         return pa.record_batch({"key": keys, "bucket": pa.array(self.bucket, pa.int64()),
@@ -125,13 +138,17 @@ def _as_array(values) -> pa.Array:
 
 
 def prepare(ts, keys, *, visitors=None, hashes=None, now: float, bucket_seconds: int,
-            retention_buckets: int, future_seconds: int, row_offset: int = 0) -> tuple[Batch, IngestReport]:
+            retention_buckets: int, future_seconds: int, row_offset: int = 0, ts_bad: np.ndarray | None = None,
+            ts_raw=None, malformed=None) -> tuple[Batch, IngestReport]:
     """Validate events and turn them into a ``Batch``.
 
     ``ts``: seconds since the epoch (NaN or None = missing); ``keys``: strings
     (None = missing); either ``visitors`` (strings; None or "" = missing) or
     ``hashes`` (uint64, already hashed as ``sketch.hashing`` states).
-    ``row_offset`` numbers the rows in the report's samples.
+    ``row_offset`` numbers the rows in the report's samples.  Readers that
+    parse timestamps themselves pass ``ts_bad`` (values that could not be
+    parsed; ``ts_raw`` shows them in samples) and ``malformed`` (rows that
+    could not be read at all).
     """
     ts = np.asarray(pa.array(ts, pa.float64()).to_numpy(zero_copy_only=False) if not isinstance(ts, np.ndarray)
                     else ts, dtype=np.float64)
@@ -144,6 +161,13 @@ def prepare(ts, keys, *, visitors=None, hashes=None, now: float, bucket_seconds:
         report.reject(reason, rows, value_of, message, row_offset)
         ok[rows] = False
 
+    if malformed is not None and len(malformed):
+        bad_rows = np.zeros(n, bool)
+        bad_rows[np.asarray(malformed, np.int64)] = True
+        reject("malformed", bad_rows)
+    if ts_bad is not None:
+        raw = ts_raw.to_pylist() if ts_raw is not None and ts_bad.any() else None
+        reject("bad_ts", ts_bad, (lambda r: raw[r]) if raw is not None else None)
     reject("missing_ts", np.isnan(ts))
 
     karr = _as_array(keys)

@@ -1,0 +1,77 @@
+"""The Python client, for applications and notebooks.
+
+    from cluster.client import Client
+    c = Client()                       # the running cluster, or an embedded local one
+    c.ingest(table)                    # an Arrow table (or pandas DataFrame) with ts, key, visitor
+    c.unique("ad-1", last="15m")       # {"key", "start", "end", "unique_visitors", "impressions", ...}
+    c.query(["ad-1", "ad-2"], last="1d")   # many keys, one call
+    c.impressions(None, start=t0, end=t1)  # site-wide impressions
+
+``last`` is ``<int><s|m|h|d|w>`` or a number of buckets; every answer
+reports the exact ``[start, end)`` (epoch seconds) it covered, aligned to
+buckets.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from cluster.bootstrap import connect, ensure_actors, get_coordinator
+from cluster.config import ClusterConfig
+from cluster.ingest import ingest_table, run_ingest
+from sketch.events import IngestReport
+
+
+class Client:
+    def __init__(self, address: str | None = None, config: ClusterConfig | None = None, start: bool = True,
+                 namespace: str | None = None, timeout: float = 60.0):
+        """Connect to Ray (``address``, ``RAY_ADDRESS``, a local ``ray start``
+        cluster, or, with ``start``, a new embedded one) and to the actors
+        (created with ``config`` if ``start`` and none exist)."""
+        self.how = connect(address, start_local=start)
+        self.timeout = timeout
+        cfg = config or ClusterConfig.from_env(namespace=namespace)
+        if start:
+            self.coordinator = ensure_actors(cfg)
+        else:
+            self.coordinator = get_coordinator(cfg.namespace)
+        self.config = ClusterConfig.from_json(ray.get(self.coordinator.config_json.remote(), timeout=timeout))
+
+    # ------------------------------------------------------------ ingest
+    def ingest(self, data, *, ts: str = "ts", key: str = "key", visitor: str = "visitor",
+               now: float | None = None, ts_unit: str = "auto") -> IngestReport:
+        """Ingest an Arrow table, record batches or a pandas DataFrame."""
+        import pyarrow as pa
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        elif isinstance(data, list):
+            data = pa.Table.from_batches(data)
+        elif not isinstance(data, pa.Table):
+            data = pa.Table.from_pandas(data, preserve_index=False)
+        return ingest_table(data, self.coordinator, ts=ts, key=key, visitor=visitor, now=now, ts_unit=ts_unit)
+
+    def ingest_files(self, sources: list[str], **kw):
+        """Ingest files or folders through parallel tasks (as the ingest job does)."""
+        return run_ingest(list(sources), coordinator=self.coordinator, **kw)
+
+    # ------------------------------------------------------------ queries
+    def query(self, keys, *, last=None, start=None, end=None, now=None) -> list[dict]:
+        """One answer per key (None = site-wide)."""
+        return ray.get(self.coordinator.query.remote(list(keys), last, start, end, now), timeout=self.timeout)
+
+    def unique(self, key=None, *, last=None, start=None, end=None, now=None) -> dict:
+        return self.query([key], last=last, start=start, end=end, now=now)[0]
+
+    def impressions(self, key=None, **kw) -> int:
+        return self.unique(key, **kw)["impressions"]
+
+    def registers(self, key, b0: int, b1: int):
+        return ray.get(self.coordinator.registers.remote(key, b0, b1), timeout=self.timeout)
+
+    # ------------------------------------------------------------ operations
+    def maintain(self, now: float | None = None) -> None:
+        """Flush every shard and build all pending rollups now."""
+        ray.get(self.coordinator.maintain.remote(now), timeout=max(self.timeout, 600))
+
+    def stats(self) -> dict:
+        return ray.get(self.coordinator.stats.remote(), timeout=self.timeout)

@@ -1,0 +1,244 @@
+"""The ingest job: files (or Arrow tables) -> validated, hashed, per-shard
+batches -> the shard actors.
+
+    python -m cluster.ingest SOURCE... [--ts-col ts --key-col key --visitor-col visitor]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m cluster.ingest s3://bucket/events/
+
+SOURCE is a file or folder, local or any ``pyarrow.fs`` URI (``s3://``,
+``gs://``, ``file://``), holding Parquet, CSV or JSON-lines files.
+
+Work is cut into fragments (a Parquet row group, or a CSV/JSON file) and run
+as parallel Ray tasks.  Each task reads its fragment ``batch_rows`` rows at a
+time, parses timestamps, validates, hashes the visitor ids, cuts the batch
+by shard and sends each part straight to its shard actor, never keeping more
+than ``max_inflight`` calls in flight: memory stays bounded whatever the
+input size, and the events never pass through the driver.  Bad rows are
+counted per reason with a few samples (file and row); every good row is
+applied.  The driver shows progress and prints a summary at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from cluster.config import ClusterConfig
+from cluster.readers import Fragment, MissingColumn, fragments, parse_ts, read_fragment
+from cluster.storage import list_sources
+from sketch.events import REASONS, Batch, IngestReport, prepare
+
+
+@dataclass
+class IngestSummary:
+    files: int = 0
+    report: IngestReport = field(default_factory=IngestReport)
+    seconds: float = 0.0
+    peak_inflight: int = 0
+    batches: int = 0
+    failed_files: list = field(default_factory=list)
+
+    @property
+    def events_per_second(self) -> float:
+        return self.report.accepted / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"files": self.files, "rows_read": self.report.received, "accepted": self.report.accepted,
+                "rejected": self.report.rejected_total, "rejected_by_reason": dict(self.report.rejected),
+                "samples": self.report.samples, "seconds": round(self.seconds, 3),
+                "events_per_second": round(self.events_per_second), "batches": self.batches,
+                "peak_inflight": self.peak_inflight, "failed_files": self.failed_files}
+
+    def text(self) -> str:
+        r = self.report
+        lines = [f"files: {self.files}   rows read: {r.received:,}   accepted: {r.accepted:,}   "
+                 f"rejected: {r.rejected_total:,}   {self.seconds:.1f} s   {self.events_per_second:,.0f} events/s"]
+        for reason, n in sorted(r.rejected.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  rejected {n:,}: {REASONS.get(reason, reason)} ({reason})")
+        for s in r.samples[:5]:
+            lines.append(f"  e.g. {s.get('file', '')} row {s['row']}: {s['reason']}"
+                         + (f" ({s['value']!r})" if "value" in s else ""))
+        for f in self.failed_files:
+            lines.append(f"  failed: {f}")
+        return "\n".join(lines)
+
+
+class Sender:
+    """Sends per-shard batches with at most ``max_inflight`` calls pending."""
+
+    def __init__(self, shards: list, p: int, max_inflight: int):
+        self.shards, self.p, self.max_inflight = shards, p, max_inflight
+        self.inflight: list = []
+        self.peak = 0
+        self.batches = 0
+
+    def send(self, batch: Batch) -> None:
+        for shard, part in enumerate(batch.split(self.p, len(self.shards))):
+            if len(part):
+                self.inflight.append(self.shards[shard].apply.remote(part.compact()))
+                self.batches += 1
+        self.peak = max(self.peak, len(self.inflight))
+        while len(self.inflight) > self.max_inflight:
+            ready, self.inflight = ray.wait(self.inflight, num_returns=1)
+            ray.get(ready)
+
+    def drain(self) -> None:
+        ray.get(self.inflight)
+        self.inflight = []
+
+
+def _prepare(table: pa.Table, cfg: ClusterConfig, now: float, row: int, ts_unit: str, malformed=()):
+    ts, bad = parse_ts(table.column("ts"), ts_unit)
+    sk = cfg.sketch
+    return prepare(ts, table.column("key"), visitors=table.column("visitor"), now=now,
+                   bucket_seconds=sk.bucket_seconds, retention_buckets=sk.retention_buckets,
+                   future_seconds=sk.future_seconds, row_offset=row, ts_bad=bad, ts_raw=table.column("ts"),
+                   malformed=malformed)
+
+
+@ray.remote
+def ingest_fragment(frag: Fragment, cols: dict, cfg_json: str, shards: list, now: float, ts_unit: str) -> dict:
+    """One task: read, validate, hash and send one fragment."""
+    cfg = ClusterConfig.from_json(cfg_json)
+    sender = Sender(shards, cfg.sketch.p, cfg.max_inflight)
+    report = IngestReport()
+    try:
+        for table, row, malformed in read_fragment(frag, cols, cfg.batch_rows, cfg.s3_endpoint):
+            batch, rep = _prepare(table, cfg, now, row, ts_unit, malformed)
+            for s in rep.samples:
+                s["file"] = frag.source.uri
+            report.add(rep)
+            if len(batch):
+                sender.send(batch)
+        sender.drain()
+    except MissingColumn as e:
+        sender.drain()
+        return {"report": report.to_dict(), "error": str(e), "peak": sender.peak, "batches": sender.batches}
+    return {"report": report.to_dict(), "error": None, "peak": sender.peak, "batches": sender.batches}
+
+
+def _free_cpus(wait_s: float = 10.0) -> float:
+    """CPUs free for ingest tasks (each takes one).  Rather than queue tasks
+    that could never be scheduled (actors holding every CPU), say so."""
+    deadline = time.time() + wait_s
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= 1:
+            return free
+        if time.time() > deadline:
+            total = ray.cluster_resources().get("CPU", 0.0)
+            raise RuntimeError(f"no CPU of the cluster's {total:g} has been free for {wait_s:g} s, so ingest "
+                               f"tasks cannot run: actors reserve them all (add a node, lower "
+                               f"IMPRESSIONS_SHARD_CPUS, or stop other work)")
+        time.sleep(0.2)
+
+
+def _report_from(d: dict) -> IngestReport:
+    return IngestReport(d["received"], d["accepted"], dict(d["rejected_by_reason"]), list(d["errors"]))
+
+
+def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | None = None,
+               ts_col: str = "ts", key_col: str = "key", visitor_col: str = "visitor", ts_unit: str = "auto",
+               now: float | None = None, progress: bool = True, max_tasks: int | None = None) -> IngestSummary:
+    """Ingest files into the running cluster (the coordinator names the shards)."""
+    from cluster.bootstrap import ensure_actors
+
+    coord = coordinator or ensure_actors(config)
+    cfg = ClusterConfig.from_json(ray.get(coord.config_json.remote()))
+    shards = ray.get(coord.shard_handles.remote())
+    t0 = time.perf_counter()
+    files = list_sources(sources, cfg.s3_endpoint)
+    frags = fragments(files, cfg.s3_endpoint)
+    cols = {"ts": ts_col, "key": key_col, "visitor": visitor_col}
+    now = time.time() if now is None else now
+    total_rows = sum(f.rows for f in frags if f.rows is not None)
+    total_bytes = sum(f.source.size for f in frags if f.rows is None)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_rows or None, unit=" rows", unit_scale=True, desc="ingest", file=sys.stderr,
+                   dynamic_ncols=True) if (total_rows or not total_bytes) else \
+            tqdm(total=len(frags), unit=" files", desc="ingest", file=sys.stderr)
+    summary = IngestSummary(files=len(files))
+    free = _free_cpus()
+    max_tasks = max_tasks or max(2, 2 * int(free))
+    pending, queue = {}, list(frags)
+    cfg_json = cfg.to_json()
+    while queue or pending:
+        while queue and len(pending) < max_tasks:
+            f = queue.pop(0)
+            pending[ingest_fragment.remote(f, cols, cfg_json, shards, now, ts_unit)] = f
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        frag = pending.pop(ready[0])
+        out = ray.get(ready[0])
+        summary.report.add(_report_from(out["report"]))
+        summary.peak_inflight = max(summary.peak_inflight, out["peak"])
+        summary.batches += out["batches"]
+        if out["error"]:
+            summary.failed_files.append(out["error"])
+        if bar is not None:
+            bar.update(frag.rows if (total_rows and frag.rows is not None) else (0 if total_rows else 1))
+    if bar is not None:
+        bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "key", visitor: str = "visitor",
+                 now: float | None = None, ts_unit: str = "auto") -> IngestReport:
+    """Ingest an in-memory Arrow table from this driver (the Python client's path)."""
+    cfg = ClusterConfig.from_json(ray.get(coordinator.config_json.remote()))
+    shards = ray.get(coordinator.shard_handles.remote())
+    sender = Sender(shards, cfg.sketch.p, cfg.max_inflight)
+    now = time.time() if now is None else now
+    missing = [c for c in (ts, key, visitor) if c not in table.schema.names]
+    if missing:
+        raise ValueError(f"table has no {', '.join(repr(c) for c in missing)} column "
+                         f"(its columns: {', '.join(table.schema.names)})")
+    t = pa.table({"ts": table.column(ts), "key": table.column(key), "visitor": table.column(visitor)})
+    report = IngestReport()
+    for start in range(0, max(t.num_rows, 1), cfg.batch_rows):
+        part = t.slice(start, cfg.batch_rows)
+        if not part.num_rows:
+            break
+        batch, rep = _prepare(part, cfg, now, start, ts_unit)
+        report.add(rep)
+        if len(batch):
+            sender.send(batch)
+    sender.drain()
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cluster.ingest", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sources", nargs="+", help="files or folders (local paths or pyarrow.fs URIs)")
+    ap.add_argument("--ts-col", default="ts")
+    ap.add_argument("--key-col", default="key")
+    ap.add_argument("--visitor-col", default="visitor")
+    ap.add_argument("--ts-unit", default="auto", choices=["auto", "s", "ms", "us", "ns"],
+                    help="unit of numeric timestamps (auto: told apart by magnitude)")
+    ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or the local cluster)")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    from cluster.bootstrap import connect
+    connect(a.address, start_local=False)
+    try:
+        summary = run_ingest(a.sources, ts_col=a.ts_col, key_col=a.key_col, visitor_col=a.visitor_col,
+                             ts_unit=a.ts_unit, progress=not a.no_progress)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"ingest: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary.to_dict()) if a.json else summary.text())
+    return 0 if not summary.failed_files else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Shared fixtures: one real Ray cluster for the whole test session.
+
+It is started with ``ray start --head`` (so that ``ray job submit`` works
+against it and detached actors outlive their drivers) on free loopback
+ports, and stopped with ``ray stop`` at the end.  ``ray stop`` stops every
+Ray process on the machine, so the fixture refuses to run beside a Ray
+that something else started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # never inherit a token from an earlier run
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
+
+
+def _other_ray_running() -> bool:
+    out = subprocess.run(["pgrep", "-f", "gcs_server"], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    if _other_ray_running():
+        pytest.exit("a Ray cluster is already running on this machine; the tests start (and `ray stop`) their "
+                    "own: stop it first", returncode=3)
+    port, dash = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    # Ray's own temp folder must have a short path (unix socket names)
+    short = Path("/tmp") / f"rt{os.getpid()}"
+    cmd = [_ray_bin(), "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={short}", "--include-dashboard=true"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = address
+    ray.init(address=address, log_to_driver=False)
+    info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
+    try:
+        yield info
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def clients(ray_cluster):
+    """Make clients on the session cluster; their actors are torn down after the test."""
+    from cluster.bootstrap import teardown
+    from cluster.client import Client
+
+    made = []
+
+    def make(config=None, **kw):
+        c = Client(config=config, **kw)
+        made.append(c.config.namespace)
+        return c
+
+    yield make
+    for ns in made:
+        teardown(ns)

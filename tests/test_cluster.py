@@ -1,0 +1,151 @@
+"""The actor cluster on a real local Ray: same answers as the core alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.client import Client
+from cluster.config import ClusterConfig
+from cluster.workload import generate
+from sketch.counter import Counter
+from sketch.store import SketchConfig
+
+NOW = 1_800_000_000.0
+SMALL = SketchConfig(p=12, leaf_level=4, segment_level=8, memtable_rows=20_000)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return generate(60_000, days=2, visitors=20_000, keys=30, seed=11, end=NOW)
+
+
+def _reference(table: pa.Table, sketch=SMALL) -> Counter:
+    ref = Counter(sketch)
+    rep = ref.ingest(table["ts"].to_numpy(), table["key"], visitors=table["visitor"], now=NOW)
+    assert rep.rejected_total == 0
+    return ref
+
+
+def _compare(client: Client, ref: Counter, ranges, keys):
+    for b0, b1 in ranges:
+        for key in keys:
+            assert np.array_equal(client.registers(key, b0, b1), ref.registers(key, b0, b1)), (key, b0, b1)
+        w = ref.config.bucket_seconds
+        got = client.query(keys, start=b0 * w, end=b1 * w, now=NOW)
+        want = [r.to_dict() for r in ref.query(keys, start=b0 * w, end=b1 * w, now=NOW)]
+        assert got == want
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_cluster_equals_the_core_register_for_register(clients, stream, shards):
+    cfg = ClusterConfig(sketch=SMALL, shards=shards, namespace=f"equal-{shards}", maintain_interval_s=0.3)
+    client = clients(cfg)
+    assert len(client.stats()["shards"]) == shards
+    rep = client.ingest(stream, now=NOW)
+    assert rep.accepted == stream.num_rows
+    ref = _reference(stream)
+    now_b = int(NOW // 60)
+    ranges = [(now_b - 2 * 1440, now_b + 1), (now_b - 700, now_b - 100), (now_b - 15, now_b + 1), (now_b - 1, now_b)]
+    keys = [None, "ad-0", "ad-7", "ad-29", "no-such-ad"]
+    _compare(client, ref, ranges, keys)  # fresh: memtables and runs
+    client.maintain()
+    _compare(client, ref, ranges, keys)  # after rollups
+
+
+def test_ingest_files_in_every_format(clients, stream, tmp_path):
+    n = stream.num_rows
+    parts = [stream.slice(0, n // 3), stream.slice(n // 3, n // 3), stream.slice(2 * (n // 3))]
+    pq.write_table(parts[0], tmp_path / "a.parquet", row_group_size=5000)
+    pa.csv.write_csv(parts[1], tmp_path / "b.csv")
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for r in parts[2].to_pylist():
+            # epoch milliseconds in JSON, as many producers send them
+            f.write(json.dumps({"ts": int(r["ts"] * 1000), "key": r["key"], "visitor": r["visitor"]}) + "\n")
+    client = clients(ClusterConfig(sketch=SMALL, shards=2, namespace="files"))
+    summary = client.ingest_files([str(tmp_path)], now=NOW, progress=False)
+    assert summary.files == 3 and summary.report.accepted == n, summary.to_dict()
+    ref = _reference(pa.concat_tables([parts[0], parts[1], parts[2]]))
+    # JSON held milliseconds: its events round to the same buckets
+    now_b = int(NOW // 60)
+    for key in [None, "ad-0", "ad-3"]:
+        got = client.unique(key, last="2d", now=NOW)
+        want = ref.unique(key, last="2d", now=NOW).to_dict()
+        assert got["impressions"] == want["impressions"]
+        assert np.array_equal(client.registers(key, now_b - 2880, now_b + 1), ref.registers(key, now_b - 2880, now_b + 1))
+
+
+def test_bad_rows_are_reported_by_reason_and_good_rows_all_counted(clients, tmp_path):
+    good = [(NOW - 60 * i, f"ad-{i % 3}", f"u{i}") for i in range(100)]
+    lines = [json.dumps({"ts": t, "key": k, "visitor": v}) for t, k, v in good]
+    lines[10] = "{not json"                                            # malformed
+    lines[20] = json.dumps({"key": "ad-1", "visitor": "x"})            # no ts
+    lines[30] = json.dumps({"ts": "yesterday", "key": "ad-1", "visitor": "x"})   # unparseable
+    lines[40] = json.dumps({"ts": NOW - 40 * 86400, "key": "ad-1", "visitor": "x"})  # beyond retention
+    lines[50] = json.dumps({"ts": NOW, "key": "ad-1"})                 # no visitor
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
+    with open(tmp_path / "more.csv", "w") as f:
+        f.write("ts,key,visitor\n")
+        f.write(f"{NOW},ad-9,w1\n2026-13-45T00:00:00Z,ad-9,w2\n{NOW},,w3\n{NOW + 86400},ad-9,w4\n")
+    client = clients(ClusterConfig(sketch=SMALL, shards=2, namespace="badrows"))
+    s = client.ingest_files([str(tmp_path)], now=NOW, progress=False)
+    r = s.report
+    assert r.rejected == {"malformed": 1, "missing_ts": 1, "bad_ts": 2, "expired": 1, "missing_visitor": 1,
+                          "missing_key": 1, "future": 1}, r.rejected
+    assert r.accepted == 100 - 5 + 1
+    samples = {(os.path.basename(x["file"]), x["row"]): x for x in r.samples}
+    assert samples[("events.jsonl", 10)]["reason"] == "row could not be parsed"
+    assert samples[("events.jsonl", 30)]["value"] == "yesterday"
+    assert samples[("more.csv", 1)]["reason"] == "timestamp could not be parsed"
+    kept = [g for i, g in enumerate(good) if i not in (10, 20, 30, 40, 50)]
+    got = client.unique(None, last="2h", now=NOW)
+    assert got["impressions"] == len(kept) + 1 and got["unique_visitors"] == len(kept) + 1 and got["exact"]
+    assert "rejected 2: timestamp could not be parsed" in s.text()
+
+
+def test_a_file_larger_than_the_inflight_bound_streams_in_bounded_batches(clients, tmp_path):
+    t = generate(120_000, days=1, visitors=30_000, keys=10, seed=3, end=NOW)
+    pq.write_table(t, tmp_path / "big.parquet", row_group_size=200_000)  # one row group: one task
+    cfg = ClusterConfig(sketch=SMALL, shards=2, namespace="bounded", batch_rows=4000, max_inflight=2)
+    client = clients(cfg)
+    s = client.ingest_files([str(tmp_path / "big.parquet")], now=NOW, progress=False)
+    assert s.report.accepted == t.num_rows
+    assert s.batches >= 2 * (t.num_rows // 4000)  # read and sent in many small batches...
+    assert s.peak_inflight <= cfg.max_inflight + cfg.shards  # ...never more than the bound in flight
+    assert client.unique(None, last="2d", now=NOW)["impressions"] == t.num_rows
+
+
+def test_ingest_job_with_ray_job_submit_then_query_from_another_driver(ray_cluster, clients, tmp_path):
+    import time
+    end = float(int(time.time()) // 60 * 60 - 120)  # the job validates against the real clock
+    stream = generate(60_000, days=2, visitors=20_000, keys=30, seed=12, end=end)
+    pq.write_table(stream, tmp_path / "events.parquet", row_group_size=20_000)
+    ns = "job"
+    clients(ClusterConfig(sketch=SMALL, shards=2, namespace=ns))  # the cluster's actors exist
+    env = dict(os.environ, IMPRESSIONS_NAMESPACE=ns)
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    runtime_env = json.dumps({"env_vars": {"IMPRESSIONS_NAMESPACE": ns, "RAY_AUTH_MODE": "disabled"}})
+    out = subprocess.run([ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--runtime-env-json",
+                          runtime_env, "--", sys.executable, "-m", "cluster.ingest", str(tmp_path), "--json",
+                          "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith('{"files"')))
+    assert summary["accepted"] == stream.num_rows and summary["rejected"] == 0
+    # another driver, in its own process, reads the answers
+    code = ("import json; from cluster.client import Client; "
+            f"c = Client(start=False, namespace={ns!r}); "
+            f"print(json.dumps(c.query([None, 'ad-0', 'ad-3'], last='2d', now={end})))")
+    q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert q.returncode == 0, q.stderr
+    got = json.loads(q.stdout.strip().splitlines()[-1])
+    ref = Counter(SMALL)
+    ref.ingest(stream["ts"].to_numpy(), stream["key"], visitors=stream["visitor"], now=end)
+    want = [r.to_dict() for r in ref.query([None, "ad-0", "ad-3"], last="2d", now=end)]
+    assert got == want
