@@ -7,7 +7,7 @@ ones by name.
 
 * shards: ``shard-<i>-of-<S>``, spread across nodes (``SPREAD``), restarted
   by Ray if their process dies;
-* the coordinator: ``coordinator``, an asyncio actor that creates (or finds)
+* the coordinator: ``coordinator``, a threaded actor that creates (or finds)
   the shards and keeps the configuration every other driver reads.
 """
 
@@ -32,27 +32,46 @@ def shard_name(i: int, shards: int) -> str:
     return f"shard-{i}-of-{shards}"
 
 
+_dashboard: str | None = None
+
+
 def connect(address: str | None = None, *, start_local: bool = True, num_cpus: int | None = None,
             namespace: str | None = None, include_dashboard: bool = False) -> str:
     """Connect this process to Ray: ``address`` (or ``RAY_ADDRESS``, or a
     cluster started with ``ray start`` on this machine), else, if allowed,
     start a private local one.  Returns how it connected."""
+    global _dashboard
     if ray.is_initialized():
         return "already connected"
     kw = dict(namespace=namespace, log_to_driver=False, configure_logging=False)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kw)
-        return f"connected to {address}"
-    try:
-        ray.init(address="auto", **kw)
-        return "connected to the local cluster"
-    except (ConnectionError, RuntimeError):
-        if not start_local:
-            raise ClusterNotRunning("no Ray cluster is running here; start one with `impressions up` "
-                                    "or pass --address") from None
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=include_dashboard, **kw)
-    return "started a local Ray"
+        ctx, how = ray.init(address=address, **kw), f"connected to {address}"
+    else:
+        try:
+            ctx, how = ray.init(address="auto", **kw), "connected to the local cluster"
+        except (ConnectionError, RuntimeError):
+            if not start_local:
+                raise ClusterNotRunning("no Ray cluster is running here; start one with `impressions up` "
+                                        "or pass --address") from None
+            ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=include_dashboard, **kw)
+            how = "started a local Ray"
+    _dashboard = ctx.dashboard_url or None
+    return how
+
+
+def dashboard_url() -> str:
+    """The cluster's dashboard (job submission) address, as http://host:port."""
+    global _dashboard
+    if not _dashboard and ray.is_initialized():  # connected by someone else's ray.init
+        try:
+            _dashboard = ray._private.worker.get_dashboard_url() or None  # ray==2.60 is pinned
+        except Exception:
+            _dashboard = None
+    if not _dashboard:
+        raise ClusterNotRunning("this Ray cluster runs no dashboard, which job submission needs "
+                                "(start it with `ray start --head`, which runs one)")
+    return _dashboard if "://" in _dashboard else f"http://{_dashboard}"
 
 
 def _shard_factory(config: ClusterConfig):
@@ -72,7 +91,7 @@ def ensure_actors(config: ClusterConfig | None = None):
     config = config or ClusterConfig.from_env()
     coord = ray.remote(Coordinator).options(
         name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1).remote(config.to_json(), _shard_factory(config))
+        num_cpus=0, max_restarts=-1, max_concurrency=32).remote(config.to_json(), _shard_factory(config))
     ray.get(coord.start.remote(), timeout=120)
     return coord
 

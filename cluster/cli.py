@@ -13,11 +13,10 @@ def main(argv=None) -> int:
     d.add_argument("--events", type=int, default=2_000_000)
     d.add_argument("--ads", type=int, default=1000)
     d.add_argument("--days", type=float, default=3.0)
-    d.add_argument("--shards", type=int, default=2)
     a = ap.parse_args(argv)
     if a.cmd == "demo":
         from cluster.demo import run
-        run(a.events, a.ads, a.days, a.shards)
+        run(a.events, a.ads, a.days)
     return 0
 
 

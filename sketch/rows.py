@@ -112,6 +112,19 @@ class RowTable:
         lo, hi = np.searchsorted(self.code, np.array([(key << 32) | n0, (key << 32) | n1], np.uint64))
         return int(lo), int(hi)
 
+    def find_many(self, keys: np.ndarray, node: int) -> np.ndarray:
+        """Rows of (key, node) for each of ``keys``, -1 where absent."""
+        c = (keys.astype(np.uint64) << KEY_SHIFT) | np.uint64(node)
+        i = np.searchsorted(self.code, c)
+        ok = i < len(self.code)
+        ok[ok] = self.code[i[ok]] == c[ok]
+        return np.where(ok, i, -1)
+
+    def node_range_many(self, keys: np.ndarray, n0: int, n1: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each key, its rows with node in ``[n0, n1)``."""
+        k = keys.astype(np.uint64) << KEY_SHIFT
+        return (np.searchsorted(self.code, k | np.uint64(n0)), np.searchsorted(self.code, k | np.uint64(n1)))
+
     def bytes_between(self, r0: int, r1: int) -> int:
         return 4 * int(self.off[r1] - self.off[r0]) + self.regs.shape[1] * int(self.dense_cs[r1] - self.dense_cs[r0])
 

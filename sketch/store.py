@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .hll import Precision, distinct_coupon_count
+from .hll import RANK_BITS, Precision
 from .rows import RowTable, build_levels, level_up, merge, rows_from_events, split_by_node
 from .timeindex import dyadic
 
@@ -142,56 +142,112 @@ class Slot:
         return ([self.main[0]] if self.main else []) + self.runs
 
 
+def _gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Indices of the concatenated ranges ``[starts[i], ends[i])``."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offs = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offs[1:])
+    return np.repeat(starts - offs[:-1], lengths) + np.arange(total, dtype=np.int64)
+
+
 class Pieces:
-    """Sketch pieces gathered for one key; ``finish`` merges them."""
+    """Sketch pieces gathered for K keys at once; ``finish`` merges them.
 
-    __slots__ = ("coupons", "dense")
+    Pieces are kept as chunks of (key position, coupons) and (key position,
+    dense register rows); overlapping pieces are harmless (merging is a max).
+    """
 
-    def __init__(self):
-        self.coupons: list[np.ndarray] = []
-        self.dense: list[np.ndarray] = []  # 2-D (k, R) blocks
+    __slots__ = ("K", "ck", "cv", "dk", "dv", "rows")
 
-    def add_row(self, t: RowTable, r: int) -> None:
-        d = int(t.dense[r])
-        if d >= 0:
-            self.dense.append(t.regs[d:d + 1])
-        else:
-            self.coupons.append(t.coupons[t.off[r]:t.off[r + 1]])
+    def __init__(self, K: int):
+        self.K = K
+        self.rows = 0  # stored sketches merged: what the time index keeps small
+        self.ck: list[np.ndarray] = []  # key positions of coupons
+        self.cv: list[np.ndarray] = []  # coupons
+        self.dk: list[np.ndarray] = []  # key positions of dense rows
+        self.dv: list[np.ndarray] = []  # dense rows (n, R)
 
-    def add_rows(self, t: RowTable, r0: int, r1: int) -> None:
+    def add_rows(self, t: RowTable, pos: np.ndarray, rows: np.ndarray) -> None:
+        """Row ``rows[i]`` of ``t`` for key position ``pos[i]``."""
+        self.add_ranges(t, pos, rows, rows + 1)
+
+    def add_ranges(self, t: RowTable, pos: np.ndarray, r0: np.ndarray, r1: np.ndarray) -> None:
+        """Rows ``[r0[i], r1[i])`` of ``t`` for key position ``pos[i]``."""
+        if not len(pos):
+            return
+        self.rows += int((r1 - r0).sum())
+        c0, c1 = t.off[r0], t.off[r1]
+        if (c1 > c0).any():
+            self.cv.append(t.coupons[_gather_ranges(c0, c1)])
+            self.ck.append(np.repeat(pos, c1 - c0))
+        d0, d1 = t.dense_cs[r0], t.dense_cs[r1]
+        if (d1 > d0).any():
+            self.dv.append(t.regs[_gather_ranges(d0, d1)])
+            self.dk.append(np.repeat(pos, d1 - d0))
+
+    def add_range(self, t: RowTable, p: int, r0: int, r1: int) -> None:
+        """Rows ``[r0, r1)`` of ``t`` for key position ``p`` (the one-key path: slices, no gathers)."""
         if r1 <= r0:
             return
-        c0, c1 = t.off[r0], t.off[r1]
+        self.rows += r1 - r0
+        c0, c1 = int(t.off[r0]), int(t.off[r1])
         if c1 > c0:
-            self.coupons.append(t.coupons[c0:c1])
-        d0, d1 = t.dense_cs[r0], t.dense_cs[r1]
+            self.cv.append(t.coupons[c0:c1])
+            self.ck.append(np.full(c1 - c0, p, np.int64))
+        d0, d1 = int(t.dense_cs[r0]), int(t.dense_cs[r1])
         if d1 > d0:
-            self.dense.append(t.regs[d0:d1])
+            self.dv.append(t.regs[d0:d1])
+            self.dk.append(np.full(d1 - d0, p, np.int64))
+
+    def add_coupons(self, pos: np.ndarray, coupons: np.ndarray) -> None:
+        if len(coupons):
+            self.rows += len(coupons)
+            self.ck.append(pos)
+            self.cv.append(coupons)
 
     def registers(self, prec: Precision) -> np.ndarray:
-        regs = np.zeros(prec.R, np.uint8)
-        for block in self.dense:
-            np.maximum(regs, block.max(axis=0) if len(block) > 1 else block[0], out=regs)
-        if self.coupons:
-            prec.registers_from_coupons(np.concatenate(self.coupons), out=regs)
+        """(K, R) dense registers."""
+        K, R = self.K, prec.R
+        regs = np.zeros((K, R), np.uint8)
+        if self.dv:
+            dk = np.concatenate(self.dk)
+            dv = np.concatenate(self.dv)
+            order = np.argsort(dk, kind="stable")
+            dk, dv = dk[order], dv[order]
+            starts = np.flatnonzero(np.r_[True, dk[1:] != dk[:-1]])
+            regs[dk[starts]] = np.maximum.reduceat(dv, starts, axis=0)
+        if self.cv:
+            ck = np.concatenate(self.ck)
+            reg, rank = prec.coupon_registers(np.concatenate(self.cv))
+            np.maximum.at(regs.reshape(-1), ck * R + reg, rank)
         return regs
 
-    def finish(self, prec: Precision) -> tuple[np.ndarray, int]:
-        """(register-value histogram of this slice, distinct coupon count or -1).
+    def finish(self, prec: Precision) -> tuple[np.ndarray, np.ndarray]:
+        """(K, hist_len) register-value histograms and, per key, its distinct
+        coupon count, or -1 when the merged slice would be stored dense.
 
         The count is given exactly when the merged slice would be stored
         sparse (at most ``dense_threshold`` coupons), so the answer depends on
         the data alone, never on which pieces happened to be stored dense: a
         dense piece always holds more than the threshold itself.
         """
+        K, H = self.K, prec.hist_len
         regs = self.registers(prec)
-        hist = np.bincount(regs, minlength=prec.hist_len)
-        if self.dense:
-            return hist, -1
-        if not self.coupons:
-            return hist, 0
-        k = distinct_coupon_count(np.concatenate(self.coupons))
-        return hist, (k if k <= prec.dense_threshold else -1)
+        hist = np.bincount((regs + (np.arange(K, dtype=np.int64) * H)[:, None]).reshape(-1),
+                           minlength=K * H).reshape(K, H)
+        sparse = np.zeros(K, np.int64)
+        if self.cv:
+            ck = np.concatenate(self.ck).astype(np.uint64)
+            comp = np.sort((ck << np.uint64(32)) | (np.concatenate(self.cv) >> np.uint32(RANK_BITS)).astype(np.uint64))
+            first = np.r_[True, comp[1:] != comp[:-1]]
+            sparse = np.bincount((comp[first] >> np.uint64(32)).astype(np.int64), minlength=K)
+        sparse[sparse > prec.dense_threshold] = -1
+        if self.dk:
+            sparse[np.concatenate(self.dk)] = -1
+        return hist, sparse
 
 
 class ShardStore:
@@ -429,99 +485,173 @@ class ShardStore:
 
     # ================================================================ queries
     def query(self, key_names, b0: int, b1: int):
-        """Answer for each key over buckets ``[b0, b1)``.
+        """Answer for each key over buckets ``[b0, b1)``, all keys at once.
 
         Returns ``(hist, sparse, impressions)``: ``hist[i]`` the register-value
         histogram of key i's merged slice (``hist_len`` ints), ``sparse[i]``
         its distinct coupon count, or -1 when dense, ``impressions[i]`` its
         exact impression count on this shard.
         """
-        K, H = len(key_names), self.prec.hist_len
-        hist = np.zeros((K, H), np.int64)
-        sparse = np.zeros(K, np.int64)
-        imp = np.zeros(K, np.int64)
-        nodes = dyadic(b0, b1)
-        for i, name in enumerate(key_names):
-            kid = self.keys.get(name)
-            if kid is None:
-                hist[i, 0] = self.prec.R
-                continue
-            pc = self._pieces(kid, b0, b1, nodes)
-            hist[i], sparse[i] = pc.finish(self.prec)
-            imp[i] = self._impressions(kid, b0, b1)
-        return hist, sparse, imp
+        kids, where = self._key_ids(key_names)
+        U = len(kids)
+        pc = self._pieces(kids, np.arange(U), U + 1, b0, b1)  # row U stays empty: unknown keys
+        hist, sparse = pc.finish(self.prec)
+        imp = np.r_[self._impressions(kids, b0, b1), 0]
+        return hist[where], sparse[where], imp[where]
 
     def registers(self, name: str | None, b0: int, b1: int) -> np.ndarray:
         """This shard's dense register slice for ``name`` over ``[b0, b1)``."""
-        kid = self.keys.get(name)
-        if kid is None:
-            return np.zeros(self.prec.R, np.uint8)
-        return self._pieces(kid, b0, b1, dyadic(b0, b1)).registers(self.prec)
+        kids, _ = self._key_ids([name])
+        return self._pieces(kids, np.arange(len(kids)), 1, b0, b1).registers(self.prec)[0]
 
-    def _pieces(self, kid: int, b0: int, b1: int, nodes) -> Pieces:
-        pc = Pieces()
-        for lvl, j in nodes:
-            self._cover(kid, lvl, j, pc)
+    def _key_ids(self, key_names) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct ids of the known keys, for each name the index of its id,
+        or ``len(ids)`` for an unknown key)."""
+        ids = [self.keys.get(n) for n in key_names]
+        uniq = sorted({k for k in ids if k is not None})
+        index = {k: i for i, k in enumerate(uniq)}
+        return np.array(uniq, np.int64), np.array([index.get(k, len(uniq)) for k in ids], np.int64)
+
+    def _pieces(self, kids: np.ndarray, pos: np.ndarray, K: int, b0: int, b1: int) -> Pieces:
+        pc = Pieces(K)
+        if not len(kids):
+            return pc
+        if len(kids) == 1:  # the common case: scalar lookups beat numpy calls on 1-element arrays
+            kid, p = int(kids[0]), int(pos[0])
+            for lvl, j in dyadic(b0, b1):
+                self._cover1(kid, p, lvl, j, pc)
+        else:
+            for lvl, j in dyadic(b0, b1):
+                self._cover(kids, pos, lvl, j, pc)
         k, b, c = self._memtable()
         if len(k):
-            mask = (k == kid) & (b >= b0) & (b < b1)
-            if mask.any():
-                pc.coupons.append(c[mask])
+            m = (b >= b0) & (b < b1)
+            if len(kids) == 1:
+                m &= k == kids[0]
+                pc.add_coupons(np.full(int(m.sum()), pos[0]), c[m])
+            else:
+                order = np.argsort(kids)
+                i = np.searchsorted(kids, k, sorter=order)
+                i = order[np.minimum(i, len(kids) - 1)]
+                m &= kids[i] == k
+                pc.add_coupons(pos[i[m]], c[m])
         return pc
 
-    def _cover(self, kid: int, lvl: int, j: int, pc: Pieces) -> None:
+    def _cover(self, kids: np.ndarray, pos: np.ndarray, lvl: int, j: int, pc: Pieces) -> None:
+        """Gather the pieces covering node (lvl, j) for every key in ``kids``."""
         cfg = self.config
         LF, LS = cfg.leaf_level, cfg.segment_level
         if lvl > LS:
             t = self.upper.get((lvl, j))
-            if t is not None:
-                r = t.find(kid, j)
-                if r >= 0:
-                    pc.add_row(t, r)
-                    self._loose_cover(kid, j << lvl, (j + 1) << lvl, pc)
-                    return
-            self._cover(kid, lvl - 1, 2 * j, pc)
-            self._cover(kid, lvl - 1, 2 * j + 1, pc)
+            if t is not None and len(t):
+                rows = t.find_many(kids, j)
+                hit = rows >= 0
+                if hit.any():
+                    pc.add_rows(t, pos[hit], rows[hit])
+                    self._loose_cover(kids[hit], pos[hit], j << lvl, (j + 1) << lvl, pc)
+                    kids, pos = kids[~hit], pos[~hit]
+            if len(kids):
+                self._cover(kids, pos, lvl - 1, 2 * j, pc)
+                self._cover(kids, pos, lvl - 1, 2 * j + 1, pc)
             return
         slot = self.slots.get((LS, j >> (LS - lvl)))
         if slot is None and lvl <= LF:
             slot = self.slots.get((LF, j >> (LF - lvl)))
         if slot is None:
             if lvl > LF:  # spans several leaves of an unbuilt segment
-                self._cover(kid, lvl - 1, 2 * j, pc)
-                self._cover(kid, lvl - 1, 2 * j + 1, pc)
+                self._cover(kids, pos, lvl - 1, 2 * j, pc)
+                self._cover(kids, pos, lvl - 1, 2 * j + 1, pc)
             return
         if slot.main:
-            self._segment_cover(slot.main, kid, lvl, j, pc)
+            self._segment_cover(slot.main, kids, pos, lvl, j, pc)
         lo, hi = j << lvl, (j + 1) << lvl
         for run in slot.runs:
-            pc.add_rows(run, *run.node_range(kid, lo, hi))
+            r0, r1 = run.node_range_many(kids, lo, hi)
+            pc.add_ranges(run, pos, r0, r1)
 
-    def _segment_cover(self, tables: list[RowTable], kid: int, lvl: int, j: int, pc: Pieces) -> None:
-        if 0 < lvl < len(tables):
+    def _segment_cover(self, tables: list[RowTable], kids, pos, lvl: int, j: int, pc: Pieces) -> None:
+        if 0 < lvl < len(tables) and len(tables[lvl]):
+            rows = tables[lvl].find_many(kids, j)
+            hit = rows >= 0
+            if hit.any():
+                pc.add_rows(tables[lvl], pos[hit], rows[hit])
+                kids, pos = kids[~hit], pos[~hit]
+                if not len(kids):
+                    return
+        base = tables[0]
+        r0, r1 = base.node_range_many(kids, j << lvl, (j + 1) << lvl)
+        some = r1 > r0
+        if not some.any():
+            return
+        kids, pos, r0, r1 = kids[some], pos[some], r0[some], r1[some]
+        if lvl == 0:
+            pc.add_ranges(base, pos, r0, r1)
+            return
+        # small enough to read from the base, or else look for finer rollups
+        size = 4 * (base.off[r1] - base.off[r0]) + self.prec.R * (base.dense_cs[r1] - base.dense_cs[r0])
+        small = size <= 4 * self.prec.R
+        if small.any():
+            pc.add_ranges(base, pos[small], r0[small], r1[small])
+        if not small.all():
+            big = ~small
+            self._segment_cover(tables, kids[big], pos[big], lvl - 1, 2 * j, pc)
+            self._segment_cover(tables, kids[big], pos[big], lvl - 1, 2 * j + 1, pc)
+
+    def _cover1(self, kid: int, p: int, lvl: int, j: int, pc: Pieces) -> None:
+        """``_cover`` for a single key."""
+        cfg = self.config
+        LF, LS = cfg.leaf_level, cfg.segment_level
+        if lvl > LS:
+            t = self.upper.get((lvl, j))
+            if t is not None and len(t):
+                r = t.find(kid, j)
+                if r >= 0:
+                    pc.add_range(t, p, r, r + 1)
+                    self._loose_cover(np.array([kid]), np.array([p]), j << lvl, (j + 1) << lvl, pc)
+                    return
+            self._cover1(kid, p, lvl - 1, 2 * j, pc)
+            self._cover1(kid, p, lvl - 1, 2 * j + 1, pc)
+            return
+        slot = self.slots.get((LS, j >> (LS - lvl)))
+        if slot is None and lvl <= LF:
+            slot = self.slots.get((LF, j >> (LF - lvl)))
+        if slot is None:
+            if lvl > LF:
+                self._cover1(kid, p, lvl - 1, 2 * j, pc)
+                self._cover1(kid, p, lvl - 1, 2 * j + 1, pc)
+            return
+        if slot.main:
+            self._segment_cover1(slot.main, kid, p, lvl, j, pc)
+        lo, hi = j << lvl, (j + 1) << lvl
+        for run in slot.runs:
+            pc.add_range(run, p, *run.node_range(kid, lo, hi))
+
+    def _segment_cover1(self, tables: list[RowTable], kid: int, p: int, lvl: int, j: int, pc: Pieces) -> None:
+        """``_segment_cover`` for a single key."""
+        if 0 < lvl < len(tables) and len(tables[lvl]):
             r = tables[lvl].find(kid, j)
             if r >= 0:
-                pc.add_row(tables[lvl], r)
+                pc.add_range(tables[lvl], p, r, r + 1)
                 return
         base = tables[0]
         r0, r1 = base.node_range(kid, j << lvl, (j + 1) << lvl)
         if r0 == r1:
             return
-        # small enough to read from the base, or nothing finer to look for
         if lvl == 0 or base.bytes_between(r0, r1) <= 4 * self.prec.R:
-            pc.add_rows(base, r0, r1)
+            pc.add_range(base, p, r0, r1)
             return
-        self._segment_cover(tables, kid, lvl - 1, 2 * j, pc)
-        self._segment_cover(tables, kid, lvl - 1, 2 * j + 1, pc)
+        self._segment_cover1(tables, kid, p, lvl - 1, 2 * j, pc)
+        self._segment_cover1(tables, kid, p, lvl - 1, 2 * j + 1, pc)
 
-    def _loose_cover(self, kid: int, lo: int, hi: int, pc: Pieces) -> None:
+    def _loose_cover(self, kids, pos, lo: int, hi: int, pc: Pieces) -> None:
         """Base rows in ``[lo, hi)`` that the upper index may not include yet."""
         for key in self._loose:
             slot = self.slots[key]
             if slot.end > lo and slot.start < hi:
                 tables = slot.runs + ([slot.main[0]] if slot.main and slot.level == self.config.leaf_level else [])
                 for t in tables:
-                    pc.add_rows(t, *t.node_range(kid, lo, hi))
+                    r0, r1 = t.node_range_many(kids, lo, hi)
+                    pc.add_ranges(t, pos, r0, r1)
 
     def _slots_overlapping(self, b0: int, b1: int):
         LF, LS = self.config.leaf_level, self.config.segment_level
@@ -535,14 +665,22 @@ class ShardStore:
                 if slot is not None:
                     yield slot
 
-    def _impressions(self, kid: int, b0: int, b1: int) -> int:
-        total = 0
+    def _impressions(self, kids: np.ndarray, b0: int, b1: int) -> np.ndarray:
+        total = np.zeros(len(kids), np.int64)
+        if not len(kids):
+            return total
         for slot in self._slots_overlapping(b0, b1):
             for t in slot.base_tables():
-                total += t.impressions_between(*t.node_range(kid, b0, b1))
+                r0, r1 = t.node_range_many(kids, b0, b1)
+                total += t.imp_cs[r1] - t.imp_cs[r0]
         k, b, _ = self._memtable()
         if len(k):
-            total += int(np.count_nonzero((k == kid) & (b >= b0) & (b < b1)))
+            m = (b >= b0) & (b < b1)
+            order = np.argsort(kids)
+            i = np.searchsorted(kids, k[m], sorter=order)
+            i = order[np.minimum(i, len(kids) - 1)]
+            hit = kids[i] == k[m]
+            total += np.bincount(i[hit], minlength=len(kids))
         return total
 
     # ================================================================ introspection

@@ -28,8 +28,19 @@ def test_python_snippet_runs():
     assert env["c"].unique(None, last="1h", now=1_800_000_000).unique_visitors == 2
 
 
-def test_demo_runs_small(capsys):
-    from cluster.cli import main
-    assert main(["demo", "--events", "20000", "--ads", "20", "--days", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "site-wide" in out and "ad-0" in out
+def test_demo_runs_small(clients, monkeypatch, capsys):
+    """The main job on the session cluster: actors, a Parquet sample, a real ingest job, answers."""
+    from cluster.config import ClusterConfig
+    from cluster.demo import run
+
+    c = clients(ClusterConfig(shards=2, namespace="demo"))  # torn down after the test
+    lines = []
+    run(events=30_000, ads=20, days=1, config=c.config, out=lines.append)
+    text = "\n".join(lines)
+    assert "30,000 events from" in text and "0 rejected" in text
+    rows = [ln.split() for ln in lines if ln.strip().startswith(("site-wide", "ad-"))]
+    assert len(rows) == 16
+    for r in rows:
+        est, true, imp, true_imp = (int(x.replace(",", "")) for x in (r[2], r[5], r[6], r[7]))
+        assert imp == true_imp  # impressions are exact
+        assert abs(est - true) <= max(2, 0.05 * true)  # estimates within their error bars

@@ -8,7 +8,6 @@ import pytest
 from sketch.counter import Counter
 from sketch.hll import Precision
 from sketch.store import ShardStore, SketchConfig
-from sketch.timeindex import dyadic
 from tests.reference import Events
 
 NOW = 1_800_000_000.0
@@ -137,15 +136,16 @@ def test_a_long_range_merges_logarithmically_many_sketches():
         st.apply(["busy"], np.zeros(len(chunk), np.int32), b[chunk], coupons_from_hashes(h[chunk]))
         st.maintain()
     kid = st.keys.get("busy")
-    counts = {}
-    for n in (60, 1440, 10_080, 43_200):
-        b0 = now_b + 1 - n
-        pc = st._pieces(kid, b0, now_b + 1, dyadic(b0, now_b + 1))
-        counts[n] = sum(len(x) for x in pc.dense) + len(pc.coupons)
-    # about 2 log2(n) pieces, not n
-    for n, c in counts.items():
-        assert c <= 4 * math.log2(n) + 8, counts
-    assert counts[43_200] <= 3 * counts[60] + 10, counts
+    leaf = 1 << cfg.leaf_level
+    for end in (now_b + 1, now_b + 1 - 3 * leaf):  # ending now (the open leaf is raw), and in built time
+        counts = {}
+        for n in (60, 1440, 10_080, 43_200 - 3 * leaf):
+            pc = st._pieces(np.array([kid]), np.array([0]), 1, end - n, end)
+            counts[n] = pc.rows
+        # about 2 log2(n) stored sketches, not n (plus, ending now, the open leaf's rows: at most 64)
+        for n, c in counts.items():
+            assert c <= 4 * math.log2(n) + 8 + (leaf if end == now_b + 1 else 0), counts
+        assert counts[43_200 - 3 * leaf] <= 3 * counts[60] + 10, counts
     s = st.stats()
     assert s["rollup_bytes"] <= 2 * s["base_bytes"], s
 
@@ -187,3 +187,20 @@ def test_precision_and_shard_layout_are_checked():
         Precision(14, 3)
     with pytest.raises(ValueError, match="retention"):
         SketchConfig(retention_seconds=90, bucket_seconds=60)
+
+
+def test_many_keys_in_one_query_equal_one_key_at_a_time():
+    rng = np.random.default_rng(21)
+    c = Counter(SMALL, 2)
+    ev = Events(KEYS)
+    now_b = int(NOW // 60)
+    _ingest(c, ev, *_stream(rng, 40_000, now_b - 3000, now_b))
+    c.maintain()
+    _ingest(c, ev, *_stream(rng, 3_000, now_b - 3000, now_b))  # runs and memtable too
+    keys = [None, "never-seen"] + KEYS + [KEYS[3], None]  # repeats and unknown keys too
+    for b0, b1 in [(now_b - 3000, now_b + 1), (now_b - 777, now_b - 5), (now_b - 2, now_b + 1)]:
+        for store in c.stores:
+            h, s, i = store.query(keys, b0, b1)
+            for n, key in enumerate(keys):
+                h1, s1, i1 = store.query([key], b0, b1)
+                assert np.array_equal(h[n], h1[0]) and s[n] == s1[0] and i[n] == i1[0], (key, b0, b1)
