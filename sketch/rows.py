@@ -42,7 +42,7 @@ def make_code(key: np.ndarray | int, node: np.ndarray | int) -> np.ndarray:
 
 
 class RowTable:
-    __slots__ = ("level", "code", "off", "dense", "coupons", "regs", "imp", "_imp_cs", "_dense_cs")
+    __slots__ = ("level", "code", "off", "dense", "coupons", "regs", "imp", "_imp_cs", "_dense_cs", "_measure")
 
     def __init__(self, level, code, off, dense, coupons, regs, imp):
         self.level = int(level)
@@ -54,6 +54,7 @@ class RowTable:
         self.imp = imp
         self._imp_cs = None
         self._dense_cs = None
+        self._measure = None  # set by ``combine``, which knows a dense row's coupon count
 
     @classmethod
     def empty(cls, level: int, R: int) -> "RowTable":
@@ -93,8 +94,15 @@ class RowTable:
         return self._dense_cs
 
     def row_bytes(self) -> np.ndarray:
-        """Size model used by the rollup rule: 4 bytes a coupon, R a dense row."""
+        """Bytes of each row's sketch: 4 a coupon, R a dense row."""
         return np.where(self.dense >= 0, self.regs.shape[1], 4 * self.lengths)
+
+    def measure(self) -> np.ndarray:
+        """The rollup rule's size of each row: 4 bytes a coupon, at most R; R
+        for a dense row whose coupons are unknown (see ``level_up``)."""
+        if self._measure is not None:
+            return self._measure
+        return np.minimum(self.row_bytes(), self.regs.shape[1])
 
     @property
     def nbytes(self) -> int:
@@ -152,15 +160,21 @@ class RowTable:
         regs = self.regs[d[is_d]]
         dense = np.full(len(rows), -1, np.int32)
         dense[is_d] = np.arange(int(is_d.sum()), dtype=np.int32)
-        return RowTable(self.level, self.code[rows], off, dense, coupons, regs, self.imp[rows])
+        t = RowTable(self.level, self.code[rows], off, dense, coupons, regs, self.imp[rows])
+        if self._measure is not None:
+            t._measure = self._measure[rows]
+        return t
 
     def slice(self, r0: int, r1: int) -> "RowTable":
         """Rows ``[r0, r1)`` as a view."""
         d0, d1 = int(self.dense_cs[r0]), int(self.dense_cs[r1])
         dense = self.dense[r0:r1]
         dense = np.where(dense >= 0, dense - d0, -1).astype(np.int32)
-        return RowTable(self.level, self.code[r0:r1], self.off[r0:r1 + 1] - self.off[r0], dense,
-                        self.coupons[self.off[r0]:self.off[r1]], self.regs[d0:d1], self.imp[r0:r1])
+        t = RowTable(self.level, self.code[r0:r1], self.off[r0:r1 + 1] - self.off[r0], dense,
+                     self.coupons[self.off[r0]:self.off[r1]], self.regs[d0:d1], self.imp[r0:r1])
+        if self._measure is not None:
+            t._measure = self._measure[r0:r1]
+        return t
 
 
 def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
@@ -168,7 +182,9 @@ def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
 
     ``comp`` holds every sparse entry as ``gid << 32 | coupon``, sorted;
     ``dense_gid[i]`` is the output group of dense input ``regs[dense_src[i]]``.
-    Returns (off, dense, coupons, regs) of the output rows.
+    Returns (off, dense, coupons, regs, measure) of the output rows, where
+    ``measure`` is each row's size for the rollup rule: ``min(R, 4 x distinct
+    coupons)``, or R when a dense input (whose coupons are unknown) fed it.
     """
     R = prec.R
     if len(comp) > 1:
@@ -181,8 +197,10 @@ def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
     g = (comp >> KEY_SHIFT).view(np.int64)  # < 2**32: the same bits either way
     cnt = np.bincount(g, minlength=n_groups)
     is_dense = cnt > prec.dense_threshold
+    measure = np.minimum(4 * cnt, R)
     if len(dense_gid):
         is_dense[dense_gid] = True
+        measure[dense_gid] = R
     dgroups = np.flatnonzero(is_dense)
     out_dense = np.full(n_groups, -1, np.int32)
     out_dense[dgroups] = np.arange(len(dgroups), dtype=np.int32)
@@ -190,7 +208,7 @@ def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
     if not len(dgroups):
         off = np.zeros(n_groups + 1, np.int64)
         np.cumsum(cnt, out=off[1:])
-        return off, out_dense, _low32(comp), out_regs
+        return off, out_dense, _low32(comp), out_regs, measure
     if len(dense_gid):
         tgt = out_dense[dense_gid]
         order = np.argsort(tgt, kind="stable")
@@ -207,7 +225,7 @@ def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
         np.maximum.at(out_regs.reshape(-1), flat, rank)
     off = np.zeros(n_groups + 1, np.int64)
     np.cumsum(np.where(is_dense, 0, cnt), out=off[1:])
-    return off, out_dense, _low32(comp[~ent_dense]), out_regs
+    return off, out_dense, _low32(comp[~ent_dense]), out_regs, measure
 
 
 def _low32(comp: np.ndarray) -> np.ndarray:
@@ -249,12 +267,15 @@ def combine(tables: list[RowTable], target_codes: list[np.ndarray], level: int, 
         base += len(t.regs)
         row_base += len(t)
     regs = np.concatenate([t.regs for t in tables]) if len(tables) > 1 else tables[0].regs
-    off, dense, cps, rg = _fold(comp, len(out_code), np.concatenate(dense_gid), np.concatenate(dense_src), regs, prec)
+    off, dense, cps, rg, measure = _fold(comp, len(out_code), np.concatenate(dense_gid), np.concatenate(dense_src),
+                                         regs, prec)
     imp = np.zeros(len(out_code), np.int64)
     all_imp = np.concatenate([t.imp for t in tables]) if len(tables) > 1 else tables[0].imp
     if all_imp.any():
         np.add.at(imp, gid, all_imp)
-    return RowTable(level, out_code, off, dense, cps, rg, imp), gid
+    out = RowTable(level, out_code, off, dense, cps, rg, imp)
+    out._measure = measure
+    return out, gid
 
 
 def merge(tables: list[RowTable], prec: Precision) -> RowTable:
@@ -274,10 +295,18 @@ def level_up(tables: list[RowTable], prec: Precision, level: int) -> tuple[RowTa
     Returns (full, kept): ``full`` has every parent (the complete merge, used
     to build the next level); ``kept`` only the parents worth storing under the
     rollup rule: a parent is kept when it is at most half the size of its
-    children together.  That rule bounds the rollups' total size by the base
-    rows' size (each kept level at least halves what it summarises, so the
-    sizes telescope), and it keeps nothing for keys whose visitors never
-    repeat, where a rollup would only copy the base.
+    children together, sizes measured as ``min(R, 4 x distinct coupons)``.
+
+    Why that bounds the index: under that measure a merge never grows
+    (``size(N) <= sum of its children's``).  Summed over the nodes of level l,
+    ``sum(children) - size(N)`` is ``F(l-1) - F(l)``, where ``F(l)`` is the
+    measure of all level-l merges; a kept node has ``size(N) <= sum(children) -
+    size(N)``, every other node ``0 <= sum(children) - size(N)``.  So the kept
+    nodes of level l measure at most ``F(l-1) - F(l)``, and all levels together
+    at most ``F(0)``: the base.  A stored dense row costs at most twice its
+    measure (it turns dense past R/8 coupons, i.e. 4 x coupons >= R/2), so
+    the stored index is at most twice the base.  The rule keeps nothing for
+    keys whose visitors never repeat, where a rollup would only copy the base.
     """
     tables = [t for t in tables if len(t)]
     if not tables:
@@ -285,9 +314,9 @@ def level_up(tables: list[RowTable], prec: Precision, level: int) -> tuple[RowTa
     parent_codes = [(t.code & ~NODE_MASK) | ((t.code & NODE_MASK) >> np.uint64(1)) for t in tables]
     full, gid = combine(tables, parent_codes, level, prec)
     full.imp[:] = 0  # rollups do not carry impressions (prefix sums over level 0 do)
-    child_bytes = np.concatenate([t.row_bytes() for t in tables]).astype(np.float64)
-    children = np.bincount(gid, weights=child_bytes, minlength=len(full))
-    kept = full.take(2 * full.row_bytes() <= children)
+    child_size = np.concatenate([t.measure() for t in tables]).astype(np.float64)
+    children = np.bincount(gid, weights=child_size, minlength=len(full))
+    kept = full.take(2 * full.measure() <= children)
     return full, kept
 
 
@@ -327,8 +356,10 @@ def rows_from_events(keys: np.ndarray, buckets: np.ndarray, coupons: np.ndarray,
         imp = np.diff(np.r_[starts, n]).astype(np.int64)
         comp = (gid.astype(np.uint64) << KEY_SHIFT) | (comp & NODE_MASK)
     empty = np.zeros(0, np.int64)
-    off, dense, cps, rg = _fold(comp, len(out_code), empty, empty, None, prec)
-    return RowTable(0, out_code, off, dense, cps, rg, imp)
+    off, dense, cps, rg, measure = _fold(comp, len(out_code), empty, empty, None, prec)
+    t = RowTable(0, out_code, off, dense, cps, rg, imp)
+    t._measure = measure
+    return t
 
 
 def split_by_node(t: RowTable, shift: int) -> list[tuple[int, RowTable]]:
@@ -408,14 +439,17 @@ def build_levels(base: RowTable, top: int, prec: Precision, summary: bool = True
     else:
         counts += [np.zeros(len(codes_at[lvl]), np.int64) for lvl in range(1, top + 1)]
 
-    sizes = [base.row_bytes().astype(np.int64)]
+    sizes = [base.row_bytes().astype(np.int64)]  # a dense base row measures R: its coupons are unknown
     kept_masks = [np.ones(n, bool)]
     tables = [base]
     for lvl in range(1, top + 1):
         g, G = gids[lvl], len(codes_at[lvl])
-        dense = np.bincount(g, weights=dense_row, minlength=G) > 0
-        dense |= counts[lvl] > prec.dense_threshold
-        size = np.where(dense, R, 4 * counts[lvl])
+        # the size a node is judged by: its coupons (4 bytes each), at most R,
+        # and R where a dense base row lies beneath (its coupons are unknown).
+        # Unlike stored bytes this never grows under merging, which is what
+        # makes the rule's bound hold (see level_up).
+        has_dense = np.bincount(g, weights=dense_row, minlength=G) > 0
+        size = np.where(has_dense, R, np.minimum(R, 4 * counts[lvl]))
         first_rows = np.flatnonzero(np.r_[True, gids[lvl - 1][1:] != gids[lvl - 1][:-1]])
         parent_of_child = g[first_rows]  # level l-1 group -> level l group
         children = np.bincount(parent_of_child, weights=sizes[-1], minlength=G)

@@ -160,11 +160,13 @@ class Pieces:
     dense register rows); overlapping pieces are harmless (merging is a max).
     """
 
-    __slots__ = ("K", "ck", "cv", "dk", "dv", "rows")
+    __slots__ = ("K", "ck", "cv", "dk", "dv", "rows", "reads", "bytes")
 
     def __init__(self, K: int):
         self.K = K
-        self.rows = 0  # stored sketches merged: what the time index keeps small
+        self.rows = 0  # stored rows merged
+        self.reads = 0  # contiguous reads (a row, or a slice of a key's base rows): what the index keeps small
+        self.bytes = 0  # sketch bytes read: coupons x 4 + dense rows x R
         self.ck: list[np.ndarray] = []  # key positions of coupons
         self.cv: list[np.ndarray] = []  # coupons
         self.dk: list[np.ndarray] = []  # key positions of dense rows
@@ -179,32 +181,39 @@ class Pieces:
         if not len(pos):
             return
         self.rows += int((r1 - r0).sum())
+        self.reads += int((r1 > r0).sum())
         c0, c1 = t.off[r0], t.off[r1]
         if (c1 > c0).any():
             self.cv.append(t.coupons[_gather_ranges(c0, c1)])
             self.ck.append(np.repeat(pos, c1 - c0))
+            self.bytes += 4 * len(self.cv[-1])
         d0, d1 = t.dense_cs[r0], t.dense_cs[r1]
         if (d1 > d0).any():
             self.dv.append(t.regs[_gather_ranges(d0, d1)])
             self.dk.append(np.repeat(pos, d1 - d0))
+            self.bytes += self.dv[-1].nbytes
 
     def add_range(self, t: RowTable, p: int, r0: int, r1: int) -> None:
         """Rows ``[r0, r1)`` of ``t`` for key position ``p`` (the one-key path: slices, no gathers)."""
         if r1 <= r0:
             return
         self.rows += r1 - r0
+        self.reads += 1
         c0, c1 = int(t.off[r0]), int(t.off[r1])
         if c1 > c0:
             self.cv.append(t.coupons[c0:c1])
             self.ck.append(np.full(c1 - c0, p, np.int64))
+            self.bytes += 4 * (c1 - c0)
         d0, d1 = int(t.dense_cs[r0]), int(t.dense_cs[r1])
         if d1 > d0:
             self.dv.append(t.regs[d0:d1])
             self.dk.append(np.full(d1 - d0, p, np.int64))
+            self.bytes += (d1 - d0) * t.regs.shape[1]
 
     def add_coupons(self, pos: np.ndarray, coupons: np.ndarray) -> None:
         if len(coupons):
-            self.rows += len(coupons)
+            self.reads += 1
+            self.bytes += 4 * len(coupons)
             self.ck.append(pos)
             self.cv.append(coupons)
 
@@ -212,6 +221,13 @@ class Pieces:
         """(K, R) dense registers."""
         K, R = self.K, prec.R
         regs = np.zeros((K, R), np.uint8)
+        if K == 1:  # one key: max in place, no stacking or sorting
+            for block in self.dv:
+                np.maximum(regs[0], block.max(axis=0) if len(block) > 1 else block[0], out=regs[0])
+            if self.cv:
+                prec.registers_from_coupons(np.concatenate(self.cv) if len(self.cv) > 1 else self.cv[0],
+                                            out=regs[0])
+            return regs
         if self.dv:
             dk = np.concatenate(self.dk)
             dv = np.concatenate(self.dv)
@@ -236,8 +252,16 @@ class Pieces:
         """
         K, H = self.K, prec.hist_len
         regs = self.registers(prec)
-        hist = np.bincount((regs + (np.arange(K, dtype=np.int64) * H)[:, None]).reshape(-1),
-                           minlength=K * H).reshape(K, H)
+        if K == 1:
+            hist = np.bincount(regs[0], minlength=H)[None, :]
+            if self.dv or not self.cv:
+                return hist, np.array([-1 if self.dv else 0], np.int64)
+            idx = np.sort(np.concatenate(self.cv) >> np.uint32(RANK_BITS))
+            k = int(np.count_nonzero(idx[1:] != idx[:-1])) + 1
+            return hist, np.array([k if k <= prec.dense_threshold else -1], np.int64)
+        hist = np.empty((K, H), np.int64)
+        for i in range(K):  # K small bincounts beat one over a K x R int64 copy
+            hist[i] = np.bincount(regs[i], minlength=H)
         sparse = np.zeros(K, np.int64)
         if self.cv:
             ck = np.concatenate(self.ck).astype(np.uint64)
@@ -494,8 +518,13 @@ class ShardStore:
         """
         kids, where = self._key_ids(key_names)
         U = len(kids)
-        pc = self._pieces(kids, np.arange(U), U + 1, b0, b1)  # row U stays empty: unknown keys
-        hist, sparse = pc.finish(self.prec)
+        pc = self._pieces(kids, np.arange(U), U, b0, b1)
+        hist, sparse = pc.finish(self.prec) if U else (np.zeros((0, self.prec.hist_len), np.int64),
+                                                       np.zeros(0, np.int64))
+        empty = np.zeros((1, self.prec.hist_len), np.int64)
+        empty[0, 0] = self.prec.R  # an unknown key: every register zero
+        hist = np.concatenate([hist, empty])
+        sparse = np.r_[sparse, 0]
         imp = np.r_[self._impressions(kids, b0, b1), 0]
         return hist[where], sparse[where], imp[where]
 
@@ -668,6 +697,16 @@ class ShardStore:
     def _impressions(self, kids: np.ndarray, b0: int, b1: int) -> np.ndarray:
         total = np.zeros(len(kids), np.int64)
         if not len(kids):
+            return total
+        if len(kids) == 1:
+            kid, n = int(kids[0]), 0
+            for slot in self._slots_overlapping(b0, b1):
+                for t in slot.base_tables():
+                    n += t.impressions_between(*t.node_range(kid, b0, b1))
+            k, b, _ = self._memtable()
+            if len(k):
+                n += int(np.count_nonzero((k == kid) & (b >= b0) & (b < b1)))
+            total[0] = n
             return total
         for slot in self._slots_overlapping(b0, b1):
             for t in slot.base_tables():

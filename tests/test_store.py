@@ -137,15 +137,17 @@ def test_a_long_range_merges_logarithmically_many_sketches():
         st.maintain()
     kid = st.keys.get("busy")
     leaf = 1 << cfg.leaf_level
-    for end in (now_b + 1, now_b + 1 - 3 * leaf):  # ending now (the open leaf is raw), and in built time
-        counts = {}
+    R = st.prec.R
+    for end in (now_b + 1, now_b + 1 - 3 * leaf):  # ending now (the open leaf is raw runs), and in built time
+        reads, size = {}, {}
         for n in (60, 1440, 10_080, 43_200 - 3 * leaf):
             pc = st._pieces(np.array([kid]), np.array([0]), 1, end - n, end)
-            counts[n] = pc.rows
-        # about 2 log2(n) stored sketches, not n (plus, ending now, the open leaf's rows: at most 64)
-        for n, c in counts.items():
-            assert c <= 4 * math.log2(n) + 8 + (leaf if end == now_b + 1 else 0), counts
-        assert counts[43_200 - 3 * leaf] <= 3 * counts[60] + 10, counts
+            reads[n], size[n] = pc.reads, pc.bytes
+        # about 2 log2(n) reads (one per node of the cover), each of at most a few sketches' bytes
+        for n in reads:
+            assert reads[n] <= 2 * math.log2(n) + 8 + (leaf if end == now_b + 1 else 0), reads
+            assert size[n] <= (2 * math.log2(n) + 8) * 4 * R, size
+        assert reads[43_200 - 3 * leaf] <= 3 * reads[60] + 10, reads
     s = st.stats()
     assert s["rollup_bytes"] <= 2 * s["base_bytes"], s
 
