@@ -254,23 +254,29 @@ class Pieces:
         regs = self.registers(prec)
         if K == 1:
             hist = np.bincount(regs[0], minlength=H)[None, :]
-            if self.dv or not self.cv:
-                return hist, np.array([-1 if self.dv else 0], np.int64)
+            if self.dv or not self.cv or prec.R - hist[0, 0] > prec.dense_threshold:
+                return hist, np.array([0 if not (self.dv or self.cv) else -1], np.int64)
             idx = np.sort(np.concatenate(self.cv) >> np.uint32(RANK_BITS))
             k = int(np.count_nonzero(idx[1:] != idx[:-1])) + 1
             return hist, np.array([k if k <= prec.dense_threshold else -1], np.int64)
         hist = np.empty((K, H), np.int64)
         for i in range(K):  # K small bincounts beat one over a K x R int64 copy
             hist[i] = np.bincount(regs[i], minlength=H)
+        # a key is dense if a dense piece fed it, or if more registers are set
+        # than the threshold (each needs a distinct coupon): no need to count those
+        dense = (prec.R - hist[:, 0]) > prec.dense_threshold
+        if self.dk:
+            dense[np.concatenate(self.dk)] = True
         sparse = np.zeros(K, np.int64)
-        if self.cv:
-            ck = np.concatenate(self.ck).astype(np.uint64)
-            comp = np.sort((ck << np.uint64(32)) | (np.concatenate(self.cv) >> np.uint32(RANK_BITS)).astype(np.uint64))
+        if self.cv and not dense.all():
+            ck = np.concatenate(self.ck)
+            cv = np.concatenate(self.cv)
+            keep = ~dense[ck]
+            comp = np.sort((ck[keep].astype(np.uint64) << np.uint64(32))
+                           | (cv[keep] >> np.uint32(RANK_BITS)).astype(np.uint64))
             first = np.r_[True, comp[1:] != comp[:-1]]
             sparse = np.bincount((comp[first] >> np.uint64(32)).astype(np.int64), minlength=K)
-        sparse[sparse > prec.dense_threshold] = -1
-        if self.dk:
-            sparse[np.concatenate(self.dk)] = -1
+        sparse[dense | (sparse > prec.dense_threshold)] = -1
         return hist, sparse
 
 

@@ -19,13 +19,37 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert blocks[1] in (ROOT / ".ci" / "run").read_text()
 
 
-def test_python_snippet_runs():
-    code = re.findall(r"```python\n(.*?)\n```", README, flags=re.S)[0]
+def _snippet(marker: str) -> str:
+    return next(c for c in re.findall(r"```python\n(.*?)\n```", README, flags=re.S) if marker in c)
+
+
+def test_core_snippet_runs():
     env: dict = {}
-    exec(compile(code, "README.md", "exec"), env)
+    exec(compile(_snippet("from sketch.counter"), "README.md", "exec"), env)
     r = env["c"].unique("ad-1", last="15m", now=1_800_000_000).to_dict()
     assert (r["unique_visitors"], r["impressions"], r["exact"]) == (2, 2, True)
     assert env["c"].unique(None, last="1h", now=1_800_000_000).unique_visitors == 2
+
+
+def test_client_snippet_runs_on_the_cluster(ray_cluster, monkeypatch):
+    import time
+
+    import pyarrow as pa
+
+    from cluster.bootstrap import teardown
+
+    monkeypatch.setenv("IMPRESSIONS_NAMESPACE", "readme")
+    monkeypatch.setenv("IMPRESSIONS_SHARDS", "2")
+    now = time.time()
+    table = pa.table({"ts": [now - 60, now - 30, now], "key": ["ad-0", "ad-0", "ad-1"], "visitor": ["a", "b", "a"]})
+    env = {"table": table}
+    try:
+        exec(compile(_snippet("from cluster.client"), "README.md", "exec"), env)
+        c = env["c"]
+        assert c.unique("ad-0", last="15m")["unique_visitors"] == 2
+        assert [r["unique_visitors"] for r in c.query(["ad-0", "ad-1", None], last="1d")] == [2, 1, 2]
+    finally:
+        teardown("readme")
 
 
 def test_demo_runs_small(clients, monkeypatch, capsys):
