@@ -224,6 +224,7 @@ def store_from_batches(batches: list[pa.RecordBatch], config: SketchConfig, shar
             (store.upper if role == "upper" else store.summaries)[(level, node)] = t
         elif role != "empty":
             raise StateError(f"unknown state role {role!r}")
+    store._index_upper()
     return store
 
 
@@ -309,5 +310,5 @@ def _tables(store: ShardStore, comps, meta, level: int, node: int) -> dict[tuple
         dense = np.full(len(sel), -1, np.int32)
         dense[d >= 0] = np.arange(int((d >= 0).sum()), dtype=np.int32)
         out[(int(g // 64), int(g % 64))] = RowTable(int(g % 64), code, off, dense, cvals[gather],
-                                                   regs[d[d >= 0]], imp[sel])
+                                                   regs[d[d >= 0]], imp[sel]).warm()
     return out

@@ -77,6 +77,11 @@ class RowTable:
     def lengths(self) -> np.ndarray:
         return np.diff(self.off)
 
+    def warm(self) -> "RowTable":
+        """Compute the prefix sums queries use now rather than on the first query."""
+        self.imp_cs, self.dense_cs  # noqa: B018 (properties that cache)
+        return self
+
     @property
     def imp_cs(self) -> np.ndarray:
         if self._imp_cs is None:

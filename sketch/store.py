@@ -290,6 +290,7 @@ class ShardStore:
         self.slots: dict[tuple[int, int], Slot] = {}
         self.upper: dict[tuple[int, int], RowTable] = {}  # built upper nodes (table may be empty)
         self.summaries: dict[tuple[int, int], RowTable] = {}  # full merges awaiting their parent
+        self._upper_keys: dict[int, frozenset] = {}  # level -> keys kept in any upper node of that level
         self._loose: set[tuple[int, int]] = set()  # slots whose data the upper index may lack
         self._mem: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._mem_n = 0
@@ -361,15 +362,21 @@ class ShardStore:
             slot = self.slots.get((cfg.leaf_level, jf))
             if slot is None:
                 slot = self.slots[(cfg.leaf_level, jf)] = Slot(cfg.leaf_level, jf)
-        slot.runs.append(run)
+        slot.runs.append(run.warm())
         if len(slot.runs) > 4 * cfg.max_runs:  # bound what a query reads between maintenance passes
-            slot.runs = [merge(slot.runs, self.prec)]
+            slot.runs = [merge(slot.runs, self.prec).warm()]
         self._loose.add((slot.level, slot.node))
 
     # ================================================================ maintenance
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
         """Fold runs and build rollups for sealed time.  Returns True when
         nothing is left to do (False if ``max_seconds`` cut it short)."""
+        try:
+            return self._maintain(now, max_seconds)
+        finally:
+            self._index_upper()
+
+    def _maintain(self, now: float | None, max_seconds: float | None) -> bool:
         deadline = None if max_seconds is None else time.perf_counter() + max_seconds
         self.flush()
         if now is not None:
@@ -405,7 +412,7 @@ class ShardStore:
             if slot.runs and slot.end <= sealed_end:
                 sealed.append(slot)
             elif len(slot.runs) > cfg.max_runs:
-                slot.runs = [merge(slot.runs, self.prec)]
+                slot.runs = [merge(slot.runs, self.prec).warm()]
         if sealed:
             self._build_leaves(sealed)
         if out_of_time():
@@ -427,6 +434,15 @@ class ShardStore:
             del self.summaries[k]
         return True
 
+    def _index_upper(self) -> None:
+        """Which keys the upper index holds, per level: a key in none of a
+        node's levels goes straight to the segments beneath it."""
+        by_level: dict[int, set] = {}
+        for (lvl, _), t in self.upper.items():
+            if len(t):
+                by_level.setdefault(lvl, set()).update((t.code >> np.uint64(32)).astype(np.int64).tolist())
+        self._upper_keys = {lvl: frozenset(keys) for lvl, keys in by_level.items()}
+
     def _build_leaves(self, slots: list[Slot]) -> None:
         """Build leaves together: node numbers keep them apart until level
         ``leaf_level``, so one vectorized pass serves them all."""
@@ -439,7 +455,7 @@ class ShardStore:
             s.runs = []
         for lvl, t in enumerate(tables):
             for jf, part in split_by_node(t, LF - lvl):
-                by_leaf[jf].main[lvl] = part
+                by_leaf[jf].main[lvl] = part.warm()
 
     def _build_segment(self, js: int, leaves: list[Slot]) -> None:
         """A sealed segment, from all its leaves' base rows in one pass (the
@@ -449,6 +465,8 @@ class ShardStore:
         slot = Slot(LS, js)
         base = merge([t for leaf in leaves for t in leaf.base_tables()], self.prec)
         slot.main, summary = build_levels(base, LS, self.prec)
+        for t in slot.main:
+            t.warm()
         for leaf in leaves:
             del self.slots[(LF, leaf.node)]
             self._loose.discard((LF, leaf.node))
@@ -458,6 +476,8 @@ class ShardStore:
     def _rebuild_segment(self, slot: Slot) -> None:
         base = merge(slot.base_tables(), self.prec)
         slot.main, summary = build_levels(base, slot.level, self.prec)
+        for t in slot.main:
+            t.warm()
         slot.runs = []
         self._loose.discard((slot.level, slot.node))
         self._settle_summary(slot.node, summary)
@@ -637,6 +657,10 @@ class ShardStore:
         cfg = self.config
         LF, LS = cfg.leaf_level, cfg.segment_level
         if lvl > LS:
+            if not any(kid in self._upper_keys.get(l, ()) for l in range(LS + 1, lvl + 1)):
+                for js in range(j << (lvl - LS), (j + 1) << (lvl - LS)):  # nothing above the segments
+                    self._cover1(kid, p, LS, js, pc)
+                return
             t = self.upper.get((lvl, j))
             if t is not None and len(t):
                 r = t.find(kid, j)
