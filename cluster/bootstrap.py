@@ -76,22 +76,38 @@ def dashboard_url() -> str:
 
 def _shard_factory(config: ClusterConfig):
     remote = ray.remote(ShardActor)
-    sketch, shards, ns, cpus = config.sketch, config.shards, config.namespace, config.shard_cpus
+    sketch, ns, cpus = config.sketch, config.namespace, config.shard_cpus
+    storage = _absolute_storage(config.storage)
+    endpoint = config.s3_endpoint
 
-    def make(i: int):
+    def make(i: int, shards: int, seed=None):
+        # calls are retried across restarts (max_task_retries): batch ids make a retried apply count once
         return remote.options(name=shard_name(i, shards), namespace=ns, lifetime="detached", get_if_exists=True,
-                              num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=-1,
-                              max_concurrency=1).remote(sketch, i, shards)
+                              num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
+                              max_concurrency=1).remote(sketch, i, shards, storage, endpoint, seed)
     return make
+
+
+def _absolute_storage(uri: str | None) -> str | None:
+    """A local storage path made absolute here, so actors on this machine agree on it."""
+    if not uri:
+        return uri
+    if uri.startswith("file://") and not uri.startswith("file:///"):
+        return "file://" + os.path.abspath(uri[len("file://"):])
+    if "://" not in uri:
+        return "file://" + os.path.abspath(uri)
+    return uri
 
 
 def ensure_actors(config: ClusterConfig | None = None):
     """Create the coordinator and shards if they do not exist yet, and
     return the coordinator.  An existing coordinator keeps its configuration."""
     config = config or ClusterConfig.from_env()
+    config = config.replace(storage=_absolute_storage(config.storage))
     coord = ray.remote(Coordinator).options(
         name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_concurrency=32).remote(config.to_json(), _shard_factory(config))
+        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=32).remote(config.to_json(),
+                                                                                   _shard_factory(config))
     ray.get(coord.start.remote(), timeout=120)
     return coord
 

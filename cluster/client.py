@@ -73,5 +73,13 @@ class Client:
         """Flush every shard and build all pending rollups now."""
         ray.get(self.coordinator.maintain.remote(now), timeout=max(self.timeout, 600))
 
+    def checkpoint(self) -> list[dict]:
+        """Checkpoint every shard now (they also do so every ``checkpoint_interval_s``)."""
+        return ray.get(self.coordinator.checkpoint.remote(), timeout=max(self.timeout, 600))
+
+    def rescale(self, shards: int) -> dict:
+        """Change the number of shards of the live cluster."""
+        return ray.get(self.coordinator.rescale.remote(shards), timeout=max(self.timeout, 600))
+
     def stats(self) -> dict:
         return ray.get(self.coordinator.stats.remote(), timeout=self.timeout)

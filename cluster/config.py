@@ -38,6 +38,7 @@ class ClusterConfig:
     batch_rows: int = 262_144  # rows per batch read by an ingest task
     max_inflight: int = 4  # apply calls in flight per ingest task (backpressure)
     maintain_interval_s: float = 1.0  # how often the coordinator asks shards to fold and build rollups
+    checkpoint_interval_s: float = 30.0  # how often shards checkpoint (also on demand)
 
     def __post_init__(self):
         s = self.shards

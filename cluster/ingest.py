@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,27 +71,70 @@ class IngestSummary:
 
 
 class Sender:
-    """Sends per-shard batches with at most ``max_inflight`` calls pending."""
+    """Sends per-shard batches with at most ``max_inflight`` calls pending.
 
-    def __init__(self, shards: list, p: int, max_inflight: int):
-        self.shards, self.p, self.max_inflight = shards, p, max_inflight
-        self.inflight: list = []
+    Every part gets a batch id, so a call that Ray retries after a shard
+    restart is applied once.  A part refused because the shard map changed
+    (``ShardMoved``, or the old shard gone) is cut again for the new map and
+    sent with its original id as parent: if the old shard applied it before
+    it was sealed, the new shard knows, and does not apply it twice.
+    """
+
+    REROUTE_DEADLINE_S = 900.0  # a re-sharding seals, exports and seeds the whole state: allow it time
+
+    def __init__(self, coordinator, p: int, max_inflight: int):
+        self.coordinator, self.p, self.max_inflight = coordinator, p, max_inflight
+        self.epoch, self.shards = ray.get(coordinator.route.remote())
+        self.inflight: dict = {}  # ref -> (part, batch id, parent id)
         self.peak = 0
         self.batches = 0
+        self._prefix = uuid.uuid4().hex[:16]
+        self._n = 0
 
-    def send(self, batch: Batch) -> None:
+    def send(self, batch: Batch, parent: str | None = None) -> None:
         for shard, part in enumerate(batch.split(self.p, len(self.shards))):
             if len(part):
-                self.inflight.append(self.shards[shard].apply.remote(part.compact()))
-                self.batches += 1
+                self._call(shard, part.compact(), parent)
         self.peak = max(self.peak, len(self.inflight))
         while len(self.inflight) > self.max_inflight:
-            ready, self.inflight = ray.wait(self.inflight, num_returns=1)
-            ray.get(ready)
+            ready, _ = ray.wait(list(self.inflight), num_returns=1)
+            self._settle(ready[0])
+
+    def _call(self, shard: int, part: Batch, parent: str | None) -> None:
+        bid = f"{self._prefix}:{self._n}"
+        self._n += 1
+        self.inflight[self.shards[shard].apply.remote(part, bid, parent)] = (part, bid, parent)
+        self.batches += 1
+
+    def _settle(self, ref) -> None:
+        part, bid, parent = self.inflight.pop(ref)
+        parent = parent or bid  # retries name the batch first sent, which the old shard may have applied
+        deadline = time.time() + self.REROUTE_DEADLINE_S
+        while True:
+            try:
+                ray.get(ref)
+                return
+            except (ray.exceptions.RayTaskError, ray.exceptions.ActorDiedError) as e:
+                moved = type(e.cause).__name__ == "ShardMoved" if isinstance(e, ray.exceptions.RayTaskError) \
+                    else True  # a shard gone for good: only a re-sharding retires shards
+                if not moved or time.time() > deadline:
+                    raise
+            # the map is changing: wait for the new one (or for the old shard to
+            # take batches again, if the re-sharding was rolled back)
+            time.sleep(0.2)
+            epoch, shards = ray.get(self.coordinator.route.remote())
+            if epoch != self.epoch:
+                self.epoch, self.shards = epoch, shards
+                self.send(part, parent)  # cut again for the new map
+                return
+            shard = int(part.shards(self.p, len(self.shards))[0])
+            ref = self.shards[shard].apply.remote(part, f"{self._prefix}:{self._n}", parent)
+            self._n += 1
 
     def drain(self) -> None:
-        ray.get(self.inflight)
-        self.inflight = []
+        while self.inflight:
+            ready, _ = ray.wait(list(self.inflight), num_returns=1)
+            self._settle(ready[0])
 
 
 def _prepare(table: pa.Table, cfg: ClusterConfig, now: float, row: int, ts_unit: str, malformed=()):
@@ -103,10 +147,10 @@ def _prepare(table: pa.Table, cfg: ClusterConfig, now: float, row: int, ts_unit:
 
 
 @ray.remote
-def ingest_fragment(frag: Fragment, cols: dict, cfg_json: str, shards: list, now: float, ts_unit: str) -> dict:
+def ingest_fragment(frag: Fragment, cols: dict, cfg_json: str, coordinator, now: float, ts_unit: str) -> dict:
     """One task: read, validate, hash and send one fragment."""
     cfg = ClusterConfig.from_json(cfg_json)
-    sender = Sender(shards, cfg.sketch.p, cfg.max_inflight)
+    sender = Sender(coordinator, cfg.sketch.p, cfg.max_inflight)
     report = IngestReport()
     try:
         for table, row, malformed in read_fragment(frag, cols, cfg.batch_rows, cfg.s3_endpoint):
@@ -151,7 +195,6 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
 
     coord = coordinator or ensure_actors(config)
     cfg = ClusterConfig.from_json(ray.get(coord.config_json.remote()))
-    shards = ray.get(coord.shard_handles.remote())
     t0 = time.perf_counter()
     files = list_sources(sources, cfg.s3_endpoint)
     frags = fragments(files, cfg.s3_endpoint)
@@ -173,7 +216,7 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
     while queue or pending:
         while queue and len(pending) < max_tasks:
             f = queue.pop(0)
-            pending[ingest_fragment.remote(f, cols, cfg_json, shards, now, ts_unit)] = f
+            pending[ingest_fragment.remote(f, cols, cfg_json, coord, now, ts_unit)] = f
         ready, _ = ray.wait(list(pending), num_returns=1)
         frag = pending.pop(ready[0])
         out = ray.get(ready[0])
@@ -194,8 +237,7 @@ def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "ke
                  now: float | None = None, ts_unit: str = "auto") -> IngestReport:
     """Ingest an in-memory Arrow table from this driver (the Python client's path)."""
     cfg = ClusterConfig.from_json(ray.get(coordinator.config_json.remote()))
-    shards = ray.get(coordinator.shard_handles.remote())
-    sender = Sender(shards, cfg.sketch.p, cfg.max_inflight)
+    sender = Sender(coordinator, cfg.sketch.p, cfg.max_inflight)
     now = time.time() if now is None else now
     missing = [c for c in (ts, key, visitor) if c not in table.schema.names]
     if missing:

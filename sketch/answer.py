@@ -43,15 +43,18 @@ def combine_answers(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], m:
                     registers_per_shard: int, shards_total: int) -> list[tuple[Estimate, int]]:
     """Sum shard answers (``hist``, ``sparse``, ``impressions``, one row per
     key) and estimate each key.  Missing shards (fewer answers than
-    ``shards_total``) make the estimates partial."""
+    ``shards_total``) make the answers partial: estimates and impressions
+    are extrapolated from the register ranges that answered."""
     hist = sum(a[0] for a in answers)
     sparse_all = np.all([a[1] >= 0 for a in answers], axis=0)
     sparse = sum(np.maximum(a[1], 0) for a in answers)
     imp = sum(a[2] for a in answers)
     seen = registers_per_shard * len(answers)
+    partial = len(answers) < shards_total
     out = []
     for i in range(hist.shape[0]):
-        est = estimate_from_parts(hist[i], int(sparse[i]) if sparse_all[i] else None, m,
-                                  seen if len(answers) < shards_total else None)
-        out.append((est, int(imp[i])))
+        est = estimate_from_parts(hist[i], int(sparse[i]) if sparse_all[i] else None, m, seen if partial else None)
+        # impressions are counted on the shard of each event's visitor: the
+        # shards that answered saw a uniform sample of them
+        out.append((est, int(round(imp[i] * m / seen)) if partial else int(imp[i])))
     return out

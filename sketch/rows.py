@@ -42,7 +42,8 @@ def make_code(key: np.ndarray | int, node: np.ndarray | int) -> np.ndarray:
 
 
 class RowTable:
-    __slots__ = ("level", "code", "off", "dense", "coupons", "regs", "imp", "_imp_cs", "_dense_cs", "_measure")
+    __slots__ = ("level", "code", "off", "dense", "coupons", "regs", "imp", "_imp_cs", "_dense_cs", "_measure",
+                 "__weakref__")
 
     def __init__(self, level, code, off, dense, coupons, regs, imp):
         self.level = int(level)

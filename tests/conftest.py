@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # never inherit a token from an earlier run
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# the S3 tests talk to a moto server on 127.0.0.1 only; Ray's workers inherit
+# these from the raylet, so they are set before the cluster starts
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_REGION", "us-east-1")
 
 
 def free_port() -> int:
@@ -57,7 +62,7 @@ def ray_cluster(tmp_path_factory):
     address = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = address
     ray.init(address=address, log_to_driver=False)
-    info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
+    info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "temp": temp, "cmd": cmd}
     try:
         yield info
     finally:
@@ -78,14 +83,20 @@ def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):
 
 
 @pytest.fixture
-def clients(ray_cluster):
-    """Make clients on the session cluster; their actors are torn down after the test."""
+def clients(ray_cluster, tmp_path_factory):
+    """Make clients on the session cluster, each with a storage folder of its
+    own (apart from the test's tmp_path) unless the config names one;
+    their actors are torn down after the test."""
     from cluster.bootstrap import teardown
     from cluster.client import Client
+    from cluster.config import ClusterConfig
 
     made = []
 
     def make(config=None, **kw):
+        config = config or ClusterConfig.from_env()
+        if config.storage == ClusterConfig().storage:
+            config = config.replace(storage=f"file://{tmp_path_factory.mktemp('store')}")
         c = Client(config=config, **kw)
         made.append(c.config.namespace)
         return c
@@ -93,3 +104,27 @@ def clients(ray_cluster):
     yield make
     for ns in made:
         teardown(ns)
+
+
+def restart_ray(info: dict) -> None:
+    """Stop the whole session cluster (every actor dies) and start it again."""
+    import ray
+
+    ray.shutdown()
+    subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
+    subprocess.run(info["cmd"], check=True, capture_output=True, timeout=120)
+    ray.init(address=info["address"], log_to_driver=False)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on 127.0.0.1, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

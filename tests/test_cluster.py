@@ -128,7 +128,8 @@ def test_ingest_job_with_ray_job_submit_then_query_from_another_driver(ray_clust
     stream = generate(60_000, days=2, visitors=20_000, keys=30, seed=12, end=end)
     pq.write_table(stream, tmp_path / "events.parquet", row_group_size=20_000)
     ns = "job"
-    clients(ClusterConfig(sketch=SMALL, shards=2, namespace=ns))  # the cluster's actors exist
+    store = tmp_path.parent / (tmp_path.name + "-store")
+    clients(ClusterConfig(sketch=SMALL, shards=2, namespace=ns, storage=f"file://{store}"))
     env = dict(os.environ, IMPRESSIONS_NAMESPACE=ns)
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     runtime_env = json.dumps({"env_vars": {"IMPRESSIONS_NAMESPACE": ns, "RAY_AUTH_MODE": "disabled"}})

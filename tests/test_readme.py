@@ -31,7 +31,7 @@ def test_core_snippet_runs():
     assert env["c"].unique(None, last="1h", now=1_800_000_000).unique_visitors == 2
 
 
-def test_client_snippet_runs_on_the_cluster(ray_cluster, monkeypatch):
+def test_client_snippet_runs_on_the_cluster(ray_cluster, monkeypatch, tmp_path):
     import time
 
     import pyarrow as pa
@@ -40,6 +40,7 @@ def test_client_snippet_runs_on_the_cluster(ray_cluster, monkeypatch):
 
     monkeypatch.setenv("IMPRESSIONS_NAMESPACE", "readme")
     monkeypatch.setenv("IMPRESSIONS_SHARDS", "2")
+    monkeypatch.setenv("IMPRESSIONS_STORAGE", f"file://{tmp_path}/store")
     now = time.time()
     table = pa.table({"ts": [now - 60, now - 30, now], "key": ["ad-0", "ad-0", "ad-1"], "visitor": ["a", "b", "a"]})
     env = {"table": table}
