@@ -33,6 +33,7 @@ import pyarrow as pa
 from cluster.journal import CorruptObject, ShardJournal, Store
 from sketch.arrowio import StateError, _node_batches, store_from_batches, store_to_batches
 from sketch.events import Batch
+from sketch.hll import RANK_BITS, SPARSE_P
 from sketch.reshard import reshard
 from sketch.store import ShardStore, SketchConfig
 
@@ -56,6 +57,7 @@ class ShardActor:
         self.written: dict = {}  # node -> (object name, bytes, weakrefs of its tables when written)
         self.sealed = False
         self.started = time.time()
+        self.checkpointed_at: float | None = None
         self.applied_batches = 0
         self.recovery: dict = {"manifest": None, "fallbacks": [], "replayed": 0, "skipped_duplicates": 0}
         if self.journal is not None and (self.journal.manifests() or self.journal.log_entries(0)):
@@ -130,6 +132,12 @@ class ShardActor:
             raise ShardMoved(f"shard {self.shard_index} of {self.shards} was re-sharded; fetch the new shard map")
         if batch_id is not None and (batch_id in self.recent or (parent_id is not None and parent_id in self.recent)):
             return 0  # a retry of a batch already logged and applied
+        prec = self.store.prec
+        if len(batch.coupon):
+            reg = (batch.coupon >> np.uint32(RANK_BITS)) >> np.uint32(SPARSE_P - prec.p)
+            if reg.min() < prec.reg_lo or reg.max() >= prec.reg_lo + prec.R:
+                raise ValueError(f"batch holds visitors of registers outside shard {self.shard_index}'s range "
+                                 f"{prec.reg_lo}..{prec.reg_lo + prec.R}: cut it with the current shard map")
         if self.journal is not None:
             rb = batch.to_arrow()
             if batch_id is not None:
@@ -185,6 +193,7 @@ class ShardActor:
             "max_bucket": self.store.max_bucket, "events": self.store.events, "nodes": nodes,
             "recent_ids": list(self.recent)[-RECENT_IDS:], "sketch": self.sketch.identity(), "time": time.time()})
         self.manifest = number
+        self.checkpointed_at = time.time()
         deleted = self.journal.collect_garbage()
         return {"shard": self.shard_index, "manifest": number, "log_seq": self.seq, "nodes": len(nodes),
                 "nodes_written": len(written), "bytes_written": wbytes,
@@ -216,6 +225,10 @@ class ShardActor:
         """``(hist, sparse, impressions)`` for each key over buckets ``[b0, b1)``."""
         return self.store.query(keys, b0, b1)
 
+    def query_ranges(self, keys: list, ranges: list[tuple[int, int]]) -> list:
+        """``query`` for several ranges in one call (a chart's points)."""
+        return [self.store.query(keys, b0, b1) for b0, b1 in ranges]
+
     def registers(self, key, b0: int, b1: int) -> np.ndarray:
         return self.store.registers(key, b0, b1)
 
@@ -229,6 +242,7 @@ class ShardActor:
         return {"shard": self.shard_index, "shards": self.shards, "pid": os.getpid(),
                 "host": socket.gethostname(), "applied_batches": self.applied_batches, "log_seq": self.seq,
                 "manifest": self.manifest, "sealed": self.sealed, "recovery": self.recovery,
+                "checkpoint_age_s": None if self.checkpointed_at is None else round(time.time() - self.checkpointed_at, 1),
                 "uptime_s": round(time.time() - self.started, 1), **self.store.stats()}
 
     def ping(self) -> int:

@@ -1,23 +1,249 @@
-"""The ``impressions`` command line."""
+"""The ``impressions`` command line.
+
+    impressions up                      # a local Ray (ray start --head), the actors, the REST app on :8000
+    impressions status                  # shards, events, checkpoints, the REST app
+    impressions ingest ./events/ s3://bucket/more/    # an ingest job; waits and prints its summary
+    impressions query ad-1 ad-2 --last 15m            # a table; --json for the REST API's JSON
+    impressions query --start 2026-11-29T00:00:00Z    # no key: site-wide
+    impressions checkpoint | rescale 4 | down | demo
+
+Every command but ``up`` and ``demo`` needs a running cluster (this
+machine's, or ``--address``) and says so plainly when there is none.
+Settings come from ``IMPRESSIONS_*`` variables (see the README).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
+import subprocess
 import sys
+import time
+
+
+def _connect(a, start_local: bool = False):
+    from cluster.bootstrap import connect
+    return connect(a.address, start_local=start_local)
+
+
+def _client(a):
+    from cluster.client import Client
+    _connect(a)
+    return Client(start=False, namespace=a.namespace)
+
+
+def _ray(*args: str) -> subprocess.CompletedProcess:
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    return subprocess.run([ray_bin if os.path.exists(ray_bin) else "ray", *args], capture_output=True, text=True)
+
+
+def cmd_up(a) -> int:
+    import ray
+
+    from api.app import start as start_api
+    from cluster.bootstrap import ClusterNotRunning, connect, ensure_actors
+    from cluster.config import ClusterConfig
+    started = False
+    try:
+        how = connect(a.address, start_local=False)
+    except (ClusterNotRunning, ConnectionError):
+        if a.address:
+            raise
+        r = _ray("start", "--head", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+                 f"--num-cpus={os.cpu_count()}")
+        if r.returncode:
+            print(f"impressions: `ray start --head` failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        started = True
+        how = connect(None, start_local=False)
+    cfg = ClusterConfig.from_env(namespace=a.namespace)
+    coord = ensure_actors(cfg)
+    cfg = ClusterConfig.from_json(ray.get(coord.config_json.remote()))
+    url = start_api(cfg.namespace, host=a.host, port=a.port)
+    print(f"Ray: {'started a local cluster' if started else how}")
+    print(f"{cfg.shards} shards in namespace {cfg.namespace!r}; storage {cfg.storage}")
+    print(f"REST API: {url}  (OpenAPI: {url}/docs)")
+    return 0
+
+
+def cmd_down(a) -> int:
+    from ray import serve
+
+    from cluster.bootstrap import teardown
+    try:
+        _connect(a)
+    except Exception:
+        print("no Ray cluster is running here: nothing to stop")
+        return 0
+    try:
+        serve.shutdown()
+    except Exception:
+        pass
+    n = teardown(a.namespace or os.environ.get("IMPRESSIONS_NAMESPACE", "impressions"))
+    print(f"stopped the REST app and {n} actors (their data stays on the storage)")
+    if not a.keep_ray and not a.address:
+        import ray
+        ray.shutdown()
+        _ray("stop")
+        print("stopped the local Ray")
+    return 0
+
+
+def cmd_status(a) -> int:
+    c = _client(a)
+    st = c.stats()
+    cfg = json.loads(st["config"])
+    print(f"{len(st['shards'])} shards (layout epoch {st['epoch']}), namespace {cfg['namespace']!r}, "
+          f"storage {cfg['storage']}; {st['queries']:,} queries answered by the coordinator")
+    print(f"{'shard':>5} {'events':>12} {'keys':>8} {'slots':>6} {'log':>7} {'checkpoint':>11} {'ckpt age s':>10} "
+          f"{'memory MB':>10}  host")
+    for s in st["shards"]:
+        if s is None:
+            print("    ? (not answering)")
+            continue
+        mem = (s["base_bytes"] + s["rollup_bytes"] + s["summary_bytes"]) / 1e6
+        age = "-" if s.get("checkpoint_age_s") is None else f"{s['checkpoint_age_s']:.0f}"
+        print(f"{s['shard']:>5} {s['events']:>12,} {s['keys']:>8,} {s['slots']:>6} {s['log_seq']:>7} "
+              f"{s['manifest']:>11} {age:>10} {mem:>10.1f}  {s['host']}")
+    try:
+        from ray import serve
+        apps = serve.status().applications
+        for name, app in apps.items():
+            print(f"REST app {name!r}: {app.status}")
+    except Exception:
+        print("REST app: not running")
+    for e in st.get("events", []):
+        print(f"  {e}")
+    return 0
+
+
+def cmd_ingest(a) -> int:
+    from cluster.bootstrap import dashboard_url
+    from cluster.demo import submit_ingest
+    _connect(a)
+    c = _client(a)  # the cluster's actors must exist
+    sources = [s if "://" in s else os.path.abspath(s) for s in a.sources]
+    extra = []
+    for flag, v in (("--ts-col", a.ts_col), ("--key-col", a.key_col), ("--visitor-col", a.visitor_col),
+                    ("--ts-unit", a.ts_unit)):
+        if v:
+            extra += [flag, v]
+    if a.no_wait:
+        from ray.job_submission import JobSubmissionClient
+        env = {k: v for k, v in os.environ.items() if k.startswith("IMPRESSIONS_") or k == "RAY_AUTH_MODE"}
+        env["IMPRESSIONS_NAMESPACE"] = c.config.namespace
+        job = JobSubmissionClient(dashboard_url()).submit_job(
+            entrypoint=shlex.join([sys.executable, "-m", "cluster.ingest", *sources, *extra, "--no-progress"]),
+            runtime_env={"env_vars": env})
+        print(f"submitted ingest job {job}; follow it with: ray job logs --follow {job}")
+        return 0
+    t = time.perf_counter()
+    s = submit_ingest(dashboard_url(), shlex.join(sources + extra), c.config.namespace)
+    print(f"ingest job {s['job']}: {s['files']} files, {s['rows_read']:,} rows read, {s['accepted']:,} accepted, "
+          f"{s['rejected']:,} rejected, {s['events_per_second']:,} events/s ({time.perf_counter() - t:.1f} s in all)")
+    for reason, n in sorted(s["rejected_by_reason"].items(), key=lambda kv: -kv[1]):
+        print(f"  rejected {n:,}: {reason}")
+    for e in s["samples"][:5]:
+        print(f"  e.g. {e.get('file', '')} row {e['row']}: {e['reason']}")
+    return 0 if not s["failed_files"] else 1
+
+
+def cmd_query(a) -> int:
+    c = _client(a)
+    keys = [None if k in ("*", "site-wide") else k for k in (a.keys or [None])]
+    out = c.query(keys, last=a.last if a.last is not None or a.start is not None else "15m",
+                  start=_time(a.start), end=_time(a.end))
+    if a.json:
+        print(json.dumps(out[0] if len(out) == 1 else out))
+        return 0
+    print(f"{'key':>16} {'start (UTC)':>20} {'end (UTC)':>20} {'unique visitors':>16} {'95% interval':>24} "
+          f"{'impressions':>12}")
+    for r in out:
+        lo, hi = r["interval"]
+        flag = " exact" if r["exact"] else " partial" if r["partial"] else ""
+        print(f"{r['key'] or 'site-wide':>16} {_utc(r['start']):>20} {_utc(r['end']):>20} {r['unique_visitors']:>16,} "
+              f"{f'[{lo:,}, {hi:,}]' if hi is not None else f'[{lo:,}, ...]':>24} {r['impressions']:>12,}{flag}")
+    return 0
+
+
+def _time(v):
+    if v is None:
+        return None
+    from api.app import parse_time
+    return parse_time("time", float(v) if v.replace(".", "", 1).isdigit() else v)
+
+
+def _utc(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def cmd_checkpoint(a) -> int:
+    out = _client(a).checkpoint()
+    for r in out:
+        print(f"shard {r['shard']}: checkpoint {r['manifest']}, {r['nodes_written']} of {r['nodes']} objects written "
+              f"({r['bytes_written']:,} bytes; {r['bytes_total']:,} in all), {r['seconds']:.2f} s")
+    return 0
+
+
+def cmd_rescale(a) -> int:
+    r = _client(a).rescale(a.shards)
+    print(f"now {r['shards']} shards" + (f" (from {r['from']}, {r['seconds']:.1f} s)" if r.get("changed") else
+                                         " (unchanged)"))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from cluster.demo import run
+    run(a.events, a.ads, a.days)
+    return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="impressions", description="Unique visitors in the last n units of time.")
+    ap = argparse.ArgumentParser(prog="impressions", description="Unique visitors in the last n units of time.",
+                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or this machine's cluster)")
+    ap.add_argument("--namespace", default=None, help="Ray namespace of the actors (default: IMPRESSIONS_NAMESPACE)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="generate a sample stream, ingest it and print answers beside exact counts")
-    d.add_argument("--events", type=int, default=2_000_000)
-    d.add_argument("--ads", type=int, default=1000)
-    d.add_argument("--days", type=float, default=3.0)
+    p = sub.add_parser("up", help="start the local default (Ray, the actors, the REST app), or join --address")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser("down", help="stop the REST app and the actors (data stays), and the local Ray")
+    p.add_argument("--keep-ray", action="store_true", help="leave Ray itself running")
+    sub.add_parser("status", help="shards, events, checkpoints, the REST app")
+    p = sub.add_parser("ingest", help="ingest files or folders (Parquet, CSV, JSON lines) as a Ray job")
+    p.add_argument("sources", nargs="+")
+    p.add_argument("--ts-col")
+    p.add_argument("--key-col")
+    p.add_argument("--visitor-col")
+    p.add_argument("--ts-unit", choices=["auto", "s", "ms", "us", "ns"])
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p = sub.add_parser("query", help="unique visitors and impressions of keys (none: site-wide)")
+    p.add_argument("keys", nargs="*")
+    p.add_argument("--last", help="15m, 24h, 30d, or a number of buckets (default 15m)")
+    p.add_argument("--start", help="epoch seconds or ISO-8601")
+    p.add_argument("--end", help="epoch seconds or ISO-8601 (default: now)")
+    p.add_argument("--json", action="store_true", help="the REST API's JSON")
+    sub.add_parser("checkpoint", help="checkpoint every shard now")
+    p = sub.add_parser("rescale", help="change the number of shards of the live cluster")
+    p.add_argument("shards", type=int)
+    p = sub.add_parser("demo", help="a sample stream through a real ingest job, answers beside exact counts")
+    p.add_argument("--events", type=int, default=2_000_000)
+    p.add_argument("--ads", type=int, default=1000)
+    p.add_argument("--days", type=float, default=3.0)
     a = ap.parse_args(argv)
-    if a.cmd == "demo":
-        from cluster.demo import run
-        run(a.events, a.ads, a.days)
-    return 0
+    from cluster.bootstrap import ClusterNotRunning
+    from sketch.timeindex import RangeError
+    try:
+        return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "ingest": cmd_ingest, "query": cmd_query,
+                "checkpoint": cmd_checkpoint, "rescale": cmd_rescale, "demo": cmd_demo}[a.cmd](a)
+    except ClusterNotRunning as e:
+        print(f"impressions: {e}", file=sys.stderr)
+        return 2
+    except (RangeError, ValueError, FileNotFoundError) as e:
+        print(f"impressions: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -120,14 +120,18 @@ class Sender:
                 if not moved or time.time() > deadline:
                     raise
             # the map is changing: wait for the new one (or for the old shard to
-            # take batches again, if the re-sharding was rolled back)
+            # take batches again, if the re-sharding was rolled back), then cut the
+            # part again for the map now known: it may have been cut for an older one
             time.sleep(0.2)
             epoch, shards = ray.get(self.coordinator.route.remote())
             if epoch != self.epoch:
                 self.epoch, self.shards = epoch, shards
-                self.send(part, parent)  # cut again for the new map
+            subs = [(i, sub) for i, sub in enumerate(part.split(self.p, len(self.shards))) if len(sub)]
+            if len(subs) > 1:
+                for i, sub in subs:
+                    self._call(i, sub.compact(), parent)
                 return
-            shard = int(part.shards(self.p, len(self.shards))[0])
+            shard, part = subs[0]
             ref = self.shards[shard].apply.remote(part, f"{self._prefix}:{self._n}", parent)
             self._n += 1
 
@@ -234,7 +238,7 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
 
 
 def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "key", visitor: str = "visitor",
-                 now: float | None = None, ts_unit: str = "auto") -> IngestReport:
+                 now: float | None = None, ts_unit: str = "auto", malformed=()) -> IngestReport:
     """Ingest an in-memory Arrow table from this driver (the Python client's path)."""
     cfg = ClusterConfig.from_json(ray.get(coordinator.config_json.remote()))
     sender = Sender(coordinator, cfg.sketch.p, cfg.max_inflight)
@@ -249,7 +253,8 @@ def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "ke
         part = t.slice(start, cfg.batch_rows)
         if not part.num_rows:
             break
-        batch, rep = _prepare(part, cfg, now, start, ts_unit)
+        bad = [r - start for r in malformed if start <= r < start + part.num_rows]
+        batch, rep = _prepare(part, cfg, now, start, ts_unit, bad)
         report.add(rep)
         if len(batch):
             sender.send(batch)

@@ -131,3 +131,12 @@ def test_a_sealed_shard_refuses_batches_even_after_a_restart(setup):
         a.apply(batches[1][0], "b1")
     with pytest.raises(ShardMoved):
         ShardActor(SMALL, 0, 1, uri).apply(batches[1][0], "b1")
+
+
+def test_a_shard_refuses_visitors_of_other_registers(tmp_path):
+    from sketch.events import Batch
+    a = ShardActor(SMALL, 0, 2, f"file://{tmp_path}/s")
+    top = np.array([(1 << 31) | 1], np.uint32)  # a coupon of the upper half: shard 1's
+    with pytest.raises(ValueError, match="outside shard 0's range"):
+        a.apply(Batch(["k"], np.zeros(1, np.int32), np.array([29_000_000]), top), "x")
+    assert a.seq == 0  # nothing logged

@@ -1,0 +1,1 @@
+"""The REST API (FastAPI on Ray Serve), thin over the coordinator: ``api.app``."""
