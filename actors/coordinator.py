@@ -171,6 +171,20 @@ class Coordinator:
         self.queries += 1
         return out
 
+    def keys(self, b0: int, b1: int, prefix: str = "", limit: int = 20) -> list[dict]:
+        """Keys with impressions in ``[b0, b1)`` whose name starts with ``prefix``,
+        the most impressions first (for pickers and top-keys tables)."""
+        m = self._ensure()
+        totals: dict[str, int] = {}
+        for part in self._fan_out("key_impressions", b0, b1, prefix, timeout=self.config.query_timeout_s * 5,
+                                  shard_map=m):
+            if part is None:
+                continue
+            for name, n in zip(part[0], part[1].tolist()):
+                totals[name] = totals.get(name, 0) + n
+        top = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+        return [{"key": k, "impressions": n} for k, n in top]
+
     def registers(self, key, b0: int, b1: int) -> np.ndarray:
         """The whole dense sketch of ``key`` over ``[b0, b1)``: all shards' slices, in order."""
         return np.concatenate(ray.get([h.registers.remote(key, b0, b1) for h in self._ensure().handles]))

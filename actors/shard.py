@@ -229,6 +229,9 @@ class ShardActor:
         """``query`` for several ranges in one call (a chart's points)."""
         return [self.store.query(keys, b0, b1) for b0, b1 in ranges]
 
+    def key_impressions(self, b0: int, b1: int, prefix: str = "") -> tuple[list, np.ndarray]:
+        return self.store.key_impressions(b0, b1, prefix)
+
     def registers(self, key, b0: int, b1: int) -> np.ndarray:
         return self.store.registers(key, b0, b1)
 

@@ -9,7 +9,9 @@ Routes (every answer is JSON; every error is ``{"error": "<what was wrong>"}``):
   "visitor"}``, or an Arrow IPC stream (``application/vnd.apache.arrow.stream``);
   answered once the accepted events are durable;
 * ``GET /v1/series?key=ad-1&last=24h&step=1h``: one real range query per step;
-* ``GET /healthz`` (the app is up), ``GET /readyz`` (every shard answers).
+* ``GET /v1/keys?prefix=&limit=`` (keys with impressions in a range, the most first);
+* ``GET /healthz`` (the app is up), ``GET /readyz`` (every shard answers);
+* ``GET /``: the dashboard (static files in ``api/static``, no build step, no network).
 
 Auth: API keys from ``IMPRESSIONS_API_KEYS`` (``key:read,key2:write,key3:read+write``),
 sent as ``Authorization: Bearer <key>`` or ``X-API-Key``.  Reads need the
@@ -39,6 +41,9 @@ from starlette.exceptions import HTTPException
 from cluster.readers import _json_block, parse_ts
 from sketch.timeindex import RangeError, parse_duration, resolve_range
 
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                "style.css": "text/css; charset=utf-8"}
 MAX_KEYS = 1000
 MAX_BODY = 64 * 1024 * 1024
 MAX_POINTS = 1500
@@ -88,6 +93,17 @@ class Series(BaseModel):
     key: str | None
     step: int = Field(description="seconds per point")
     points: list[Unique]
+
+
+class KeyCount(BaseModel):
+    key: str
+    impressions: int
+
+
+class Keys(BaseModel):
+    start: int
+    end: int
+    keys: list[KeyCount] = Field(description="the most impressions first")
 
 
 class Error(BaseModel):
@@ -308,6 +324,20 @@ class ImpressionsApi:
         self.m_latency.observe((time.perf_counter() - t) * 1e3, tags={"route": "series"})
         return {"key": key, "step": n * self.bucket_seconds, "points": out}
 
+    @app.get("/v1/keys", tags=["queries"], response_model=Keys, responses=ERRORS, dependencies=READ,
+             summary="keys with impressions in a range (default: the retention), the most impressions first")
+    async def keys(self, prefix: Annotated[str, Query(max_length=256)] = "",
+                   limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+                   last: Annotated[str | None, Query()] = None, start: Annotated[str | None, Query()] = None,
+                   end: Annotated[str | None, Query()] = None):
+        if last is None and start is None:
+            last = self.retention_buckets
+        rng = resolve_range(bucket_seconds=self.bucket_seconds, retention_buckets=self.retention_buckets,
+                            now=time.time(), last=_last(last), start=parse_time("start", start),
+                            end=parse_time("end", end))
+        out = await self.coordinator.keys.remote(rng.b0, rng.b1, prefix, limit)
+        return {"start": rng.start, "end": rng.end, "keys": out}
+
     @app.post("/v1/events", tags=["ingest"], response_model=IngestResult, responses={**ERRORS, 413: {
         "model": Error, "description": "body over the size limit"}}, dependencies=WRITE,
         summary="add events (JSON array, JSON lines or Arrow IPC stream); answered once durable",
@@ -342,6 +372,22 @@ class ImpressionsApi:
             return JSONResponse(out | {"error": f"none of the {report.received} events was accepted; "
                                                 f"first reason: {report.samples[0]['reason']}"}, status_code=400)
         return out
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard(self):
+        return self._static("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str):
+        if name not in STATIC_FILES:
+            raise HTTPException(404, f"no static file {name!r}")
+        return self._static(name)
+
+    @staticmethod
+    def _static(name: str):
+        from fastapi.responses import Response
+        with open(os.path.join(STATIC, name), "rb") as f:
+            return Response(f.read(), media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", tags=["health"], response_model=Health, summary="the app is up")
     async def healthz(self):
@@ -378,4 +424,10 @@ def start(namespace: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys
     serve.start(http_options={"host": host, "port": port})
     serve.run(ImpressionsApi.bind(namespace, api_keys if api_keys is not None else os.environ.get(
         "IMPRESSIONS_API_KEYS"), max_body), name=name, route_prefix=route_prefix, blocking=False)
+    try:  # Serve keeps the host and port it first started with: report those (ray==2.60 is pinned)
+        from ray.serve.context import _get_global_client
+        cfg = _get_global_client().http_config
+        host, port = cfg.host, cfg.port
+    except Exception:
+        pass
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"

@@ -752,6 +752,27 @@ class ShardStore:
             total += np.bincount(i[hit], minlength=len(kids))
         return total
 
+    def key_impressions(self, b0: int, b1: int, prefix: str = "") -> tuple[list, np.ndarray]:
+        """(key names, impressions on this shard over ``[b0, b1)``) of every key
+        with impressions there whose name starts with ``prefix`` (site-wide excluded)."""
+        totals = np.zeros(len(self.keys), np.int64)
+        for slot in self._slots_overlapping(b0, b1):
+            for t in slot.base_tables():
+                nodes = t.nodes
+                m = (nodes >= b0) & (nodes < b1) & (t.imp > 0)
+                if m.any():
+                    totals += np.bincount(t.keys[m], weights=t.imp[m], minlength=len(totals)).astype(np.int64)
+        k, b, _ = self._memtable()
+        if len(k):
+            m = (b >= b0) & (b < b1)
+            totals += np.bincount(k[m].astype(np.int64), minlength=len(totals))
+        totals[0] = 0  # the site-wide key is not a key to pick
+        ids = np.flatnonzero(totals)
+        names = self.keys.names
+        if prefix:
+            ids = np.array([i for i in ids if names[i].startswith(prefix)], np.int64)
+        return [names[i] for i in ids], totals[ids]
+
     # ================================================================ introspection
     def stats(self) -> dict:
         """Row and byte counts per place, for benchmarks and the design doc."""

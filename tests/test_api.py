@@ -149,7 +149,8 @@ def test_every_bad_input_is_a_4xx_with_a_message_and_changes_nothing(api):
                  headers=W).json()
     assert (r["accepted"], r["rejected"]) == (1, 2) and {e["row"] for e in r["errors"]} == {1, 2}
     after = api.get("/v1/unique", params={"key": "ad-stable", "last": "1h"}, headers=R).json()
-    assert after == before
+    counts = lambda r: (r["unique_visitors"], r["impressions"])  # noqa: E731 - start/end move with the clock
+    assert counts(after) == counts(before)
 
 
 def test_metrics_reach_prometheus(api):
