@@ -1,14 +1,15 @@
 """The shard actor: one register range of every key, every time bucket.
 
 A plain class around ``sketch.store.ShardStore`` and, when the cluster has
-storage, a ``cluster.journal.ShardJournal``:
+storage, a ``durable.journal.ShardJournal``:
 
 * ``apply(batch, batch_id)`` appends the batch to the shard's log on the
   store, then applies it, then answers: an acknowledged batch is durable.
   A batch id seen before (a retry after a lost answer) is acknowledged
   without being applied twice, so impressions stay exact.
-* ``checkpoint()`` writes the nodes that changed since the last checkpoint,
-  then a manifest; the log before the previous checkpoint is then dropped.
+* ``checkpoint()`` writes the nodes whose version changed since the last
+  checkpoint (``ShardStore.nodes``), then a manifest; the log before the
+  previous checkpoint is then dropped.
 * On (re)start the constructor loads the newest checkpoint that verifies and
   replays the log after it.
 * ``seal()`` ends the shard's life in a layout (re-sharding): it checkpoints
@@ -24,16 +25,15 @@ from __future__ import annotations
 import os
 import socket
 import time
-import weakref
 from collections import OrderedDict
 
 import numpy as np
 import pyarrow as pa
 
-from cluster.journal import CorruptObject, ShardJournal, Store
-from sketch.arrowio import StateError, _node_batches, store_from_batches, store_to_batches
+from durable.journal import CorruptObject, ShardJournal
+from durable.objects import ObjectStore
+from sketch.arrowio import StateError, node_batches, nodes_from_batches, store_from_batches, store_to_batches
 from sketch.events import Batch
-from sketch.hll import RANK_BITS, SPARSE_P
 from sketch.reshard import reshard
 from sketch.store import ShardStore, SketchConfig
 
@@ -45,16 +45,20 @@ class ShardMoved(RuntimeError):
 
 
 class ShardActor:
+    """Shard ``shard`` of ``shards``.  A new layout's shard is seeded from the
+    old shards whose registers it takes over: ``seed_from`` lists them as
+    (old index, old count), ``seed_states`` holds each one's ``export()``."""
+
     def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage: str | None = None,
-                 s3_endpoint: str | None = None, seed: list | None = None):
+                 s3_endpoint: str | None = None, seed_from=(), *seed_states):
         t0 = time.perf_counter()
         self.sketch, self.shard_index, self.shards = sketch, shard, shards
-        self.journal = ShardJournal(Store(storage, s3_endpoint), shard, shards) if storage else None
+        self.journal = ShardJournal(ObjectStore(storage, s3_endpoint), shard, shards) if storage else None
         self.store = ShardStore(sketch, shard, shards)
         self.seq = 0  # last log entry applied
         self.recent: OrderedDict[str, int] = OrderedDict()
         self.manifest = 0
-        self.written: dict = {}  # node -> (object name, bytes, weakrefs of its tables when written)
+        self.written: dict = {}  # node (kind, level, number) -> (version written, object name, bytes)
         self.sealed = False
         self.started = time.time()
         self.checkpointed_at: float | None = None
@@ -62,8 +66,8 @@ class ShardActor:
         self.recovery: dict = {"manifest": None, "fallbacks": [], "replayed": 0, "skipped_duplicates": 0}
         if self.journal is not None and (self.journal.manifests() or self.journal.log_entries(0)):
             self._recover()  # this shard has a past on the store: that wins over any seed
-        elif seed:
-            self._seed(seed)
+        elif seed_from:
+            self._seed(list(seed_from), seed_states)
         self.sealed = self.journal is not None and self.journal.is_sealed()
         self.recovery["seconds"] = round(time.perf_counter() - t0, 3)
 
@@ -73,15 +77,17 @@ class ShardActor:
         for number in reversed(self.journal.manifests()):
             try:
                 body = self.journal.read_manifest(number)
-                batches = [b for node in body["nodes"] for b in self.journal.read_node(node["object"])]
-                self.store = store_from_batches(batches, self.sketch, self.shard_index, self.shards)
-                self.manifest = number
+                store = ShardStore(self.sketch, self.shard_index, self.shards)
+                nodes = []
+                for entry in body["nodes"]:
+                    nodes += nodes_from_batches(self.journal.read_node(entry["object"]), store)[0]
+                store.install(nodes, max_bucket=body["max_bucket"], events=body["events"])
+                self.store, self.manifest = store, number
                 break
             except (CorruptObject, StateError, OSError, KeyError, ValueError) as e:
                 self.recovery["fallbacks"].append(f"manifest {number}: {e}")
                 body = None
         if body is not None:
-            self.store.max_bucket, self.store.events = body["max_bucket"], body["events"]
             self.seq = body["log_seq"]
             for bid in body.get("recent_ids", []):
                 self.recent[bid] = 0
@@ -101,12 +107,12 @@ class ShardActor:
                 self._remember(bid, seq)
             self.seq = seq
 
-    def _seed(self, seed: list) -> None:
+    def _seed(self, seed_from: list, seed_states) -> None:
         """Start a new layout from slices of the old shards' states."""
-        import ray
+        if len(seed_states) != len(seed_from):
+            raise ValueError(f"{len(seed_from)} old shards named to seed from, {len(seed_states)} states given")
         sources = []
-        for old_shard, old_shards, exported in seed:
-            batches, recent = ray.get(exported) if isinstance(exported, ray.ObjectRef) else exported
+        for (old_shard, old_shards), (batches, recent) in zip(seed_from, seed_states):
             sources.append(store_from_batches(batches, self.sketch, old_shard, old_shards))
             for bid in recent:  # retries of batches the old shards applied are recognised here
                 self.recent[bid] = 0
@@ -132,12 +138,10 @@ class ShardActor:
             raise ShardMoved(f"shard {self.shard_index} of {self.shards} was re-sharded; fetch the new shard map")
         if batch_id is not None and (batch_id in self.recent or (parent_id is not None and parent_id in self.recent)):
             return 0  # a retry of a batch already logged and applied
-        prec = self.store.prec
-        if len(batch.coupon):
-            reg = (batch.coupon >> np.uint32(RANK_BITS)) >> np.uint32(SPARSE_P - prec.p)
-            if reg.min() < prec.reg_lo or reg.max() >= prec.reg_lo + prec.R:
-                raise ValueError(f"batch holds visitors of registers outside shard {self.shard_index}'s range "
-                                 f"{prec.reg_lo}..{prec.reg_lo + prec.R}: cut it with the current shard map")
+        rr = self.store.rr
+        if not rr.owns(batch.coupon):
+            raise ValueError(f"batch holds visitors of registers outside shard {self.shard_index}'s range "
+                             f"{rr.lo}..{rr.hi}: cut it with the current shard map")
         if self.journal is not None:
             rb = batch.to_arrow()
             if batch_id is not None:
@@ -150,43 +154,37 @@ class ShardActor:
         return n
 
     # ------------------------------------------------------------ checkpoints
-    def _nodes(self):
-        st = self.store
-        for (level, node), slot in st.slots.items():
-            tables = [(t, 0) for t in (slot.main or [])] + [(t, i + 1) for i, t in enumerate(slot.runs)]
-            yield ("slot" if slot.main else "slot-raw", level, node), tables
-        for (level, node), t in st.upper.items():
-            yield ("upper", level, node), [(t, 0)]
-        for (level, node), t in st.summaries.items():
-            yield ("summary", level, node), [(t, 0)]
+    @staticmethod
+    def _ident(node) -> tuple[str, int, int]:
+        return node.kind, node.level, node.node
 
     def _remember_written(self, body: dict) -> None:
-        current = {k: tables for k, tables in self._nodes()}
+        """After recovery: the nodes just loaded are the manifest's objects."""
+        loaded = {self._ident(n): n for n in self.store.nodes()}
         self.written = {}
-        for node in body["nodes"]:
-            k = (node["role"], node["level"], node["node"])
-            if k in current:
-                self.written[k] = (node["object"], node["bytes"], [weakref.ref(t) for t, _ in current[k]])
+        for entry in body["nodes"]:
+            k = (entry["role"], entry["level"], entry["node"])
+            if k in loaded:
+                self.written[k] = (loaded[k].version, entry["object"], entry["bytes"])
 
     def checkpoint(self) -> dict:
-        """Write what changed since the last checkpoint, then a manifest."""
+        """Write the nodes that changed since the last checkpoint, then a manifest."""
         if self.journal is None:
             return {"skipped": "no storage configured"}
         t0 = time.perf_counter()
-        self.store.flush()
-        nodes, written, wbytes = [], {}, 0
-        for k, tables in self._nodes():
+        nodes, written, wbytes, n_written = [], {}, 0, 0
+        for node in self.store.nodes():
+            k = self._ident(node)
             old = self.written.get(k)
-            if old and len(old[2]) == len(tables) and all(r() is t for r, (t, _) in zip(old[2], tables)):
-                name, size = old[0], old[1]
+            if old is not None and old[0] == node.version:
+                name, size = old[1], old[2]
             else:
-                name, size = self.journal.write_node(_node_batches(self.store, tables, *k))
+                name, size = self.journal.write_node(node_batches(self.store, node))
                 wbytes += size
-                written[k] = True
+                n_written += 1
+            written[k] = (node.version, name, size)
             nodes.append({"role": k[0], "level": k[1], "node": k[2], "object": name, "bytes": size})
-            self.written[k] = (name, size, [weakref.ref(t) for t, _ in tables])
-        for k in [k for k in self.written if k not in {(n["role"], n["level"], n["node"]) for n in nodes}]:
-            del self.written[k]
+        self.written = written
         number = self.manifest + 1
         self.journal.write_manifest(number, {
             "shard": self.shard_index, "shards": self.shards, "number": number, "log_seq": self.seq,
@@ -196,7 +194,7 @@ class ShardActor:
         self.checkpointed_at = time.time()
         deleted = self.journal.collect_garbage()
         return {"shard": self.shard_index, "manifest": number, "log_seq": self.seq, "nodes": len(nodes),
-                "nodes_written": len(written), "bytes_written": wbytes,
+                "nodes_written": n_written, "bytes_written": wbytes,
                 "bytes_total": sum(n["bytes"] for n in nodes), "deleted": deleted,
                 "seconds": round(time.perf_counter() - t0, 4)}
 

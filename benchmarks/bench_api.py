@@ -82,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    from api.app import start
+    from cluster.serve import start
     work = tempfile.mkdtemp(prefix="bench-api-")
     now = float(int(time.time()))
     try:

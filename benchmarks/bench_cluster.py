@@ -27,6 +27,7 @@ from cluster.bootstrap import ensure_actors, teardown
 from cluster.config import ClusterConfig
 from cluster.ingest import run_ingest
 from cluster.workload import generate, write_parquet
+from sketch.config import SketchConfig
 
 
 def timed_queries(coord, keys, n: int, reps: int, now: float, rng) -> tuple[float, float]:
@@ -35,7 +36,7 @@ def timed_queries(coord, keys, n: int, reps: int, now: float, rng) -> tuple[floa
     for _ in range(reps):
         end = now - 60 * int(rng.integers(0, room + 1))
         t = time.perf_counter()
-        ray.get(coord.query.remote(keys, n, None, end, now))
+        ray.get(coord.query.remote(keys, SketchConfig().resolve(now=now, last=n, end=end)))
         times.append(time.perf_counter() - t)
     return float(np.median(times) * 1e3), float(np.percentile(times, 99) * 1e3)
 
@@ -90,7 +91,7 @@ def main(argv=None):
         base = []
         for _ in range(a.queries):
             t = time.perf_counter()
-            ray.get(coord.config_json.remote())
+            ray.get(coord.cluster_config.remote())
             base.append(time.perf_counter() - t)
         st = ray.get(coord.stats.remote())
         mem = sum(x["base_bytes"] + x["rollup_bytes"] for x in st["shards"])

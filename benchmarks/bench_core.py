@@ -5,7 +5,7 @@ length, bytes per key-bucket and accuracy, beside Apache DataSketches.
     python -m benchmarks.bench_core --events 2e6   # a quicker run
 
 Everything runs in this one process on one core (no Ray): the in-process
-``Counter`` with a single shard is exactly one shard actor's work.
+``LocalCounter`` with a single shard is exactly one shard actor's work.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import pyarrow as pa
 
 from benchmarks.report import machine, table, write_section
 from cluster.workload import generate
-from sketch.arrowio import _node_batches
-from sketch.counter import Counter
-from sketch.hashing import hash_visitors
-from sketch.hll import Precision, coupons_from_hashes
-from sketch.rows import rows_from_events
+from sketch.arrowio import node_batches
+from sketch.counter import LocalCounter
+from sketch.hll import RegisterRange, coupons_from_hashes
+from sketch.rows import RowTable, rows_from_events
 from sketch.store import ShardStore, SketchConfig
+from sketch.tiers import Slot
 
 NOW = 1_800_000_000.0
 QUERY_NS = [1, 60, 1440, 10_080, 43_200]
@@ -35,7 +35,7 @@ def ingest_stream(events: int, keys: int, seed: int, batch: int = 1_000_000):
     ts = tab["ts"].combine_chunks().to_numpy()
     key = tab["key"].combine_chunks()
     vis = tab["visitor"].combine_chunks()
-    c = Counter(SketchConfig())
+    c = LocalCounter(SketchConfig())
     t0 = time.perf_counter()
     for s in range(0, len(ts), batch):
         c.ingest(ts[s:s + batch], key.slice(s, batch), visitors=vis.slice(s, batch), now=NOW)
@@ -46,7 +46,7 @@ def ingest_stream(events: int, keys: int, seed: int, batch: int = 1_000_000):
     return c, tab, {"events": len(ts), "ingest_s": t1 - t0, "maintain_s": t2 - t1, **st}
 
 
-def query_latency(c: Counter, key, n: int, reps: int, rng) -> tuple[float, float]:
+def query_latency(c: LocalCounter, key, n: int, reps: int, rng) -> tuple[float, float]:
     w = c.config.bucket_seconds
     now_b = int(NOW // w)
     room = c.config.retention_buckets - n
@@ -73,10 +73,10 @@ def ipc_bytes(batches) -> int:
 def bytes_per_key_bucket(cards: list[int], rng) -> list[list]:
     import datasketches as ds
     cfg = SketchConfig()
-    prec = Precision(cfg.p)
+    prec = RegisterRange(cfg.p)
     store = ShardStore(cfg)
     rows = []
-    fixed = ipc_bytes(_node_batches(store, [], "slot", 0, 29_000_000))  # schemas and metadata of one node
+    fixed = ipc_bytes(node_batches(store, Slot(0, 29_000_000, main=(RowTable.empty(0, prec.R),))))  # schemas and metadata of one node
     for c in cards:
         # enough key-buckets per node that the node's fixed overhead (three IPC
         # headers, ~`fixed` bytes) is spread as it is in a real segment
@@ -85,7 +85,7 @@ def bytes_per_key_bucket(cards: list[int], rng) -> list[list]:
         keys = np.repeat(np.arange(1, k + 1, dtype=np.uint32), c)
         t = rows_from_events(keys, np.full(c * k, 29_000_000), coupons_from_hashes(h), prec)
         store.keys.ids([f"ad-{i}" for i in range(len(store.keys), k + 1)])  # names for the Arrow dictionary
-        ours_disk = (ipc_bytes(_node_batches(store, [(t, 0)], "slot", 0, 29_000_000)) - fixed) / k
+        ours_disk = (ipc_bytes(node_batches(store, Slot(0, 29_000_000, main=(t,)))) - fixed) / k
         ours_mem = t.nbytes / k
         d4 = d8 = 0
         for i in range(k):
@@ -115,7 +115,7 @@ def accuracy(ns: list[int], trials: list[int], seed: int) -> list[list]:
             vid = np.repeat(ids, reps)
             bucket = rng.integers(0, 60, len(vid))
             names = pa.array([f"v{x}" for x in vid.tolist()])
-            c = Counter(cfg)
+            c = LocalCounter(cfg)
             end_b = int(NOW // 60) + 1
             c.ingest((end_b - 60 + bucket) * 60.0, pa.array(["k"] * len(vid)), visitors=names, now=NOW)
             est = c.unique("k", last=60, now=NOW).estimate.value
@@ -142,7 +142,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
     events = int(a.events)
     rng = np.random.default_rng(a.seed)
-    sections = []
 
     ingest_rows, lat_rows = [], []
     for label, keys in (("site-wide (1 page)", 0), (f"per-ad ({a.ads:,} ads, Zipf)", a.ads)):
@@ -168,7 +167,7 @@ def main(argv=None):
                 "base bytes/event (memory)", "rollups / base"], ingest_rows)
     hdr = ["key"]
     for n in QUERY_NS:
-        hdr += [f"n={n:,} p50 ms", f"p99 ms"]
+        hdr += [f"n={n:,} p50 ms", "p99 ms"]
     hdr.append("p99 ratio 43,200 / 60")
     t2 = table(hdr, lat_rows)
     cards = [1, 10, 100, 1000, 3000, 10_000, 100_000]
@@ -186,7 +185,7 @@ def main(argv=None):
 
 Machine: {machine()}.  Streams: {events:,} events over 29.9 days ending at a fixed time, 3M visitors with
 skewed activity, daily cycle (`cluster/workload.py`, seed {a.seed}); ingested in batches of 1M through
-`Counter.ingest` (validation, vectorized hashing of string ids, memtable, flush), then `maintain()` builds
+`LocalCounter.ingest` (validation, vectorized hashing of string ids, memtable, flush), then `maintain()` builds
 the segments and rollups.  One shard = one core's work.
 
 ### Ingest

@@ -60,7 +60,6 @@ def main(argv=None):
     events = int(a.events)
     now = float(int(time.time()) // 60 * 60)
     work = tempfile.mkdtemp(prefix="bench-durability-")
-    rows = {}
     try:
         tab = generate(events, days=a.days, visitors=3_000_000, keys=a.ads, seed=a.seed, end=now - 60)
         files = write_parquet(tab, os.path.join(work, "events"), rows_per_file=1_000_000)

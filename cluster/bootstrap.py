@@ -6,7 +6,8 @@ cluster (the REST app, an ingest job, the CLI, a notebook) finds the same
 ones by name.
 
 * shards: ``shard-<i>-of-<S>``, spread across nodes (``SPREAD``), restarted
-  by Ray if their process dies;
+  by Ray if their process dies; the coordinator and the senders reach them
+  through ``RayRuntime``, the Ray form of ``actors.runtime``;
 * the coordinator: ``coordinator``, a threaded actor that creates (or finds)
   the shards and keeps the configuration every other driver reads.
 """
@@ -14,12 +15,15 @@ ones by name.
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 
 from actors.coordinator import Coordinator
+from actors.runtime import ShardUnavailable
 from actors.shard import ShardActor
 from cluster.config import ClusterConfig
+from durable.objects import absolute
 
 COORDINATOR = "coordinator"
 
@@ -74,42 +78,73 @@ def dashboard_url() -> str:
     return _dashboard if "://" in _dashboard else f"http://{_dashboard}"
 
 
-def _shard_factory(config: ClusterConfig):
-    remote = ray.remote(ShardActor)
-    sketch, ns, cpus = config.sketch, config.namespace, config.shard_cpus
-    storage = _absolute_storage(config.storage)
-    endpoint = config.s3_endpoint
+class RayRuntime:
+    """Shards as named, detached Ray actors (see ``actors.runtime``).
 
-    def make(i: int, shards: int, seed=None):
-        # calls are retried across restarts (max_task_retries): batch ids make a retried apply count once
-        return remote.options(name=shard_name(i, shards), namespace=ns, lifetime="detached", get_if_exists=True,
-                              num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
-                              max_concurrency=1).remote(sketch, i, shards, storage, endpoint, seed)
-    return make
+    Calls are retried across a shard's restarts (``max_task_retries``): batch
+    ids make a retried apply count once.  Creating shards needs the cluster's
+    configuration; calling them does not (``RayRuntime()`` in senders)."""
 
+    def __init__(self, config: ClusterConfig | None = None):
+        self.config = None if config is None else config.without_secrets()
 
-def _absolute_storage(uri: str | None) -> str | None:
-    """A local storage path made absolute here, so actors on this machine agree on it."""
-    if not uri:
-        return uri
-    if uri.startswith("file://") and not uri.startswith("file:///"):
-        return "file://" + os.path.abspath(uri[len("file://"):])
-    if "://" not in uri:
-        return "file://" + os.path.abspath(uri)
-    return uri
+    def create_shard(self, index: int, shards: int, seeds: list = ()):
+        cfg = self.config
+        if cfg is None:
+            raise RuntimeError("this RayRuntime has no cluster configuration: it cannot create shards")
+        # the old shards' exports are top-level arguments, so Ray hands the shard their values
+        return ray.remote(ShardActor).options(
+            name=shard_name(index, shards), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
+            num_cpus=cfg.shard_cpus, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
+            max_concurrency=1).remote(cfg.sketch, index, shards, cfg.storage, cfg.s3_endpoint,
+                                      [(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds])
+
+    def call(self, handle, method: str, *args):
+        return getattr(handle, method).remote(*args)
+
+    def wait(self, pending: list, timeout: float | None = None, num_returns: int | None = None):
+        if not pending:
+            return [], []
+        return ray.wait(pending, num_returns=len(pending) if num_returns is None else num_returns, timeout=timeout)
+
+    def result(self, pending, timeout: float | None = None):
+        try:
+            return ray.get(pending, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ShardUnavailable(f"no answer within {timeout} s") from None
+        except ray.exceptions.RayActorError as e:  # dead, or restarting
+            raise ShardUnavailable(f"the shard is unavailable: {type(e).__name__}") from None
+        except ray.exceptions.RayTaskError as e:  # the shard's own exception, as it raised it
+            if isinstance(e.cause, Exception):
+                raise e.cause from None
+            raise
+
+    def kill(self, handle, timeout: float = 30.0) -> None:
+        ray.kill(handle, no_restart=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # ray.kill returns at once: wait until the process is gone
+            try:
+                ray.get(handle.ping.remote(), timeout=1.0)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                if isinstance(e, ray.exceptions.RayActorError):
+                    return
 
 
 def ensure_actors(config: ClusterConfig | None = None):
     """Create the coordinator and shards if they do not exist yet, and
     return the coordinator.  An existing coordinator keeps its configuration."""
-    config = config or ClusterConfig.from_env()
-    config = config.replace(storage=_absolute_storage(config.storage))
+    config = (config or ClusterConfig.from_env()).without_secrets()
+    config = config.replace(storage=absolute(config.storage))
     coord = ray.remote(Coordinator).options(
         name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=32).remote(config.to_json(),
-                                                                                   _shard_factory(config))
-    ray.get(coord.start.remote(), timeout=120)
+        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=32).remote(config, RayRuntime(config))
+    ray.get(coord.start.remote(), timeout=300)
     return coord
+
+
+def coordinator_route(coordinator):
+    """``route()`` for a ``Sender``: the coordinator's current (epoch, shard handles)."""
+    return lambda: ray.get(coordinator.route.remote(), timeout=60)
 
 
 def get_coordinator(namespace: str | None = None):

@@ -42,9 +42,9 @@ def _ray(*args: str) -> subprocess.CompletedProcess:
 def cmd_up(a) -> int:
     import ray
 
-    from api.app import start as start_api
     from cluster.bootstrap import ClusterNotRunning, connect, ensure_actors
     from cluster.config import ClusterConfig
+    from cluster.serve import start as start_api
     started = False
     try:
         how = connect(a.address, start_local=False)
@@ -58,10 +58,10 @@ def cmd_up(a) -> int:
             return 1
         started = True
         how = connect(None, start_local=False)
-    cfg = ClusterConfig.from_env(namespace=a.namespace)
-    coord = ensure_actors(cfg)
-    cfg = ClusterConfig.from_json(ray.get(coord.config_json.remote()))
-    url = start_api(cfg.namespace, host=a.host, port=a.port)
+    env_cfg = ClusterConfig.from_env(namespace=a.namespace)
+    coord = ensure_actors(env_cfg)
+    cfg = ray.get(coord.cluster_config.remote())
+    url = start_api(cfg.namespace, host=a.host, port=a.port, api_keys=env_cfg.api_keys)
     print(f"Ray: {'started a local cluster' if started else how}")
     print(f"{cfg.shards} shards in namespace {cfg.namespace!r}; storage {cfg.storage}")
     print(f"REST API: {url}  (OpenAPI: {url}/docs)")
@@ -72,6 +72,7 @@ def cmd_down(a) -> int:
     from ray import serve
 
     from cluster.bootstrap import teardown
+    from cluster.config import ClusterConfig
     try:
         _connect(a)
     except Exception:
@@ -81,7 +82,7 @@ def cmd_down(a) -> int:
         serve.shutdown()
     except Exception:
         pass
-    n = teardown(a.namespace or os.environ.get("IMPRESSIONS_NAMESPACE", "impressions"))
+    n = teardown(ClusterConfig.from_env(namespace=a.namespace).namespace)
     print(f"stopped the REST app and {n} actors (their data stays on the storage)")
     if not a.keep_ray and not a.address:
         import ray
@@ -94,9 +95,9 @@ def cmd_down(a) -> int:
 def cmd_status(a) -> int:
     c = _client(a)
     st = c.stats()
-    cfg = json.loads(st["config"])
-    print(f"{len(st['shards'])} shards (layout epoch {st['epoch']}), namespace {cfg['namespace']!r}, "
-          f"storage {cfg['storage']}; {st['queries']:,} queries answered by the coordinator")
+    cfg = st["config"]
+    print(f"{len(st['shards'])} shards (layout epoch {st['epoch']}), namespace {cfg.namespace!r}, "
+          f"storage {cfg.storage}; {st['queries']:,} queries answered by the coordinator")
     print(f"{'shard':>5} {'events':>12} {'keys':>8} {'slots':>6} {'log':>7} {'checkpoint':>11} {'ckpt age s':>10} "
           f"{'memory MB':>10}  host")
     for s in st["shards"]:
@@ -122,8 +123,7 @@ def cmd_status(a) -> int:
 def cmd_ingest(a) -> int:
     from cluster.bootstrap import dashboard_url
     from cluster.demo import submit_ingest
-    _connect(a)
-    c = _client(a)  # the cluster's actors must exist
+    c = _client(a)  # connects; the cluster's actors must exist
     sources = [s if "://" in s else os.path.abspath(s) for s in a.sources]
     extra = []
     for flag, v in (("--ts-col", a.ts_col), ("--key-col", a.key_col), ("--visitor-col", a.visitor_col),
@@ -132,15 +132,13 @@ def cmd_ingest(a) -> int:
             extra += [flag, v]
     if a.no_wait:
         from ray.job_submission import JobSubmissionClient
-        env = {k: v for k, v in os.environ.items() if k.startswith("IMPRESSIONS_") or k == "RAY_AUTH_MODE"}
-        env["IMPRESSIONS_NAMESPACE"] = c.config.namespace
         job = JobSubmissionClient(dashboard_url()).submit_job(
             entrypoint=shlex.join([sys.executable, "-m", "cluster.ingest", *sources, *extra, "--no-progress"]),
-            runtime_env={"env_vars": env})
+            runtime_env={"env_vars": c.config.job_env()})
         print(f"submitted ingest job {job}; follow it with: ray job logs --follow {job}")
         return 0
     t = time.perf_counter()
-    s = submit_ingest(dashboard_url(), shlex.join(sources + extra), c.config.namespace)
+    s = submit_ingest(dashboard_url(), shlex.join(sources + extra), c.config)
     print(f"ingest job {s['job']}: {s['files']} files, {s['rows_read']:,} rows read, {s['accepted']:,} accepted, "
           f"{s['rejected']:,} rejected, {s['events_per_second']:,} events/s ({time.perf_counter() - t:.1f} s in all)")
     for reason, n in sorted(s["rejected_by_reason"].items(), key=lambda kv: -kv[1]):
@@ -153,8 +151,8 @@ def cmd_ingest(a) -> int:
 def cmd_query(a) -> int:
     c = _client(a)
     keys = [None if k in ("*", "site-wide") else k for k in (a.keys or [None])]
-    out = c.query(keys, last=a.last if a.last is not None or a.start is not None else "15m",
-                  start=_time(a.start), end=_time(a.end))
+    out = c.query(keys, last=a.last if a.last is not None or a.start is not None else "15m", start=a.start,
+                  end=a.end)
     if a.json:
         print(json.dumps(out[0] if len(out) == 1 else out))
         return 0
@@ -166,13 +164,6 @@ def cmd_query(a) -> int:
         print(f"{r['key'] or 'site-wide':>16} {_utc(r['start']):>20} {_utc(r['end']):>20} {r['unique_visitors']:>16,} "
               f"{f'[{lo:,}, {hi:,}]' if hi is not None else f'[{lo:,}, ...]':>24} {r['impressions']:>12,}{flag}")
     return 0
-
-
-def _time(v):
-    if v is None:
-        return None
-    from api.app import parse_time
-    return parse_time("time", float(v) if v.replace(".", "", 1).isdigit() else v)
 
 
 def _utc(t: int) -> str:

@@ -14,12 +14,15 @@ buckets.
 
 from __future__ import annotations
 
+import time
+
 import ray
 
 from cluster.bootstrap import connect, ensure_actors, get_coordinator
 from cluster.config import ClusterConfig
 from cluster.ingest import ingest_table, run_ingest
 from sketch.events import IngestReport
+from sketch.timeindex import BucketRange
 
 
 class Client:
@@ -35,7 +38,7 @@ class Client:
             self.coordinator = ensure_actors(cfg)
         else:
             self.coordinator = get_coordinator(cfg.namespace)
-        self.config = ClusterConfig.from_json(ray.get(self.coordinator.config_json.remote(), timeout=timeout))
+        self.config: ClusterConfig = ray.get(self.coordinator.cluster_config.remote(), timeout=timeout)
 
     # ------------------------------------------------------------ ingest
     def ingest(self, data, *, ts: str = "ts", key: str = "key", visitor: str = "visitor",
@@ -55,9 +58,14 @@ class Client:
         return run_ingest(list(sources), coordinator=self.coordinator, **kw)
 
     # ------------------------------------------------------------ queries
+    def resolve(self, *, last=None, start=None, end=None, now=None) -> BucketRange:
+        """The range a question covers, in whole buckets (see ``sketch.timeindex.resolve_range``)."""
+        return self.config.sketch.resolve(now=time.time() if now is None else now, last=last, start=start, end=end)
+
     def query(self, keys, *, last=None, start=None, end=None, now=None) -> list[dict]:
         """One answer per key (None = site-wide)."""
-        return ray.get(self.coordinator.query.remote(list(keys), last, start, end, now), timeout=self.timeout)
+        rng = self.resolve(last=last, start=start, end=end, now=now)
+        return ray.get(self.coordinator.query.remote(list(keys), rng), timeout=self.timeout)
 
     def unique(self, key=None, *, last=None, start=None, end=None, now=None) -> dict:
         return self.query([key], last=last, start=start, end=end, now=now)[0]
@@ -65,8 +73,17 @@ class Client:
     def impressions(self, key=None, **kw) -> int:
         return self.unique(key, **kw)["impressions"]
 
+    def series(self, key=None, *, step, last=None, start=None, end=None, now=None) -> list[dict]:
+        """One answer per ``step`` (a duration like ``1h``, or buckets) over the range."""
+        from sketch.timeindex import parse_duration
+        rng = self.resolve(last=last, start=start, end=end, now=now)
+        n = parse_duration(step, self.config.sketch.bucket_seconds)
+        return ray.get(self.coordinator.series.remote(key, rng, n), timeout=self.timeout)
+
     def registers(self, key, b0: int, b1: int):
-        return ray.get(self.coordinator.registers.remote(key, b0, b1), timeout=self.timeout)
+        """The whole dense sketch of ``key`` over buckets ``[b0, b1)``."""
+        rng = BucketRange(b0, b1, self.config.sketch.bucket_seconds)
+        return ray.get(self.coordinator.registers.remote(key, rng), timeout=self.timeout)
 
     # ------------------------------------------------------------ operations
     def maintain(self, now: float | None = None) -> None:

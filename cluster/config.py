@@ -1,10 +1,12 @@
-"""Cluster configuration: one dataclass, read from the environment.
+"""Cluster configuration: one dataclass, the only reader of the environment.
 
 Every setting has an environment variable (``IMPRESSIONS_<NAME>``, e.g.
 ``IMPRESSIONS_SHARDS=4``).  The first driver that creates the actors fixes
 the configuration: the coordinator keeps it, and every later driver (the
 REST app, ingest jobs, the CLI, a notebook) reads it from there, so they
-cannot disagree.
+cannot disagree.  API keys are the exception: they are read here by the
+process that starts the REST app and handed to it alone (never to the
+coordinator, a job or a status page).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from sketch.store import SketchConfig
+from sketch.config import SketchConfig
+from sketch.hll import check_shards
 
 NAMESPACE = "impressions"
 
@@ -39,16 +42,28 @@ class ClusterConfig:
     max_inflight: int = 4  # apply calls in flight per ingest task (backpressure)
     maintain_interval_s: float = 1.0  # how often the coordinator asks shards to fold and build rollups
     checkpoint_interval_s: float = 30.0  # how often shards checkpoint (also on demand)
+    api_keys: str | None = field(default=None, repr=False)  # REST keys and scopes: "k1:read,k2:write"; unset = open
 
     def __post_init__(self):
-        s = self.shards
-        if s < 1 or s & (s - 1) or s > (1 << self.sketch.p):
-            raise ValueError(f"shards={s} must be a power of two between 1 and {1 << self.sketch.p}")
+        check_shards(self.shards, self.sketch.p)
         if self.max_inflight < 1 or self.batch_rows < 1:
             raise ValueError("max_inflight and batch_rows must be at least 1")
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        """Every setting but the secrets, as JSON."""
+        return json.dumps(dataclasses.asdict(self.without_secrets()))
+
+    def without_secrets(self) -> "ClusterConfig":
+        """What may be shipped to actors and jobs and shown: no API keys."""
+        return dataclasses.replace(self, api_keys=None)
+
+    def job_env(self) -> dict[str, str]:
+        """The environment an ingest job needs: the namespace (the job reads
+        everything else from the coordinator) and Ray's auth mode."""
+        env = {"IMPRESSIONS_NAMESPACE": self.namespace}
+        if os.environ.get("RAY_AUTH_MODE"):
+            env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
+        return env
 
     @classmethod
     def from_json(cls, text: str) -> "ClusterConfig":
@@ -57,8 +72,11 @@ class ClusterConfig:
         return cls(**d)
 
     def replace(self, **kw) -> "ClusterConfig":
+        """A copy with some settings changed; sketch settings may be given one
+        by one (``p=12``) or as a whole (``sketch=SketchConfig(...)``)."""
         sk = {k: kw.pop(k) for k in list(kw) if k in {f.name for f in dataclasses.fields(SketchConfig)}}
-        return dataclasses.replace(self, sketch=dataclasses.replace(self.sketch, **sk) if sk else self.sketch, **kw)
+        sketch = kw.pop("sketch", self.sketch)
+        return dataclasses.replace(self, sketch=dataclasses.replace(sketch, **sk) if sk else sketch, **kw)
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> "ClusterConfig":
@@ -73,7 +91,7 @@ class ClusterConfig:
                 continue
             typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             try:
-                kw[name] = int(v) if typ.startswith("int") else float(v) if typ.startswith("float") else v
+                kw[name] = int(v) if typ.startswith("int") else float(v) if typ.startswith("float") else (v or None)
             except ValueError:
                 raise ValueError(f"IMPRESSIONS_{name.upper()}={v!r} is not a valid {typ}") from None
         kw.update({k: v for k, v in overrides.items() if v is not None})

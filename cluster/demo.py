@@ -23,7 +23,7 @@ import ray
 
 from cluster.bootstrap import connect, dashboard_url, ensure_actors
 from cluster.config import ClusterConfig
-from cluster.storage import filesystem
+from durable.objects import filesystem
 from cluster.workload import generate, write_parquet
 from sketch.hashing import hash_visitors
 
@@ -37,15 +37,13 @@ def exact(table: pa.Table, key, start: float, end: float) -> tuple[int, int]:
     return len(np.unique(h)), int(m.sum())
 
 
-def submit_ingest(dashboard: str, folder: str, namespace: str, timeout: float = 900) -> dict:
+def submit_ingest(dashboard: str, folder: str, config: ClusterConfig, timeout: float = 900) -> dict:
     """Run ``python -m cluster.ingest folder`` as a Ray job; return its summary."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(dashboard)
-    env = {k: v for k, v in os.environ.items() if k.startswith("IMPRESSIONS_") or k == "RAY_AUTH_MODE"}
-    env["IMPRESSIONS_NAMESPACE"] = namespace
     job = client.submit_job(entrypoint=f"{sys.executable} -m cluster.ingest {folder} --json --no-progress",
-                            runtime_env={"env_vars": env})
+                            runtime_env={"env_vars": config.job_env()})
     deadline = time.time() + timeout
     status = client.get_job_status(job)
     while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -66,7 +64,7 @@ def run(events: int = 2_000_000, ads: int = 1000, days: float = 3.0, config: Clu
     cfg = config or ClusterConfig.from_env()
     how = connect(include_dashboard=True)
     coord = ensure_actors(cfg)
-    cfg = ClusterConfig.from_json(ray.get(coord.config_json.remote()))
+    cfg = ray.get(coord.cluster_config.remote())
     out(f"Ray: {how}; {cfg.shards} shards in namespace {cfg.namespace!r}, storage {cfg.storage}")
     end = float(int(time.time()) - 60)
     out(f"generating {events:,} impressions of {ads:,} ads over {days:g} days ...")
@@ -75,7 +73,7 @@ def run(events: int = 2_000_000, ads: int = 1000, days: float = 3.0, config: Clu
     folder = os.path.join(base, "demo", f"events-{int(end)}")
     write_parquet(table, folder, rows_per_file=max(100_000, events // 8))
     t = time.perf_counter()
-    summary = submit_ingest(dashboard_url(), folder, cfg.namespace)
+    summary = submit_ingest(dashboard_url(), folder, cfg)
     dt = time.perf_counter() - t
     out(f"ingest job {summary['job']}: {summary['accepted']:,} events from {summary['files']} files, "
         f"{summary['rejected']:,} rejected; {summary['events_per_second']:,} events/s inside the job, "
@@ -86,7 +84,7 @@ def run(events: int = 2_000_000, ads: int = 1000, days: float = 3.0, config: Clu
     for key in (None, "ad-0", "ad-3", f"ad-{ads - 1}"):
         for last in ("15m", "1h", "1d", f"{int(days)}d"):
             t = time.perf_counter()
-            r = ray.get(coord.query.remote([key], last, None, None, end))[0]
+            r = ray.get(coord.query.remote([key], cfg.sketch.resolve(now=end, last=last)))[0]
             ms = (time.perf_counter() - t) * 1e3
             true, imp = exact(table, key, r["start"], r["end"])
             lo, hi = r["interval"]

@@ -9,10 +9,11 @@ SOURCE is a file or folder, local or any ``pyarrow.fs`` URI (``s3://``,
 
 Work is cut into fragments (a Parquet row group, or a CSV/JSON file) and run
 as parallel Ray tasks.  Each task reads its fragment ``batch_rows`` rows at a
-time, parses timestamps, validates, hashes the visitor ids, cuts the batch
-by shard and sends each part straight to its shard actor, never keeping more
-than ``max_inflight`` calls in flight: memory stays bounded whatever the
-input size, and the events never pass through the driver.  Bad rows are
+time, parses timestamps, validates, hashes the visitor ids and hands the
+batch to an ``actors.sender.Sender``, which cuts it by shard and sends each
+part straight to its shard actor, never keeping more than ``max_inflight``
+calls in flight: memory stays bounded whatever the input size, and the
+events never pass through the driver.  Bad rows are
 counted per reason with a few samples (file and row); every good row is
 applied.  The driver shows progress and prints a summary at the end.
 """
@@ -23,17 +24,17 @@ import argparse
 import json
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import ray
 
+from actors.sender import Sender
+from cluster.bootstrap import RayRuntime, coordinator_route
 from cluster.config import ClusterConfig
 from cluster.readers import Fragment, MissingColumn, fragments, parse_ts, read_fragment
-from cluster.storage import list_sources
-from sketch.events import REASONS, Batch, IngestReport, prepare
+from cluster.sources import list_sources
+from sketch.events import REASONS, IngestReport, prepare
 
 
 @dataclass
@@ -70,77 +71,6 @@ class IngestSummary:
         return "\n".join(lines)
 
 
-class Sender:
-    """Sends per-shard batches with at most ``max_inflight`` calls pending.
-
-    Every part gets a batch id, so a call that Ray retries after a shard
-    restart is applied once.  A part refused because the shard map changed
-    (``ShardMoved``, or the old shard gone) is cut again for the new map and
-    sent with its original id as parent: if the old shard applied it before
-    it was sealed, the new shard knows, and does not apply it twice.
-    """
-
-    REROUTE_DEADLINE_S = 900.0  # a re-sharding seals, exports and seeds the whole state: allow it time
-
-    def __init__(self, coordinator, p: int, max_inflight: int):
-        self.coordinator, self.p, self.max_inflight = coordinator, p, max_inflight
-        self.epoch, self.shards = ray.get(coordinator.route.remote())
-        self.inflight: dict = {}  # ref -> (part, batch id, parent id)
-        self.peak = 0
-        self.batches = 0
-        self._prefix = uuid.uuid4().hex[:16]
-        self._n = 0
-
-    def send(self, batch: Batch, parent: str | None = None) -> None:
-        for shard, part in enumerate(batch.split(self.p, len(self.shards))):
-            if len(part):
-                self._call(shard, part.compact(), parent)
-        self.peak = max(self.peak, len(self.inflight))
-        while len(self.inflight) > self.max_inflight:
-            ready, _ = ray.wait(list(self.inflight), num_returns=1)
-            self._settle(ready[0])
-
-    def _call(self, shard: int, part: Batch, parent: str | None) -> None:
-        bid = f"{self._prefix}:{self._n}"
-        self._n += 1
-        self.inflight[self.shards[shard].apply.remote(part, bid, parent)] = (part, bid, parent)
-        self.batches += 1
-
-    def _settle(self, ref) -> None:
-        part, bid, parent = self.inflight.pop(ref)
-        parent = parent or bid  # retries name the batch first sent, which the old shard may have applied
-        deadline = time.time() + self.REROUTE_DEADLINE_S
-        while True:
-            try:
-                ray.get(ref)
-                return
-            except (ray.exceptions.RayTaskError, ray.exceptions.ActorDiedError) as e:
-                moved = type(e.cause).__name__ == "ShardMoved" if isinstance(e, ray.exceptions.RayTaskError) \
-                    else True  # a shard gone for good: only a re-sharding retires shards
-                if not moved or time.time() > deadline:
-                    raise
-            # the map is changing: wait for the new one (or for the old shard to
-            # take batches again, if the re-sharding was rolled back), then cut the
-            # part again for the map now known: it may have been cut for an older one
-            time.sleep(0.2)
-            epoch, shards = ray.get(self.coordinator.route.remote())
-            if epoch != self.epoch:
-                self.epoch, self.shards = epoch, shards
-            subs = [(i, sub) for i, sub in enumerate(part.split(self.p, len(self.shards))) if len(sub)]
-            if len(subs) > 1:
-                for i, sub in subs:
-                    self._call(i, sub.compact(), parent)
-                return
-            shard, part = subs[0]
-            ref = self.shards[shard].apply.remote(part, f"{self._prefix}:{self._n}", parent)
-            self._n += 1
-
-    def drain(self) -> None:
-        while self.inflight:
-            ready, _ = ray.wait(list(self.inflight), num_returns=1)
-            self._settle(ready[0])
-
-
 def _prepare(table: pa.Table, cfg: ClusterConfig, now: float, row: int, ts_unit: str, malformed=()):
     ts, bad = parse_ts(table.column("ts"), ts_unit)
     sk = cfg.sketch
@@ -150,11 +80,14 @@ def _prepare(table: pa.Table, cfg: ClusterConfig, now: float, row: int, ts_unit:
                    malformed=malformed)
 
 
+def _sender(coordinator, cfg: ClusterConfig) -> Sender:
+    return Sender(RayRuntime(), coordinator_route(coordinator), cfg.sketch.p, cfg.max_inflight)
+
+
 @ray.remote
-def ingest_fragment(frag: Fragment, cols: dict, cfg_json: str, coordinator, now: float, ts_unit: str) -> dict:
+def ingest_fragment(frag: Fragment, cols: dict, cfg: ClusterConfig, coordinator, now: float, ts_unit: str) -> dict:
     """One task: read, validate, hash and send one fragment."""
-    cfg = ClusterConfig.from_json(cfg_json)
-    sender = Sender(coordinator, cfg.sketch.p, cfg.max_inflight)
+    sender = _sender(coordinator, cfg)
     report = IngestReport()
     try:
         for table, row, malformed in read_fragment(frag, cols, cfg.batch_rows, cfg.s3_endpoint):
@@ -198,7 +131,7 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
     from cluster.bootstrap import ensure_actors
 
     coord = coordinator or ensure_actors(config)
-    cfg = ClusterConfig.from_json(ray.get(coord.config_json.remote()))
+    cfg = ray.get(coord.cluster_config.remote())
     t0 = time.perf_counter()
     files = list_sources(sources, cfg.s3_endpoint)
     frags = fragments(files, cfg.s3_endpoint)
@@ -216,11 +149,10 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
     free = _free_cpus()
     max_tasks = max_tasks or max(2, 2 * int(free))
     pending, queue = {}, list(frags)
-    cfg_json = cfg.to_json()
     while queue or pending:
         while queue and len(pending) < max_tasks:
             f = queue.pop(0)
-            pending[ingest_fragment.remote(f, cols, cfg_json, coord, now, ts_unit)] = f
+            pending[ingest_fragment.remote(f, cols, cfg, coord, now, ts_unit)] = f
         ready, _ = ray.wait(list(pending), num_returns=1)
         frag = pending.pop(ready[0])
         out = ray.get(ready[0])
@@ -240,8 +172,8 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
 def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "key", visitor: str = "visitor",
                  now: float | None = None, ts_unit: str = "auto", malformed=()) -> IngestReport:
     """Ingest an in-memory Arrow table from this driver (the Python client's path)."""
-    cfg = ClusterConfig.from_json(ray.get(coordinator.config_json.remote()))
-    sender = Sender(coordinator, cfg.sketch.p, cfg.max_inflight)
+    cfg = ray.get(coordinator.cluster_config.remote())
+    sender = _sender(coordinator, cfg)
     now = time.time() if now is None else now
     missing = [c for c in (ts, key, visitor) if c not in table.schema.names]
     if missing:

@@ -39,10 +39,11 @@ class RangeResult:
                 "exact": e.exact, "partial": e.partial}
 
 
-def combine_answers(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], m: int,
+def merge_answers(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], m: int,
                     registers_per_shard: int, shards_total: int) -> list[tuple[Estimate, int]]:
-    """Sum shard answers (``hist``, ``sparse``, ``impressions``, one row per
-    key) and estimate each key.  Missing shards (fewer answers than
+    """Merge shard answers (``hist``, ``sparse``, ``impressions``, one row per
+    key) and estimate each key.  The shards' register ranges are disjoint, so
+    merging their slices is summing their histograms.  Missing shards (fewer answers than
     ``shards_total``) make the answers partial: estimates and impressions
     are extrapolated from the register ranges that answered."""
     hist = sum(a[0] for a in answers)

@@ -26,7 +26,10 @@ coupons (random 32-bit values) and registers compress on their own.
 Every batch's schema metadata names the format, its version, the
 parameters that must match to read it (precision, bucket width, tier
 levels, shard layout), which stored node it belongs to and which part it
-is.  A state written under other parameters, or whose contents are out of
+is.  A node's batches (``node_batches``) are one checkpoint object; a whole
+state (``store_to_batches``, what re-sharding ships) is every node's
+batches and, last, one ``state`` batch whose metadata holds the store's
+counters (newest bucket seen, events applied).  A state written under other parameters, or whose contents are out of
 range (a rank no hash produces, a coupon of another shard, a register value
 above 64 - p + 1, rows outside their node, counts that disagree), is refused
 with a ``StateError`` that says what was wrong.  The checkpointer writes the
@@ -40,9 +43,10 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from .hll import RANK_BITS, RANK_MASK, SPARSE_P
-from .rows import RowTable, make_code
-from .store import ShardStore, SketchConfig, Slot
+from .hll import RANK_MASK, SPARSE_P
+from .rows import RowTable, code_keys, code_nodes, make_code
+from .store import ShardStore, SketchConfig
+from .tiers import Node, Slot, TableNode
 
 FORMAT = "impressions-shard-state"
 VERSION = 2
@@ -69,21 +73,31 @@ class StateError(ValueError):
 
 def _meta(store: ShardStore, role: str, level: int, node: int, component: str, extra: dict) -> dict[bytes, bytes]:
     m = {"format": FORMAT, "version": VERSION, "role": role, "level": level, "node": node,
-         "component": component, "shard": store.shard, "shards": store.shards,
-         "max_bucket": store.max_bucket, "events": store.events, **extra}
+         "component": component, "shard": store.shard, "shards": store.shards, **extra}
     m.update(store.config.identity())
     return {k.encode(): str(v).encode() for k, v in m.items()}
 
 
-def _node_batches(store: ShardStore, tables: list[tuple[RowTable, int]], role: str, level: int,
-                  node: int) -> list[pa.RecordBatch]:
-    R = store.prec.R
-    tables = [(t, part) for t, part in tables if len(t)]
+def _role(node: Node) -> str:
+    if isinstance(node, Slot):
+        return "slot" if node.main else "slot-raw"
+    return node.kind
+
+
+def node_batches(store: ShardStore, node: Node) -> list[pa.RecordBatch]:
+    """The three record batches (rows, coupons, registers) of one stored node."""
+    return _batches(store, node.parts(), _role(node), node.level, node.node)
+
+
+def _batches(store: ShardStore, parts: list[tuple[int, RowTable]], role: str, level: int,
+             node: int) -> list[pa.RecordBatch]:
+    R = store.rr.R
+    tables = [(t, part) for part, t in parts if len(t)]
     if tables:
         codes = np.concatenate([t.code for t, _ in tables])
-        ids = (codes >> np.uint64(32)).astype(np.int64)
+        ids = code_keys(codes)
         lv = np.concatenate([np.full(len(t), t.level, np.int64) for t, _ in tables])
-        nodes = (codes & np.uint64(0xFFFFFFFF)).astype(np.int64) - ((node << level) >> lv)
+        nodes = code_nodes(codes) - ((node << level) >> lv)
         part = np.concatenate([np.full(len(t), p, np.uint8) for t, p in tables])
         imp = np.concatenate([t.imp for t, _ in tables])
         counts = np.concatenate([t.lengths for t, _ in tables]).astype(np.uint32)
@@ -121,10 +135,9 @@ def _coupon_planes(coupons: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     d = coupons.copy()
     if len(d) > 1:
         d[1:] -= coupons[:-1]  # uint32 arithmetic: row starts are fixed below
-    starts = np.cumsum(counts)[:-1][counts[1:] > 0] if len(counts) > 1 else np.zeros(0, np.int64)
-    if len(counts) and counts[0] > 0:
-        starts = np.r_[0, starts]
-    d[starts.astype(np.int64)] = coupons[starts.astype(np.int64)]
+    counts = np.asarray(counts, np.int64)
+    starts = (np.cumsum(counts) - counts)[counts > 0]  # each non-empty row's first coupon
+    d[starts] = coupons[starts]
     b = d.view(np.uint8).reshape(-1, 4)
     return [np.ascontiguousarray(b[:, i]) for i in range(4)]
 
@@ -153,19 +166,14 @@ def _coupons_from_planes(cps: pa.RecordBatch, counts: np.ndarray) -> np.ndarray:
 
 
 def store_to_batches(store: ShardStore) -> list[pa.RecordBatch]:
-    """The store's whole state, three batches per stored node (the memtable
-    is flushed first)."""
-    store.flush()
+    """The store's whole state: three batches per stored node (the memtable
+    is flushed first), then the ``state`` batch with the store's counters."""
     out = []
-    for (level, node), slot in sorted(store.slots.items()):
-        tables = [(t, 0) for t in (slot.main or [])] + [(t, i + 1) for i, t in enumerate(slot.runs)]
-        out += _node_batches(store, tables, "slot" if slot.main else "slot-raw", level, node)
-    for (level, node), t in sorted(store.upper.items()):
-        out += _node_batches(store, [(t, 0)], "upper", level, node)
-    for (level, node), t in sorted(store.summaries.items()):
-        out += _node_batches(store, [(t, 0)], "summary", level, node)
-    if not out:  # an empty store still records its parameters
-        out += _node_batches(store, [], "empty", 0, 0)
+    for node in store.nodes():
+        out += node_batches(store, node)
+    state = {"max_bucket": store.max_bucket, "events": store.events}
+    out.append(pa.RecordBatch.from_arrays([pa.array([], t.type) for t in ROWS], schema=ROWS.with_metadata(
+        _meta(store, "state", 0, 0, "state", state))))
     return out
 
 
@@ -182,16 +190,20 @@ def _check_meta(meta, config: SketchConfig, shard: int, shards: int) -> dict[str
     return m
 
 
-def store_from_batches(batches: list[pa.RecordBatch], config: SketchConfig, shard: int = 0,
-                       shards: int = 1) -> ShardStore:
-    """Rebuild a store from ``store_to_batches`` output, validating it."""
-    store = ShardStore(config, shard, shards)
+def nodes_from_batches(batches: list[pa.RecordBatch], store: ShardStore) -> tuple[list[Node], dict[str, int]]:
+    """The nodes in ``batches`` (validated, key ids translated to ``store``'s)
+    and the store counters of a ``state`` batch among them (else {})."""
+    config, shard, shards = store.config, store.shard, store.shards
     parts: dict[tuple[str, int, int], dict[str, pa.RecordBatch]] = defaultdict(dict)
     metas = {}
+    counters: dict[str, int] = {}
     for rb in batches:
         m = _check_meta(rb.schema.metadata, config, shard, shards)
         comp = m.get("component")
-        want = {"rows": ROWS, "coupons": COUPONS, "registers": registers_schema(store.prec.R)}.get(comp)
+        if comp == "state":
+            counters = {"max_bucket": int(m["max_bucket"]), "events": int(m["events"])}
+            continue
+        want = {"rows": ROWS, "coupons": COUPONS, "registers": registers_schema(store.rr.R)}.get(comp)
         if want is None:
             raise StateError(f"unknown state component {comp!r}")
         if rb.schema.remove_metadata() != want:
@@ -201,8 +213,8 @@ def store_from_batches(batches: list[pa.RecordBatch], config: SketchConfig, shar
             raise StateError(f"state holds two {comp} batches for {ident[0]} node {ident[1]}/{ident[2]}")
         parts[ident][comp] = rb
         metas[ident] = m
-        store.max_bucket = max(store.max_bucket, int(m["max_bucket"]))
-        store.events = int(m["events"])
+    nodes: list[Node] = []
+    R = store.rr.R
     for (role, level, node), comps in parts.items():
         missing = {"rows", "coupons", "registers"} - set(comps)
         if missing:
@@ -212,19 +224,25 @@ def store_from_batches(batches: list[pa.RecordBatch], config: SketchConfig, shar
             if level not in (config.leaf_level, config.segment_level):
                 raise StateError(f"slot at level {level} is neither a leaf ({config.leaf_level}) "
                                  f"nor a segment ({config.segment_level})")
-            slot = Slot(level, node)
-            if role == "slot":
-                slot.main = [tables.get((0, lvl), RowTable.empty(lvl, store.prec.R)) for lvl in range(level + 1)]
-            slot.runs = [t for (part, _), t in sorted(tables.items()) if part > 0]
-            store.slots[(level, node)] = slot
-            if level == config.leaf_level or slot.runs:
-                store._loose.add((level, node))
+            main = [tables.get((0, lvl), RowTable.empty(lvl, R)) for lvl in range(level + 1)] \
+                if role == "slot" else None
+            runs = [t for (part, _), t in sorted(tables.items()) if part > 0]
+            nodes.append(Slot(level, node, None if main is None else tuple(main), tuple(runs)))
         elif role in ("upper", "summary"):
-            t = tables.get((0, level), RowTable.empty(level, store.prec.R))
-            (store.upper if role == "upper" else store.summaries)[(level, node)] = t
-        elif role != "empty":
+            nodes.append(TableNode(role, level, node, tables.get((0, level), RowTable.empty(level, R))))
+        else:
             raise StateError(f"unknown state role {role!r}")
-    store._index_upper()
+    return nodes, counters
+
+
+def store_from_batches(batches: list[pa.RecordBatch], config: SketchConfig, shard: int = 0,
+                       shards: int = 1) -> ShardStore:
+    """Rebuild a store from ``store_to_batches`` output, validating it."""
+    store = ShardStore(config, shard, shards)
+    nodes, counters = nodes_from_batches(batches, store)
+    if not counters:
+        raise StateError("state lacks its state batch (the store's counters)")
+    store.install(nodes, **counters)
     return store
 
 
@@ -233,7 +251,7 @@ def _np(col) -> np.ndarray:
 
 
 def _tables(store: ShardStore, comps, meta, level: int, node: int) -> dict[tuple[int, int], RowTable]:
-    prec = store.prec
+    rr = store.rr
     rows, cps, regb = comps["rows"], comps["coupons"], comps["registers"]
     n = rows.num_rows
     if n != int(meta.get("rows", -1)) or cps.num_rows != int(meta.get("coupon_count", -1)) \
@@ -278,17 +296,16 @@ def _tables(store: ShardStore, comps, meta, level: int, node: int) -> dict[tuple
         rank = cvals & RANK_MASK
         if (rank < 1).any() or (rank > 64 - SPARSE_P + 1).any():
             raise StateError("state holds a coupon with an impossible rank")
-        reg = (cvals >> RANK_BITS) >> (SPARSE_P - prec.p)
-        if ((reg < prec.reg_lo) | (reg >= prec.reg_lo + prec.R)).any():
-            raise StateError(f"state holds coupons outside shard {prec.shard}'s registers")
+        if not rr.owns(cvals):
+            raise StateError(f"state holds coupons outside shard {rr.shard}'s registers")
     rcol = regb.column("registers")
     if len(rcol):
         buf = np.frombuffer(rcol.buffers()[1], np.uint8)
-        regs = buf[rcol.offset * prec.R:(rcol.offset + len(rcol)) * prec.R].reshape(-1, prec.R).copy()
-        if (regs > prec.q + 1).any():
-            raise StateError(f"state holds a register value above {prec.q + 1}")
+        regs = buf[rcol.offset * rr.R:(rcol.offset + len(rcol)) * rr.R].reshape(-1, rr.R).copy()
+        if (regs > rr.prec.q + 1).any():
+            raise StateError(f"state holds a register value above {rr.prec.q + 1}")
     else:
-        regs = np.zeros((0, prec.R), np.uint8)
+        regs = np.zeros((0, rr.R), np.uint8)
     coff = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=coff[1:])
     dense_all = np.full(n, -1, np.int64)
@@ -310,5 +327,5 @@ def _tables(store: ShardStore, comps, meta, level: int, node: int) -> dict[tuple
         dense = np.full(len(sel), -1, np.int32)
         dense[d >= 0] = np.arange(int((d >= 0).sum()), dtype=np.int32)
         out[(int(g // 64), int(g % 64))] = RowTable(int(g % 64), code, off, dense, cvals[gather],
-                                                   regs[d[d >= 0]], imp[sel]).warm()
+                                                   regs[d[d >= 0]], imp[sel])
     return out

@@ -1,14 +1,18 @@
 """An in-process counter: ``S`` shard stores behind the user-level API.
 
 This is the whole system without Ray: the same validation, the same
-per-shard batches, the same shard stores and the same answer combination
+per-shard batches, the same shard stores and the same answer merging
 that the actor cluster uses, called directly.  It is what the tests use as
 the reference for the cluster, and what the core benchmark measures.
 
-    >>> c = Counter(SketchConfig(), shards=2)
-    >>> report = c.ingest(ts=[now, now], keys=["ad-1", "ad-2"], visitors=["u1", "u1"], now=now)
+    >>> now = 1_800_000_000.0
+    >>> c = LocalCounter(SketchConfig(), shards=2)
+    >>> c.ingest(ts=[now, now], keys=["ad-1", "ad-2"], visitors=["u1", "u1"], now=now).accepted
+    2
     >>> c.unique("ad-1", last="15m", now=now).unique_visitors
     1
+    >>> c.unique(None, last="15m", now=now).to_dict()["impressions"]
+    2
 """
 
 from __future__ import annotations
@@ -17,16 +21,17 @@ import time
 
 import numpy as np
 
-from .answer import RangeResult, combine_answers
+from .answer import RangeResult, merge_answers
 from .events import IngestReport, prepare
 from .store import ShardStore, SketchConfig
-from .timeindex import resolve_range
+from .timeindex import BucketRange
 
 
-class Counter:
+class LocalCounter:
     def __init__(self, config: SketchConfig | None = None, shards: int = 1):
         self.config = config or SketchConfig()
         self.stores = [ShardStore(self.config, s, shards) for s in range(shards)]
+        self.rr = self.stores[0].rr
 
     @property
     def shards(self) -> int:
@@ -48,14 +53,15 @@ class Counter:
 
     def query(self, keys, *, last=None, start=None, end=None, now: float | None = None) -> list[RangeResult]:
         """Unique visitors and impressions for each key (None = site-wide)."""
-        cfg = self.config
-        rng = resolve_range(bucket_seconds=cfg.bucket_seconds, retention_buckets=cfg.retention_buckets,
-                            now=time.time() if now is None else now, last=last, start=start, end=end)
+        rng = self.config.resolve(now=time.time() if now is None else now, last=last, start=start, end=end)
+        return self.query_range(keys, rng)
+
+    def query_range(self, keys, rng: BucketRange) -> list[RangeResult]:
+        """``query`` for a range already resolved."""
         keys = list(keys)
         answers = [store.query(keys, rng.b0, rng.b1) for store in self.stores]
-        prec = self.stores[0].prec
-        combined = combine_answers(answers, prec.m, prec.R, self.shards)
-        return [RangeResult(k, rng.start, rng.end, est, imp) for k, (est, imp) in zip(keys, combined)]
+        merged = merge_answers(answers, self.rr.prec.m, self.rr.R, self.shards)
+        return [RangeResult(k, rng.start, rng.end, est, imp) for k, (est, imp) in zip(keys, merged)]
 
     def unique(self, key=None, **kw) -> RangeResult:
         return self.query([key], **kw)[0]

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .hashing import hash_visitors
-from .hll import RANK_BITS, SPARSE_P, coupons_from_hashes
+from .hll import coupon_register, coupons_from_hashes
 from .timeindex import span
 
 MAX_KEY_BYTES = 256
@@ -92,8 +92,7 @@ class Batch:
         return len(self.bucket)
 
     def shards(self, p: int, shards: int) -> np.ndarray:
-        reg = (self.coupon >> np.uint32(RANK_BITS)) >> np.uint32(SPARSE_P - p)
-        return reg.astype(np.int64) // ((1 << p) // shards)
+        return coupon_register(self.coupon, p) // ((1 << p) // shards)
 
     def split(self, p: int, shards: int) -> list["Batch"]:
         """One batch per shard (some may be empty), order kept within each."""

@@ -28,7 +28,6 @@ import pyarrow as pa
 HASH_SEED = 0
 _C1 = np.uint64(0x87C37B91114253D5)
 _C2 = np.uint64(0x4CF5AD432745937F)
-_ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 # _LOW_BYTES[v] keeps the low v bytes of a little-endian word (v = 0..8)
 _LOW_BYTES = np.array([(1 << (8 * v)) - 1 for v in range(8)] + [0xFFFFFFFFFFFFFFFF], np.uint64)
 

@@ -25,8 +25,8 @@ sketch built dense from the start.  Counting distinct coupon indices is
 linear counting over 2**26 buckets: exact in practice below a few thousand
 visitors (``exact`` below), and the reason small counts are near exact.
 
-Register ranges.  ``S`` shards (``S`` a power of two dividing ``m``) each own
-``R = m / S`` contiguous registers ``[s*R, (s+1)*R)``; a visitor's shard is
+Register ranges (``RegisterRange``).  ``S`` shards (``S`` a power of two
+dividing ``m``) each own ``R = m / S`` contiguous registers ``[s*R, (s+1)*R)``; a visitor's shard is
 ``i // R``, a function of its hash alone, and the concatenation of all shards'
 slices is the unsharded sketch.
 
@@ -85,26 +85,62 @@ def register_of_hash(h: int, p: int) -> tuple[int, int]:
     return h >> q, q - rest.bit_length() + 1
 
 
-class Precision:
-    """Derived constants for one precision ``p`` and shard layout."""
+def coupon_register(coupons: np.ndarray, p: int) -> np.ndarray:
+    """The register index (0 .. 2**p - 1) each coupon updates at precision ``p``:
+    the top ``p`` of its 26 index bits."""
+    return ((np.asarray(coupons, dtype=np.uint32) >> np.uint32(RANK_BITS)) >> np.uint32(SPARSE_P - p)).astype(np.int64)
 
-    def __init__(self, p: int = DEFAULT_P, shards: int = 1, shard: int = 0):
-        if not (MIN_P <= p <= MAX_P):
-            raise ValueError(f"precision p={p} is outside the supported range {MIN_P}..{MAX_P}")
-        m = 1 << p
-        if shards < 1 or shards & (shards - 1) or shards > m:
-            raise ValueError(f"shard count {shards} must be a power of two between 1 and {m}")
-        if not (0 <= shard < shards):
-            raise ValueError(f"shard index {shard} is outside 0..{shards - 1}")
-        self.p, self.m, self.q = p, m, HASH_BITS - p
-        self.shards, self.shard = shards, shard
-        self.R = m // shards  # registers per shard
-        self.reg_lo = shard * self.R
+
+def check_precision(p: int) -> None:
+    if not (MIN_P <= p <= MAX_P):
+        raise ValueError(f"precision p={p} is outside the supported range {MIN_P}..{MAX_P}")
+
+
+def check_shards(shards: int, p: int) -> None:
+    """Shards split the 2**p registers into equal contiguous ranges: a power of two, at most 2**p."""
+    m = 1 << p
+    if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1 \
+            or shards & (shards - 1) or shards > m:
+        raise ValueError(f"shard count {shards} must be a power of two between 1 and {m}")
+
+
+class Precision:
+    """Constants derived from the precision ``p`` alone."""
+
+    def __init__(self, p: int = DEFAULT_P):
+        check_precision(p)
+        self.p, self.m, self.q = p, 1 << p, HASH_BITS - p
         self.hist_len = self.q + 2  # register values 0..q+1
         self.low_bits = SPARSE_P - p  # coupon index bits below the register index
         # rank contributed by the coupon index's low bits when they are not all zero
         low = np.arange(1 << self.low_bits, dtype=np.int64)
         self._low_rank = (self.low_bits - _bit_length(low) + 1).astype(np.uint8)
+
+    def coupon_registers(self, coupons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coupons -> (register index, rank) at this precision."""
+        c = np.asarray(coupons, dtype=np.uint32)
+        idx = c >> RANK_BITS
+        low = idx & np.uint32((1 << self.low_bits) - 1)
+        rank = np.where(low != 0, self._low_rank[low], (c & RANK_MASK).astype(np.uint8) + np.uint8(self.low_bits))
+        return (idx >> self.low_bits).astype(np.int64), rank.astype(np.uint8)
+
+
+class RegisterRange:
+    """The registers ``[lo, lo + R)`` that shard ``shard`` of ``shards`` owns.
+
+    Every shard store and row table works on one such range: a dense row is
+    its ``R`` registers, and register indices inside it are relative to ``lo``.
+    """
+
+    def __init__(self, p: int = DEFAULT_P, shards: int = 1, shard: int = 0):
+        self.prec = Precision(p)
+        check_shards(shards, p)
+        if not (0 <= shard < shards):
+            raise ValueError(f"shard index {shard} is outside 0..{shards - 1}")
+        self.p, self.shards, self.shard = p, shards, shard
+        self.R = self.prec.m // shards  # registers per shard
+        self.lo = shard * self.R
+        self.hi = self.lo + self.R
         # a dense slice costs R bytes in memory and, compressed, about a third
         # of that at rest; a coupon costs 4 bytes either way.  Switching to
         # dense past R/8 coupons keeps a sparse row at most half a dense one
@@ -112,33 +148,28 @@ class Precision:
         self.dense_threshold = max(1, self.R // 8)
 
     def coupon_registers(self, coupons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Coupons -> (register index relative to this shard's slice, rank)."""
-        c = np.asarray(coupons, dtype=np.uint32)
-        idx = c >> RANK_BITS
-        reg = (idx >> self.low_bits).astype(np.int64) - self.reg_lo
-        low = idx & np.uint32((1 << self.low_bits) - 1)
-        rank = np.where(low != 0, self._low_rank[low], (c & RANK_MASK).astype(np.uint8) + np.uint8(self.low_bits))
-        return reg, rank.astype(np.uint8)
+        """Coupons -> (register index relative to this range, rank)."""
+        reg, rank = self.prec.coupon_registers(coupons)
+        return reg - self.lo, rank
+
+    def owns(self, coupons: np.ndarray) -> bool:
+        """Whether every coupon falls in this range's registers."""
+        if not len(coupons):
+            return True
+        reg = coupon_register(coupons, self.p)
+        return bool(reg.min() >= self.lo and reg.max() < self.hi)
 
     def shard_of_hashes(self, h: np.ndarray) -> np.ndarray:
         return (np.asarray(h, dtype=np.uint64) >> _U64(HASH_BITS - self.p)).astype(np.int64) // self.R
 
     def registers_from_coupons(self, coupons: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Scatter coupons into this shard's dense register slice (max)."""
+        """Scatter coupons into this range's dense register slice (max)."""
         if out is None:
             out = np.zeros(self.R, dtype=np.uint8)
         if len(coupons):
             reg, rank = self.coupon_registers(coupons)
             np.maximum.at(out, reg, rank)
         return out
-
-
-def distinct_coupon_count(coupons: np.ndarray) -> int:
-    """Number of distinct coupon indices (26-bit) in an unsorted coupon array."""
-    if len(coupons) == 0:
-        return 0
-    idx = np.sort(np.asarray(coupons, dtype=np.uint32) >> RANK_BITS)  # sorting beats np.unique's hashing here
-    return int(np.count_nonzero(idx[1:] != idx[:-1])) + 1
 
 
 # ---------------------------------------------------------------- estimator

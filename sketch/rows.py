@@ -16,7 +16,7 @@ as flat numpy arrays, sorted by ``code = key_id << 32 | node``:
 The layout is Arrow's list layout (offsets + values), so a table converts to
 an Arrow record batch without copying the coupons.
 
-``combine`` is the one merge kernel of the system: it folds any set of input
+``merge_into`` is the one merge kernel of the system: it folds any set of input
 rows into output groups (the union of their visitors) fully vectorized.  It
 serves the memtable flush (events -> level-0 rows), the rollups (level l ->
 l + 1), compaction (runs -> one table) and queries.  A group's output is
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .hll import RANK_BITS, Precision
+from .hll import RANK_BITS, RegisterRange
 
 KEY_SHIFT = np.uint64(32)
 NODE_MASK = np.uint64(0xFFFFFFFF)
@@ -37,15 +37,40 @@ _EMPTY_U32 = np.zeros(0, dtype=np.uint32)
 _LITTLE = np.little_endian
 
 
-def make_code(key: np.ndarray | int, node: np.ndarray | int) -> np.ndarray:
+def make_code(key, node):
+    """Row codes ``key << 32 | node``: sorting by code sorts by key, then time.
+    Python ints give a Python int (the one-key lookups), arrays an array."""
+    if isinstance(key, int) and isinstance(node, int):
+        return (key << 32) | node
     return (np.asarray(key, dtype=np.uint64) << KEY_SHIFT) | np.asarray(node, dtype=np.uint64)
 
 
-class RowTable:
-    __slots__ = ("level", "code", "off", "dense", "coupons", "regs", "imp", "_imp_cs", "_dense_cs", "_measure",
-                 "__weakref__")
+def code_keys(code: np.ndarray) -> np.ndarray:
+    """The key ids of row codes."""
+    return (code >> KEY_SHIFT).astype(np.int64)
 
-    def __init__(self, level, code, off, dense, coupons, regs, imp):
+
+def code_nodes(code: np.ndarray) -> np.ndarray:
+    """The node numbers of row codes."""
+    return (code & NODE_MASK).astype(np.int64)
+
+
+def parent_codes(code: np.ndarray, up: int = 1) -> np.ndarray:
+    """The codes of each row's ancestor ``up`` levels higher (same key)."""
+    return (code & ~NODE_MASK) | ((code & NODE_MASK) >> np.uint64(up))
+
+
+class RowTable:
+    """Sketches of many (key, node) pairs of one level; see the module docstring.
+
+    Tables are not changed after construction (every operation returns a new
+    table or a view), so the prefix sums that queries read are computed here,
+    once: ``imp_cs`` over impressions and ``dense_cs`` over dense rows.
+    """
+
+    __slots__ = ("level", "code", "off", "dense", "coupons", "regs", "imp", "imp_cs", "dense_cs", "_measure")
+
+    def __init__(self, level, code, off, dense, coupons, regs, imp, measure=None):
         self.level = int(level)
         self.code = code
         self.off = off
@@ -53,9 +78,12 @@ class RowTable:
         self.coupons = coupons
         self.regs = regs
         self.imp = imp
-        self._imp_cs = None
-        self._dense_cs = None
-        self._measure = None  # set by ``combine``, which knows a dense row's coupon count
+        n = len(code)
+        self.imp_cs = np.zeros(n + 1, np.int64)
+        np.cumsum(imp, out=self.imp_cs[1:])
+        self.dense_cs = np.zeros(n + 1, np.int64)
+        np.cumsum(dense >= 0, out=self.dense_cs[1:])
+        self._measure = measure  # from the merge kernel, which knows a dense row's coupon count
 
     @classmethod
     def empty(cls, level: int, R: int) -> "RowTable":
@@ -68,36 +96,15 @@ class RowTable:
 
     @property
     def keys(self) -> np.ndarray:
-        return (self.code >> KEY_SHIFT).astype(np.int64)
+        return code_keys(self.code)
 
     @property
     def nodes(self) -> np.ndarray:
-        return (self.code & NODE_MASK).astype(np.int64)
+        return code_nodes(self.code)
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.off)
-
-    def warm(self) -> "RowTable":
-        """Compute the prefix sums queries use now rather than on the first query."""
-        self.imp_cs, self.dense_cs  # noqa: B018 (properties that cache)
-        return self
-
-    @property
-    def imp_cs(self) -> np.ndarray:
-        if self._imp_cs is None:
-            cs = np.zeros(len(self.code) + 1, np.int64)
-            np.cumsum(self.imp, out=cs[1:])
-            self._imp_cs = cs
-        return self._imp_cs
-
-    @property
-    def dense_cs(self) -> np.ndarray:
-        if self._dense_cs is None:
-            cs = np.zeros(len(self.code) + 1, np.int64)
-            np.cumsum(self.dense >= 0, out=cs[1:])
-            self._dense_cs = cs
-        return self._dense_cs
 
     def row_bytes(self) -> np.ndarray:
         """Bytes of each row's sketch: 4 a coupon, R a dense row."""
@@ -112,23 +119,25 @@ class RowTable:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.code, self.off, self.dense, self.coupons, self.regs, self.imp))
+        return sum(a.nbytes for a in (self.code, self.off, self.dense, self.coupons, self.regs, self.imp,
+                                      self.imp_cs, self.dense_cs))
 
     # ------------------------------------------------------------ lookups
     def find(self, key: int, node: int) -> int:
         """Row of (key, node), or -1."""
-        c = (key << 32) | node
-        i = int(np.searchsorted(self.code, np.uint64(c)))
+        c = make_code(key, node)
+        i = int(self.code.searchsorted(np.uint64(c)))
         return i if i < len(self.code) and int(self.code[i]) == c else -1
 
     def node_range(self, key: int, n0: int, n1: int) -> tuple[int, int]:
         """Rows of ``key`` with node in ``[n0, n1)``: a contiguous range."""
-        lo, hi = np.searchsorted(self.code, np.array([(key << 32) | n0, (key << 32) | n1], np.uint64))
+        k = make_code(key, 0)
+        lo, hi = self.code.searchsorted(np.array([k | n0, k | n1], np.uint64))
         return int(lo), int(hi)
 
     def find_many(self, keys: np.ndarray, node: int) -> np.ndarray:
         """Rows of (key, node) for each of ``keys``, -1 where absent."""
-        c = (keys.astype(np.uint64) << KEY_SHIFT) | np.uint64(node)
+        c = make_code(keys, node)
         i = np.searchsorted(self.code, c)
         ok = i < len(self.code)
         ok[ok] = self.code[i[ok]] == c[ok]
@@ -136,14 +145,11 @@ class RowTable:
 
     def node_range_many(self, keys: np.ndarray, n0: int, n1: int) -> tuple[np.ndarray, np.ndarray]:
         """For each key, its rows with node in ``[n0, n1)``."""
-        k = keys.astype(np.uint64) << KEY_SHIFT
-        return (np.searchsorted(self.code, k | np.uint64(n0)), np.searchsorted(self.code, k | np.uint64(n1)))
+        return np.searchsorted(self.code, make_code(keys, n0)), np.searchsorted(self.code, make_code(keys, n1))
 
-    def bytes_between(self, r0: int, r1: int) -> int:
-        return 4 * int(self.off[r1] - self.off[r0]) + self.regs.shape[1] * int(self.dense_cs[r1] - self.dense_cs[r0])
-
-    def impressions_between(self, r0: int, r1: int) -> int:
-        return int(self.imp_cs[r1] - self.imp_cs[r0])
+    def bytes_between(self, r0, r1):
+        """Sketch bytes of rows ``[r0, r1)`` (ints, or arrays of row numbers)."""
+        return 4 * (self.off[r1] - self.off[r0]) + self.regs.shape[1] * (self.dense_cs[r1] - self.dense_cs[r0])
 
     # ------------------------------------------------------------ reshaping
     def take(self, mask: np.ndarray) -> "RowTable":
@@ -166,24 +172,20 @@ class RowTable:
         regs = self.regs[d[is_d]]
         dense = np.full(len(rows), -1, np.int32)
         dense[is_d] = np.arange(int(is_d.sum()), dtype=np.int32)
-        t = RowTable(self.level, self.code[rows], off, dense, coupons, regs, self.imp[rows])
-        if self._measure is not None:
-            t._measure = self._measure[rows]
-        return t
+        return RowTable(self.level, self.code[rows], off, dense, coupons, regs, self.imp[rows],
+                        None if self._measure is None else self._measure[rows])
 
     def slice(self, r0: int, r1: int) -> "RowTable":
         """Rows ``[r0, r1)`` as a view."""
         d0, d1 = int(self.dense_cs[r0]), int(self.dense_cs[r1])
         dense = self.dense[r0:r1]
         dense = np.where(dense >= 0, dense - d0, -1).astype(np.int32)
-        t = RowTable(self.level, self.code[r0:r1], self.off[r0:r1 + 1] - self.off[r0], dense,
-                     self.coupons[self.off[r0]:self.off[r1]], self.regs[d0:d1], self.imp[r0:r1])
-        if self._measure is not None:
-            t._measure = self._measure[r0:r1]
-        return t
+        return RowTable(self.level, self.code[r0:r1], self.off[r0:r1 + 1] - self.off[r0], dense,
+                        self.coupons[self.off[r0]:self.off[r1]], self.regs[d0:d1], self.imp[r0:r1],
+                        None if self._measure is None else self._measure[r0:r1])
 
 
-def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
+def _fold(comp, n_groups, dense_gid, dense_src, regs, rr: RegisterRange):
     """Fold sparse entries and dense rows into ``n_groups`` output rows.
 
     ``comp`` holds every sparse entry as ``gid << 32 | coupon``, sorted;
@@ -192,7 +194,7 @@ def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
     ``measure`` is each row's size for the rollup rule: ``min(R, 4 x distinct
     coupons)``, or R when a dense input (whose coupons are unknown) fed it.
     """
-    R = prec.R
+    R = rr.R
     if len(comp) > 1:
         # same group and coupon index: keep the last (largest rank) of each run
         hi = comp >> np.uint64(RANK_BITS)
@@ -202,7 +204,7 @@ def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
         comp = comp[last]
     g = (comp >> KEY_SHIFT).view(np.int64)  # < 2**32: the same bits either way
     cnt = np.bincount(g, minlength=n_groups)
-    is_dense = cnt > prec.dense_threshold
+    is_dense = cnt > rr.dense_threshold
     measure = np.minimum(4 * cnt, R)
     if len(dense_gid):
         is_dense[dense_gid] = True
@@ -226,7 +228,7 @@ def _fold(comp, n_groups, dense_gid, dense_src, regs, prec: Precision):
             out_regs[t_sorted[starts]] = np.maximum.reduceat(regs[dense_src[order]], starts, axis=0)
     ent_dense = is_dense[g]
     if ent_dense.any():
-        reg, rank = prec.coupon_registers(_low32(comp[ent_dense]))
+        reg, rank = rr.coupon_registers(_low32(comp[ent_dense]))
         flat = out_dense[g[ent_dense]].astype(np.int64) * R + reg
         np.maximum.at(out_regs.reshape(-1), flat, rank)
     off = np.zeros(n_groups + 1, np.int64)
@@ -250,13 +252,15 @@ def _group(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, gid.reshape(-1)
 
 
-def combine(tables: list[RowTable], target_codes: list[np.ndarray], level: int, prec: Precision):
-    """Merge the rows of ``tables`` into rows keyed by ``target_codes``
-    (one array per table, one code per row).  Returns (table, gid) where
-    ``gid`` maps every input row, tables concatenated, to its output row.
-    Impressions of rows merged together are added."""
+def merge_into(tables: list[RowTable], target_codes: list[np.ndarray], level: int, rr: RegisterRange,
+               impressions: bool = True) -> tuple[RowTable, np.ndarray]:
+    """Merge the rows of ``tables`` into level-``level`` rows keyed by
+    ``target_codes`` (one array per table, one code per row).  Returns
+    (table, gid) where ``gid`` maps every input row, tables concatenated, to
+    its output row.  Impressions of rows merged together are added, or, with
+    ``impressions=False`` (rollups: prefix sums over level 0 count them), dropped."""
     if not tables:
-        return RowTable.empty(level, prec.R), np.zeros(0, np.int64)
+        return RowTable.empty(level, rr.R), np.zeros(0, np.int64)
     codes = np.concatenate(target_codes) if len(target_codes) > 1 else target_codes[0]
     out_code, gid = _group(codes)
     lengths = np.concatenate([t.lengths for t in tables]) if len(tables) > 1 else tables[0].lengths
@@ -274,28 +278,28 @@ def combine(tables: list[RowTable], target_codes: list[np.ndarray], level: int, 
         row_base += len(t)
     regs = np.concatenate([t.regs for t in tables]) if len(tables) > 1 else tables[0].regs
     off, dense, cps, rg, measure = _fold(comp, len(out_code), np.concatenate(dense_gid), np.concatenate(dense_src),
-                                         regs, prec)
+                                         regs, rr)
     imp = np.zeros(len(out_code), np.int64)
-    all_imp = np.concatenate([t.imp for t in tables]) if len(tables) > 1 else tables[0].imp
-    if all_imp.any():
-        np.add.at(imp, gid, all_imp)
-    out = RowTable(level, out_code, off, dense, cps, rg, imp)
-    out._measure = measure
-    return out, gid
+    if impressions:
+        all_imp = np.concatenate([t.imp for t in tables]) if len(tables) > 1 else tables[0].imp
+        if all_imp.any():
+            np.add.at(imp, gid, all_imp)
+    return RowTable(level, out_code, off, dense, cps, rg, imp, measure), gid
 
 
-def merge(tables: list[RowTable], prec: Precision) -> RowTable:
+def merge(tables: list[RowTable], rr: RegisterRange, level: int | None = None, impressions: bool = True) -> RowTable:
     """Union of same-level tables: rows with equal (key, node) are merged and
-    their impressions added."""
-    tables = [t for t in tables if len(t)]
-    if not tables:
-        return RowTable.empty(0, prec.R)
-    if len(tables) == 1:
-        return tables[0]
-    return combine(tables, [t.code for t in tables], tables[0].level, prec)[0]
+    their impressions added (or dropped, see ``merge_into``)."""
+    nonempty = [t for t in tables if len(t)]
+    level = (tables[0].level if tables else 0) if level is None else level
+    if not nonempty:
+        return RowTable.empty(level, rr.R)
+    if len(nonempty) == 1 and nonempty[0].level == level and (impressions or not nonempty[0].imp.any()):
+        return nonempty[0]
+    return merge_into(nonempty, [t.code for t in nonempty], level, rr, impressions)[0]
 
 
-def level_up(tables: list[RowTable], prec: Precision, level: int) -> tuple[RowTable, RowTable]:
+def level_up(tables: list[RowTable], rr: RegisterRange, level: int) -> tuple[RowTable, RowTable]:
     """Merge level ``level - 1`` rows into their parents at ``level``.
 
     Returns (full, kept): ``full`` has every parent (the complete merge, used
@@ -316,17 +320,15 @@ def level_up(tables: list[RowTable], prec: Precision, level: int) -> tuple[RowTa
     """
     tables = [t for t in tables if len(t)]
     if not tables:
-        return RowTable.empty(level, prec.R), RowTable.empty(level, prec.R)
-    parent_codes = [(t.code & ~NODE_MASK) | ((t.code & NODE_MASK) >> np.uint64(1)) for t in tables]
-    full, gid = combine(tables, parent_codes, level, prec)
-    full.imp[:] = 0  # rollups do not carry impressions (prefix sums over level 0 do)
+        return RowTable.empty(level, rr.R), RowTable.empty(level, rr.R)
+    full, gid = merge_into(tables, [parent_codes(t.code) for t in tables], level, rr, impressions=False)
     child_size = np.concatenate([t.measure() for t in tables]).astype(np.float64)
     children = np.bincount(gid, weights=child_size, minlength=len(full))
     kept = full.take(2 * full.measure() <= children)
     return full, kept
 
 
-def rows_from_events(keys: np.ndarray, buckets: np.ndarray, coupons: np.ndarray, prec: Precision) -> RowTable:
+def rows_from_events(keys: np.ndarray, buckets: np.ndarray, coupons: np.ndarray, rr: RegisterRange) -> RowTable:
     """Level-0 rows from events (one coupon each), impressions counted.
 
     One 64-bit sort does the work when key ids and the batch's bucket span
@@ -335,7 +337,7 @@ def rows_from_events(keys: np.ndarray, buckets: np.ndarray, coupons: np.ndarray,
     """
     n = len(keys)
     if n == 0:
-        return RowTable.empty(0, prec.R)
+        return RowTable.empty(0, rr.R)
     keys = np.asarray(keys, np.uint64)
     buckets = np.asarray(buckets, np.int64)
     b_min = int(buckets.min())
@@ -362,10 +364,8 @@ def rows_from_events(keys: np.ndarray, buckets: np.ndarray, coupons: np.ndarray,
         imp = np.diff(np.r_[starts, n]).astype(np.int64)
         comp = (gid.astype(np.uint64) << KEY_SHIFT) | (comp & NODE_MASK)
     empty = np.zeros(0, np.int64)
-    off, dense, cps, rg, measure = _fold(comp, len(out_code), empty, empty, None, prec)
-    t = RowTable(0, out_code, off, dense, cps, rg, imp)
-    t._measure = measure
-    return t
+    off, dense, cps, rg, measure = _fold(comp, len(out_code), empty, empty, None, rr)
+    return RowTable(0, out_code, off, dense, cps, rg, imp, measure)
 
 
 def split_by_node(t: RowTable, shift: int) -> list[tuple[int, RowTable]]:
@@ -381,7 +381,7 @@ def split_by_node(t: RowTable, shift: int) -> list[tuple[int, RowTable]]:
     return [(int(part[a]), t.slice(int(a), int(b))) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def build_levels(base: RowTable, top: int, prec: Precision, summary: bool = True) -> tuple[list[RowTable], RowTable | None]:
+def build_levels(base: RowTable, top: int, rr: RegisterRange, summary: bool = True) -> tuple[list[RowTable], RowTable | None]:
     """Rollups of a level-0 table for levels 1..``top``, and its full merge at ``top``.
 
     Returns (tables, summary): ``tables[l]`` holds the level-l nodes kept by
@@ -398,13 +398,13 @@ def build_levels(base: RowTable, top: int, prec: Precision, summary: bool = True
     from the base rows beneath it.
     """
     n = len(base)
-    R = prec.R
+    R = rr.R
     if n == 0:
         return [base] + [RowTable.empty(lvl, R) for lvl in range(1, top + 1)], \
             (RowTable.empty(top, R) if summary else None)
     code = base.code
     key_part = code & ~NODE_MASK
-    node0 = (code & NODE_MASK).astype(np.int64)
+    node0 = code_nodes(code)
     lengths = base.lengths
     b_lo = (int(node0.min()) >> top) << top
     bb = (int(node0.max()) - b_lo).bit_length()
@@ -412,13 +412,13 @@ def build_levels(base: RowTable, top: int, prec: Precision, summary: bool = True
     key_rank = np.cumsum(new_key) - 1
     kb = int(key_rank[-1]).bit_length()
     if kb + (32 - RANK_BITS) + bb > 64:  # cannot pack the sort key: merge level by level
-        tables, full = _build_levels_by_merging(base, top, prec)
+        tables, full = _build_levels_by_merging(base, top, rr)
         return tables, (full if summary else None)
 
     # group ids of every row at every level (rows are sorted by key, bucket)
     gids, codes_at = [np.arange(n)], [code]
     for lvl in range(1, top + 1):
-        c = key_part | ((code & NODE_MASK) >> np.uint64(lvl))
+        c = parent_codes(code, lvl)
         new = np.r_[True, c[1:] != c[:-1]]
         gids.append(np.cumsum(new) - 1)
         codes_at.append(c[new])
@@ -466,22 +466,20 @@ def build_levels(base: RowTable, top: int, prec: Precision, summary: bool = True
         else:
             all_kids_kept = np.bincount(parent_of_child, weights=~kept_masks[-1], minlength=G) == 0
         tables.append(_materialize(base, tables[-1], kept_masks[-1], parent_of_child, g, codes_at[lvl],
-                                   kept & all_kids_kept, kept & ~all_kids_kept, lvl, prec))
+                                   kept & all_kids_kept, kept & ~all_kids_kept, lvl, rr))
         kept_masks.append(kept)
     if not summary:
         return tables, None
     # the summary: kept top nodes as they are, the others merged from the base
     rest = ~kept_masks[-1]
     rows = np.flatnonzero(rest[gids[top]])
-    merged = combine([base.take_rows(rows)], [codes_at[top][gids[top][rows]]], top, prec)[0] if len(rows) \
-        else RowTable.empty(top, R)
-    full = merge([tables[-1], merged], prec) if len(tables[-1]) else merged
-    full.level = top
-    full.imp[:] = 0
+    merged = merge_into([base.take_rows(rows)], [codes_at[top][gids[top][rows]]], top, rr,
+                        impressions=False)[0] if len(rows) else RowTable.empty(top, R)
+    full = merge([tables[-1], merged], rr, top, impressions=False)
     return tables, full
 
 
-def _materialize(base, prev, prev_kept, parent_of_child, g, codes, from_kids, from_base, lvl, prec):
+def _materialize(base, prev, prev_kept, parent_of_child, g, codes, from_kids, from_base, lvl, rr):
     """Level-``lvl`` rows for the kept nodes: from the kept children (``prev``
     holds exactly the kept level-(l-1) nodes, in order) where all were kept,
     else from the base rows beneath."""
@@ -497,17 +495,15 @@ def _materialize(base, prev, prev_kept, parent_of_child, g, codes, from_kids, fr
         parts.append(base.take_rows(rows))
         targets.append(codes[g[rows]])
     if not parts:
-        return RowTable.empty(lvl, prec.R)
-    t = combine(parts, targets, lvl, prec)[0]
-    t.imp[:] = 0
-    return t
+        return RowTable.empty(lvl, rr.R)
+    return merge_into(parts, targets, lvl, rr, impressions=False)[0]
 
 
-def _build_levels_by_merging(base: RowTable, top: int, prec: Precision) -> tuple[list[RowTable], RowTable]:
+def _build_levels_by_merging(base: RowTable, top: int, rr: RegisterRange) -> tuple[list[RowTable], RowTable]:
     """The same result as ``build_levels``, one merge per level (for tables
     whose keys and buckets cannot share one 64-bit sort key)."""
     tables, cur = [base], base
     for lvl in range(1, top + 1):
-        cur, kept = level_up([cur], prec, lvl)
+        cur, kept = level_up([cur], rr, lvl)
         tables.append(kept)
     return tables, cur

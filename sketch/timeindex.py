@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _LAST_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
@@ -86,11 +87,34 @@ class BucketRange:
         return self.b1 - self.b0
 
 
+def parse_instant(name: str, value) -> float | None:
+    """A point in time as seconds since the epoch: a number (or a string of
+    one), or ISO-8601 (``2026-11-29T10:00:00Z``, an offset, a space for the
+    ``T``, a bare date; a time without an offset is UTC).  None or "" is None."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise RangeError(f"'{name}' must be epoch seconds or ISO-8601, not {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                t = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "zZ" else text)
+            except ValueError:
+                raise RangeError(f"'{name}' must be epoch seconds or ISO-8601, not {value!r}") from None
+            return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RangeError(f"'{name}' must be a finite number of seconds since the epoch or ISO-8601, not {value!r}")
+    return float(value)
+
+
 def resolve_range(*, bucket_seconds: int, retention_buckets: int, now: float,
-                  last: str | int | None = None, start: float | None = None,
-                  end: float | None = None) -> BucketRange:
+                  last: str | int | None = None, start: float | str | None = None,
+                  end: float | str | None = None) -> BucketRange:
     """Turn ``last`` (ending at ``end``, default now) or ``start``/``end``
-    (seconds) into whole buckets.
+    (epoch seconds or ISO-8601, see ``parse_instant``) into whole buckets.
 
     ``last=n`` covers the ``n`` buckets ending with the bucket that holds
     ``end`` (so "last 15m" includes the current, partial minute).  An explicit
@@ -100,9 +124,9 @@ def resolve_range(*, bucket_seconds: int, retention_buckets: int, now: float,
     w = bucket_seconds
     now_b = math.floor(now / w)
     oldest = now_b - retention_buckets + 1
-    for name, v in (("start", start), ("end", end)):
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
-            raise RangeError(f"'{name}' must be a finite number of seconds since the epoch, got {v!r}")
+    start, end = parse_instant("start", start), parse_instant("end", end)
+    if isinstance(last, str) and not last.strip():
+        last = None
     if last is not None:
         if start is not None:
             raise RangeError("give either 'last' or 'start', not both")

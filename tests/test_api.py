@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pyarrow as pa
 import pytest
 import ray
@@ -27,7 +26,7 @@ RW = {"Authorization": "Bearer both"}
 def api(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from api.app import start
+    from cluster.serve import start
     from cluster.bootstrap import ensure_actors, teardown
     ns = "api"
     cfg = ClusterConfig(sketch=SketchConfig(), shards=2, namespace=ns,

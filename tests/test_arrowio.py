@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 
 from sketch.arrowio import StateError, store_from_batches, store_to_batches
-from sketch.counter import Counter
+from sketch.counter import LocalCounter
 from sketch.store import SketchConfig
 from tests.test_store import KEYS, NOW, SMALL, _ingest, _stream
 from tests.reference import Events
@@ -12,7 +12,7 @@ from tests.reference import Events
 @pytest.fixture(scope="module")
 def filled():
     rng = np.random.default_rng(4)
-    c = Counter(SMALL, shards=2)
+    c = LocalCounter(SMALL, shards=2)
     ev = Events(KEYS)
     now_b = int(NOW // 60)
     _ingest(c, ev, *_stream(rng, 30_000, now_b - 2500, now_b - 5))
@@ -50,7 +50,7 @@ def test_round_trip_keeps_every_register_and_count(filled):
 
 
 def test_empty_store_round_trips():
-    c = Counter(SMALL)
+    c = LocalCounter(SMALL)
     back = store_from_batches(store_to_batches(c.stores[0]), SMALL)
     assert back.query([None], 0, 10)[2][0] == 0
 

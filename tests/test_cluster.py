@@ -15,7 +15,7 @@ import pytest
 from cluster.client import Client
 from cluster.config import ClusterConfig
 from cluster.workload import generate
-from sketch.counter import Counter
+from sketch.counter import LocalCounter
 from sketch.store import SketchConfig
 
 NOW = 1_800_000_000.0
@@ -27,14 +27,14 @@ def stream():
     return generate(60_000, days=2, visitors=20_000, keys=30, seed=11, end=NOW)
 
 
-def _reference(table: pa.Table, sketch=SMALL) -> Counter:
-    ref = Counter(sketch)
+def _reference(table: pa.Table, sketch=SMALL) -> LocalCounter:
+    ref = LocalCounter(sketch)
     rep = ref.ingest(table["ts"].to_numpy(), table["key"], visitors=table["visitor"], now=NOW)
     assert rep.rejected_total == 0
     return ref
 
 
-def _compare(client: Client, ref: Counter, ranges, keys):
+def _compare(client: Client, ref: LocalCounter, ranges, keys):
     for b0, b1 in ranges:
         for key in keys:
             assert np.array_equal(client.registers(key, b0, b1), ref.registers(key, b0, b1)), (key, b0, b1)
@@ -146,7 +146,7 @@ def test_ingest_job_with_ray_job_submit_then_query_from_another_driver(ray_clust
     q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert q.returncode == 0, q.stderr
     got = json.loads(q.stdout.strip().splitlines()[-1])
-    ref = Counter(SMALL)
+    ref = LocalCounter(SMALL)
     ref.ingest(stream["ts"].to_numpy(), stream["key"], visitors=stream["visitor"], now=end)
     want = [r.to_dict() for r in ref.query([None, "ad-0", "ad-3"], last="2d", now=end)]
     assert got == want

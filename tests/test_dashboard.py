@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason=(
 def app(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from api.app import start
+    from cluster.serve import start
     from cluster.bootstrap import ensure_actors, teardown
     from cluster.client import Client
     ns = "dash"

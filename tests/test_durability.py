@@ -14,7 +14,7 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.workload import generate
-from sketch.counter import Counter
+from sketch.counter import LocalCounter
 from sketch.store import SketchConfig
 from tests.conftest import restart_ray, wait_for
 
@@ -30,7 +30,7 @@ def events(tmp_path_factory):
     folder = tmp_path_factory.mktemp("events")
     for i in range(4):
         pq.write_table(t.slice(i * 60_000, 60_000), folder / f"part-{i}.parquet", row_group_size=6_000)
-    ref = Counter(SK)
+    ref = LocalCounter(SK)
     ref.ingest(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW)
     return folder, ref, t.num_rows
 
@@ -53,7 +53,7 @@ def _in_background(fn):
     return t, out
 
 
-def _assert_equal_to_reference(client, ref: Counter, n_events: int):
+def _assert_equal_to_reference(client, ref: LocalCounter, n_events: int):
     now_b = int(NOW // 60)
     for b0, b1 in [(now_b - 2 * 1440, now_b + 1), (now_b - 500, now_b - 60), (now_b - 5, now_b + 1)]:
         for key in KEYS:

@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sketch.counter import Counter
+from sketch.counter import LocalCounter
 from sketch.events import MAX_KEY_BYTES
 from sketch.store import SketchConfig
 
@@ -10,7 +10,7 @@ NOW = 1_800_000_000.0
 
 
 def test_bad_rows_are_counted_by_reason_and_good_rows_kept():
-    c = Counter(SketchConfig(), shards=2)
+    c = LocalCounter(SketchConfig(), shards=2)
     ts = [NOW, None, NOW - 31 * 86400, NOW + 3600, NOW, NOW, NOW, NOW, float("nan"), NOW - 10]
     keys = ["a", "a", "a", "a", None, "", "x" * (MAX_KEY_BYTES + 1), "a", "a", "b"]
     vis = ["u1", "u2", "u3", "u4", "u5", "u6", "u7", None, "u9", ""]
@@ -29,7 +29,7 @@ def test_bad_rows_are_counted_by_reason_and_good_rows_kept():
 
 
 def test_rejections_never_touch_accepted_data():
-    c = Counter(SketchConfig())
+    c = LocalCounter(SketchConfig())
     c.ingest([NOW] * 3, ["a", "a", "b"], visitors=["u1", "u2", "u3"], now=NOW)
     before = c.query(["a", "b", None], last="1h", now=NOW)
     rep = c.ingest([None, NOW + 10**6], ["a", "a"], visitors=["u9", "u10"], now=NOW)
@@ -43,7 +43,7 @@ def test_hashes_and_arrow_inputs_equal_strings():
     vis = [f"u{i}" for i in range(500)]
     keys = [f"k{i % 7}" for i in range(500)]
     ts = np.full(500, NOW)
-    a, b, d = Counter(), Counter(), Counter()
+    a, b, d = LocalCounter(), LocalCounter(), LocalCounter()
     a.ingest(ts, keys, visitors=vis, now=NOW)
     b.ingest(pa.array(ts), pa.array(keys), hashes=hash_visitors(vis), now=NOW)
     d.ingest(ts, pa.array(keys).dictionary_encode(), visitors=pa.chunked_array([vis[:100], vis[100:]]), now=NOW)
@@ -56,11 +56,11 @@ def test_hashes_and_arrow_inputs_equal_strings():
 
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="keys for"):
-        Counter().ingest([NOW, NOW], ["a"], visitors=["u", "v"], now=NOW)
+        LocalCounter().ingest([NOW, NOW], ["a"], visitors=["u", "v"], now=NOW)
 
 
 def test_site_only_key_counts_toward_the_site_wide_total_alone():
-    c = Counter(SketchConfig(), shards=2)
+    c = LocalCounter(SketchConfig(), shards=2)
     c.ingest([NOW] * 4, ["*", "*", "a", "*"], visitors=["u1", "u2", "u1", "u3"], now=NOW)
     site = c.unique(None, last="5m", now=NOW)
     assert (site.unique_visitors, site.impressions) == (3, 4)

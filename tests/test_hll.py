@@ -3,11 +3,11 @@ import math
 import numpy as np
 import pytest
 
-from sketch.counter import Counter
-from sketch.hll import (EXACT_MAX, Precision, coupons_from_hashes, ertl_estimate, estimate_from_parts,
+from sketch.counter import LocalCounter
+from sketch.hll import (EXACT_MAX, Precision, RegisterRange, coupons_from_hashes, ertl_estimate, estimate_from_parts,
                         register_of_hash)
 from sketch.store import SketchConfig
-from tests.reference import ranks, registers
+from tests.reference import registers
 
 
 def test_register_of_known_hashes():
@@ -30,8 +30,8 @@ def test_coupons_give_exactly_the_dense_registers(p, shards):
     # include hashes with long zero runs, so every rank branch is exercised
     h[:64] = np.uint64(1) << np.arange(64, dtype=np.uint64)
     h[64:128] = (h[64:128] >> np.uint64(20)) << np.uint64(20)
-    full = np.concatenate([Precision(p, shards, s).registers_from_coupons(
-        coupons_from_hashes(h[Precision(p, shards, s).shard_of_hashes(h) == s])) for s in range(shards)])
+    full = np.concatenate([RegisterRange(p, shards, s).registers_from_coupons(
+        coupons_from_hashes(h[RegisterRange(p, shards, s).shard_of_hashes(h) == s])) for s in range(shards)])
     if p >= 11:  # the reference's float trick is exact for rest < 2**53
         assert np.array_equal(full, registers(h, p))
     else:
@@ -56,7 +56,7 @@ def _rel_errors(n, trials, p=14, seed=0):
     now = 1_800_000_000
     errs, exact = [], []
     for _ in range(trials):
-        c = Counter(cfg)
+        c = LocalCounter(cfg)
         h = rng.integers(0, 2**64, n, dtype=np.uint64)
         c.ingest(np.full(n, float(now)), ["k"] * n, hashes=h, now=now)
         r = c.unique("k", last=1, now=now)
@@ -86,7 +86,7 @@ def test_partial_answer_is_unbiased_and_wider():
     rng = np.random.default_rng(7)
     n = 200_000
     h = rng.integers(0, 2**64, n, dtype=np.uint64)
-    prec = [Precision(14, 4, s) for s in range(4)]
+    prec = [RegisterRange(14, 4, s) for s in range(4)]
     hists = []
     for s, pr in enumerate(prec):
         regs = pr.registers_from_coupons(coupons_from_hashes(h[pr.shard_of_hashes(h) == s]))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from actors.shard import ShardActor, ShardMoved
-from cluster.journal import ShardJournal, Store
+from durable.journal import ShardJournal
+from durable.objects import ObjectStore
 from sketch.events import prepare
-from tests.reference import Events
 from tests.test_store import KEYS, NOW, SMALL, _stream
 
 
@@ -77,7 +77,7 @@ def test_torn_or_flipped_checkpoint_object_falls_back_to_the_previous(setup):
             if i in (3, 7):
                 a.maintain()
                 a.checkpoint()
-        j = ShardJournal(Store("file://" + path), 0, 1)
+        j = ShardJournal(ObjectStore("file://" + path), 0, 1)
         first, second = (j.read_manifest(n) for n in j.manifests())
         only_second = sorted({n["object"] for n in second["nodes"]} - {n["object"] for n in first["nodes"]})
         victim = os.path.join(path, "shards-1", "shard-0", "nodes", only_second[0])
@@ -114,12 +114,12 @@ def test_garbage_collection_keeps_what_the_fallback_needs(setup):
         a.apply(batch, f"b{i}")
         a.maintain()
         a.checkpoint()
-    j = ShardJournal(Store(uri), 0, 1)
+    j = ShardJournal(ObjectStore(uri), 0, 1)
     assert j.manifests() == [11, 12]
     older = j.read_manifest(11)
     assert [s for s, _ in j.log_entries(0)] == list(range(older["log_seq"] + 1, 13))
     named = {n["object"] for m in (11, 12) for n in j.read_manifest(m)["nodes"]}
-    assert set(j.store.list(j.base + "/nodes")) == named
+    assert set(j.objects.list(j.base + "/nodes")) == named
 
 
 def test_a_sealed_shard_refuses_batches_even_after_a_restart(setup):

@@ -69,3 +69,11 @@ def test_demo_runs_small(clients, monkeypatch, capsys):
         est, true, imp, true_imp = (int(x.replace(",", "")) for x in (r[2], r[5], r[6], r[7]))
         assert imp == true_imp  # impressions are exact
         assert abs(est - true) <= max(2, 0.05 * true)  # estimates within their error bars
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import sketch.counter
+    failures, tried = doctest.testmod(sketch.counter, raise_on_error=False)
+    assert tried >= 3 and failures == 0

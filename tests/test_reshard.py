@@ -3,20 +3,20 @@
 import numpy as np
 import pytest
 
-from sketch.counter import Counter
+from sketch.counter import LocalCounter
 from sketch.reshard import reshard, sources_of
 from tests.reference import Events
 from tests.test_store import KEYS, NOW, SMALL, _ingest, _stream
 
 
-def _reshaped(c: Counter, shards: int) -> Counter:
-    new = Counter(c.config, shards)
+def _reshaped(c: LocalCounter, shards: int) -> LocalCounter:
+    new = LocalCounter(c.config, shards)
     old = c.shards
     new.stores = [reshard([c.stores[i] for i in sources_of(s, shards, old)], s, shards) for s in range(shards)]
     return new
 
 
-def _check(c: Counter, ev: Events, rng, b_lo, b_hi, n=25):
+def _check(c: LocalCounter, ev: Events, rng, b_lo, b_hi, n=25):
     for _ in range(n):
         b0 = int(rng.integers(b_lo - 5, b_hi))
         b1 = int(rng.integers(b0 + 1, b_hi + 10))
@@ -31,7 +31,7 @@ def test_split_and_merge_keep_every_register_and_count(path):
     rng = np.random.default_rng(sum(path))
     now_b = int(NOW // 60)
     b_lo, b_hi = now_b - 3000, now_b - 5
-    c = Counter(SMALL, path[0])
+    c = LocalCounter(SMALL, path[0])
     ev = Events(KEYS)
     # a state with every kind of place filled: built segments, upper nodes, leaves, runs, memtable
     _ingest(c, ev, *_stream(rng, 30_000, b_lo, b_hi - 400))

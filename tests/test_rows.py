@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sketch.hll import Precision, coupons_from_hashes
+from sketch.hll import RegisterRange, coupons_from_hashes
 from sketch.rows import _build_levels_by_merging, build_levels, level_up, merge, rows_from_events
 
 
@@ -38,7 +38,7 @@ def _brute_measures(base, top, prec):
 @pytest.mark.parametrize("shards", [1, 8])
 def test_build_levels_keeps_exactly_what_the_rule_says_with_the_right_contents(seed, shards):
     rng = np.random.default_rng(seed)
-    prec = Precision(10, shards, shards - 1)
+    prec = RegisterRange(10, shards, shards - 1)
     n = 20_000
     keys = np.minimum(rng.zipf(1.3, n), 30).astype(np.uint32)
     buckets = 1_000_000 + rng.integers(0, 40, n)
@@ -63,7 +63,7 @@ def test_build_levels_keeps_exactly_what_the_rule_says_with_the_right_contents(s
 
 
 def test_merge_adds_impressions_and_unions_visitors():
-    prec = Precision(10)
+    prec = RegisterRange(10)
     a = rows_from_events(np.array([1, 1, 2], np.uint32), np.array([5, 5, 5]),
                          coupons_from_hashes(np.array([1 << 60, 1 << 61, 1 << 60], np.uint64)), prec)
     b = rows_from_events(np.array([1], np.uint32), np.array([5]), coupons_from_hashes(np.array([1 << 60], np.uint64)), prec)

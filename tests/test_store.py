@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from sketch.counter import Counter
-from sketch.hll import Precision
+from sketch.counter import LocalCounter
+from sketch import cover
+from sketch.hll import Precision, RegisterRange
 from sketch.store import ShardStore, SketchConfig
 from tests.reference import Events
 
@@ -55,7 +56,7 @@ def _check_ranges(counter, events, rng, b_lo, b_hi, n_ranges=60):
 @pytest.mark.parametrize("shards", [1, 4])
 def test_random_ranges_equal_brute_force_through_every_stage(shards):
     rng = np.random.default_rng(shards)
-    c = Counter(SMALL, shards=shards)
+    c = LocalCounter(SMALL, shards=shards)
     ev = Events(KEYS)
     now_b = int(NOW // 60)
     b_lo, b_hi = now_b - 3000, now_b - 10
@@ -78,7 +79,7 @@ def test_random_ranges_equal_brute_force_through_every_stage(shards):
 
 def test_sharded_slices_concatenate_to_the_unsharded_sketch():
     rng = np.random.default_rng(11)
-    one, four = Counter(SMALL, 1), Counter(SMALL, 4)
+    one, four = LocalCounter(SMALL, 1), LocalCounter(SMALL, 4)
     ev1, ev4 = Events(KEYS), Events(KEYS)
     now_b = int(NOW // 60)
     k, b, h = _stream(rng, 30_000, now_b - 2000, now_b)
@@ -98,7 +99,7 @@ def test_shuffled_and_duplicated_input_changes_nothing():
     rng = np.random.default_rng(5)
     now_b = int(NOW // 60)
     k, b, h = _stream(rng, 20_000, now_b - 1500, now_b)
-    a, s, d = Counter(SMALL, 2), Counter(SMALL, 2), Counter(SMALL, 2)
+    a, s, d = LocalCounter(SMALL, 2), LocalCounter(SMALL, 2), LocalCounter(SMALL, 2)
     sink = Events(KEYS)
     _ingest(a, sink, k, b, h)
     a.maintain()
@@ -137,11 +138,11 @@ def test_a_long_range_merges_logarithmically_many_sketches():
         st.maintain()
     kid = st.keys.get("busy")
     leaf = 1 << cfg.leaf_level
-    R = st.prec.R
+    R = st.rr.R
     for end in (now_b + 1, now_b + 1 - 3 * leaf):  # ending now (the open leaf is raw runs), and in built time
         reads, size = {}, {}
         for n in (60, 1440, 10_080, 43_200 - 3 * leaf):
-            pc = st._pieces(np.array([kid]), np.array([0]), 1, end - n, end)
+            pc = cover.gather(st.tiers, st.memtable, st.rr, np.array([kid]), end - n, end)
             reads[n], size[n] = pc.reads, pc.bytes
         # about 2 log2(n) reads (one per node of the cover), each of at most a few sketches' bytes
         for n in reads:
@@ -154,7 +155,7 @@ def test_a_long_range_merges_logarithmically_many_sketches():
 
 def test_rollup_index_is_at_most_twice_the_base():
     rng = np.random.default_rng(9)
-    c = Counter(SMALL, 1)
+    c = LocalCounter(SMALL, 1)
     now_b = int(NOW // 60)
     ev = Events(KEYS)
     _ingest(c, ev, *_stream(rng, 60_000, now_b - 4000, now_b))
@@ -165,7 +166,7 @@ def test_rollup_index_is_at_most_twice_the_base():
 
 def test_expire_drops_old_nodes_and_keeps_the_window_intact():
     cfg = SketchConfig(p=11, leaf_level=3, segment_level=6, retention_seconds=3000 * 60)
-    c = Counter(cfg)
+    c = LocalCounter(cfg)
     ev = Events(KEYS)
     rng = np.random.default_rng(2)
     now_b = int(NOW // 60)
@@ -186,14 +187,14 @@ def test_precision_and_shard_layout_are_checked():
     with pytest.raises(ValueError, match="precision"):
         Precision(30)
     with pytest.raises(ValueError, match="power of two"):
-        Precision(14, 3)
+        RegisterRange(14, 3)
     with pytest.raises(ValueError, match="retention"):
         SketchConfig(retention_seconds=90, bucket_seconds=60)
 
 
 def test_many_keys_in_one_query_equal_one_key_at_a_time():
     rng = np.random.default_rng(21)
-    c = Counter(SMALL, 2)
+    c = LocalCounter(SMALL, 2)
     ev = Events(KEYS)
     now_b = int(NOW // 60)
     _ingest(c, ev, *_stream(rng, 40_000, now_b - 3000, now_b))
@@ -206,3 +207,18 @@ def test_many_keys_in_one_query_equal_one_key_at_a_time():
             for n, key in enumerate(keys):
                 h1, s1, i1 = store.query([key], b0, b1)
                 assert np.array_equal(h[n], h1[0]) and s[n] == s1[0] and i[n] == i1[0], (key, b0, b1)
+
+
+def test_answers_come_back_in_the_order_asked_whatever_the_key_ids():
+    """Key ids are per store and follow arrival order; answers follow the question's order."""
+    st = ShardStore(SMALL)
+    now_b = int(NOW // 60)
+    from sketch.hll import coupons_from_hashes
+    rng = np.random.default_rng(8)
+    for name, n in (("late", 5), ("early", 50), ("mid", 20)):
+        h = rng.integers(0, 2**64, n, dtype=np.uint64)
+        st.apply([name], np.zeros(n, np.int32), np.full(n, now_b), coupons_from_hashes(h))
+    for order in (["early", "mid", "late"], ["late", "early", "mid"], ["mid", "never", "late"]):
+        _, sparse, imp = st.query(order, now_b, now_b + 1)
+        want = {"late": 5, "early": 50, "mid": 20, "never": 0}
+        assert imp.tolist() == [want[k] for k in order] and sparse.tolist() == [want[k] for k in order], order

@@ -47,3 +47,19 @@ def test_resolve_range_last_and_explicit():
         resolve_range(bucket_seconds=60, retention_buckets=43_200, now=now, start=now, end=now - 60)
     with pytest.raises(RangeError, match="either"):
         resolve_range(bucket_seconds=60, retention_buckets=43_200, now=now, last="1h", start=now)
+
+
+def test_instants_in_every_accepted_form_and_refusals_that_say_why():
+    from sketch.timeindex import parse_instant
+    t = 1_795_910_400.0  # 2026-11-29T00:00:00Z
+    for v in (t, int(t), str(int(t)), "1.7959104e9", "2026-11-29T00:00:00Z", "2026-11-29 00:00:00",
+              "2026-11-29", "2026-11-29T01:00:00+01:00", "2026-11-29T00:00:00.000z"):
+        assert parse_instant("start", v) == t, v
+    assert parse_instant("end", None) is None and parse_instant("end", " ") is None
+    for bad in ("yesterday", "2026-13-01", float("nan"), "inf", True, [1]):
+        with pytest.raises(RangeError, match="'start' must be"):
+            parse_instant("start", bad)
+    # resolve_range takes them as they come, from a query string or a client
+    r = resolve_range(bucket_seconds=60, retention_buckets=43_200, now=t + 3600, start="2026-11-29T00:00:00Z",
+                      end=str(t + 600))
+    assert (r.start, r.end) == (t, t + 600)

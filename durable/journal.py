@@ -1,16 +1,14 @@
 """A shard's durable state on object storage: an ingest log and checkpoints.
 
-Layout under the storage root (any ``pyarrow.fs`` URI)::
+Layout of one shard's folder (``layout.shard_folder``) on the store::
 
-    cluster.json                                 the layout: shard count and sketch parameters
-    shards-<S>/shard-<i>/log/<seq>-<sha>.arrow   one ingest batch per object, in apply order
-    shards-<S>/shard-<i>/nodes/<sha>.arrow       one stored node (slot, upper node, summary)
-    shards-<S>/shard-<i>/manifest-<n>.json       a checkpoint: which node objects, up to which log entry
+    log/<seq>-<sha>.arrow   one ingest batch per object, in apply order
+    nodes/<sha>.arrow       one stored node (slot, upper node, summary)
+    manifest-<n>.json       a checkpoint: which node objects, up to which log entry
 
 * **Acknowledged means durable.** A shard appends a batch to its log before
-  applying it, and answers only after the write returned: a local file is
-  written to a temporary name, fsynced and renamed (then its folder
-  fsynced); an S3 PUT is atomic and durable when it returns.
+  applying it, and answers only after the write returned
+  (``ObjectStore.write``: atomic and durable when it returns).
 * **Checksums everywhere.** Objects are named by the SHA-256 of their bytes
   (the first 16 hex digits); a manifest carries the SHA-256 of its own body.
   A torn or corrupted object fails the check on read.
@@ -33,16 +31,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import struct
-import tempfile
-import time
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 
-from cluster.storage import filesystem
+from .layout import shard_folder
+from .objects import ObjectStore
 
 KEEP_MANIFESTS = 2
 _LOG_RE = re.compile(r"^(\d{12})-([0-9a-f]{16})\.arrow$")
@@ -57,65 +52,6 @@ class CorruptObject(IOError):
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-class Store:
-    """Whole-object reads and atomic writes on a pyarrow filesystem."""
-
-    def __init__(self, uri: str, s3_endpoint: str | None = None):
-        self.uri = uri
-        self.fs, self.root = filesystem(uri, s3_endpoint)
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
-
-    def write(self, path: str, data: bytes) -> None:
-        """Write ``data`` at ``path`` all at once: readers see the old object
-        (or none) or the new one, never part of it."""
-        if self.local:
-            folder = os.path.dirname(path)
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            return
-        with self.fs.open_output_stream(path) as f:  # one PUT
-            f.write(data)
-
-    def read(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
-
-    def list(self, folder: str) -> list[str]:
-        """Names (not paths) of the files directly in ``folder``; [] if none."""
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        except FileNotFoundError:
-            return []
-        return sorted(os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File)
-
-    def delete(self, path: str) -> None:
-        try:
-            self.fs.delete_file(path)
-        except (FileNotFoundError, OSError):
-            pass
-
-    def exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def batches_to_bytes(batches: list[pa.RecordBatch]) -> bytes:
@@ -151,61 +87,61 @@ def batches_from_bytes(data: bytes) -> list[pa.RecordBatch]:
 class ShardJournal:
     """The durable state of one shard of one layout."""
 
-    def __init__(self, store: Store, shard: int, shards: int):
-        self.store = store
+    def __init__(self, objects: ObjectStore, shard: int, shards: int):
+        self.objects = objects
         self.shard, self.shards = shard, shards
-        self.base = store.path(f"shards-{shards}", f"shard-{shard}")
+        self.base = objects.path(shard_folder(shards, shard))
 
     # ------------------------------------------------------------ log
     def append(self, seq: int, rb: pa.RecordBatch) -> str:
         data = batches_to_bytes([rb])
         name = f"{seq:012d}-{sha(data)}.arrow"
-        self.store.write(f"{self.base}/log/{name}", data)
+        self.objects.write(f"{self.base}/log/{name}", data)
         return name
 
     def log_entries(self, after: int) -> list[tuple[int, str]]:
         """(seq, name) of the log entries after ``after``, in order."""
         out = []
-        for name in self.store.list(f"{self.base}/log"):
+        for name in self.objects.list(f"{self.base}/log"):
             m = _LOG_RE.match(name)
             if m and int(m.group(1)) > after:
                 out.append((int(m.group(1)), name))
         return out
 
     def read_log(self, name: str) -> pa.RecordBatch:
-        data = self.store.read(f"{self.base}/log/{name}")
+        data = self.objects.read(f"{self.base}/log/{name}")
         if sha(data) != _LOG_RE.match(name).group(2):
             raise CorruptObject(f"log entry {name} does not match its checksum")
         return batches_from_bytes(data)[0]
 
     def seal(self) -> None:
         """Mark this shard's layout as left behind (a re-sharding happened)."""
-        self.store.write(f"{self.base}/SEALED", b"sealed\n")
+        self.objects.write(f"{self.base}/SEALED", b"sealed\n")
 
     def unseal(self) -> None:
-        self.store.delete(f"{self.base}/SEALED")
+        self.objects.delete(f"{self.base}/SEALED")
 
     def is_sealed(self) -> bool:
-        return self.store.exists(f"{self.base}/SEALED")
+        return self.objects.exists(f"{self.base}/SEALED")
 
     # ------------------------------------------------------------ checkpoints
     def write_node(self, batches: list[pa.RecordBatch]) -> tuple[str, int]:
         data = batches_to_bytes(batches)
         name = f"{sha(data)}.arrow"
         path = f"{self.base}/nodes/{name}"
-        if not self.store.exists(path):  # content-addressed: an unchanged node is already there
-            self.store.write(path, data)
+        if not self.objects.exists(path):  # content-addressed: an unchanged node is already there
+            self.objects.write(path, data)
         return name, len(data)
 
     def read_node(self, name: str) -> list[pa.RecordBatch]:
-        data = self.store.read(f"{self.base}/nodes/{name}")
+        data = self.objects.read(f"{self.base}/nodes/{name}")
         if sha(data) != _NODE_RE.match(name).group(1):
             raise CorruptObject(f"checkpoint object {name} does not match its checksum")
         return batches_from_bytes(data)
 
     def manifests(self) -> list[int]:
         out = []
-        for name in self.store.list(self.base):
+        for name in self.objects.list(self.base):
             m = _MANIFEST_RE.match(name)
             if m:
                 out.append(int(m.group(1)))
@@ -214,10 +150,10 @@ class ShardJournal:
     def write_manifest(self, number: int, body: dict) -> None:
         text = json.dumps(body, sort_keys=True)
         doc = json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "body": body}, sort_keys=True)
-        self.store.write(f"{self.base}/manifest-{number:012d}.json", doc.encode())
+        self.objects.write(f"{self.base}/manifest-{number:012d}.json", doc.encode())
 
     def read_manifest(self, number: int) -> dict:
-        raw = self.store.read(f"{self.base}/manifest-{number:012d}.json")
+        raw = self.objects.read(f"{self.base}/manifest-{number:012d}.json")
         try:
             doc = json.loads(raw)
             body = doc["body"]
@@ -244,27 +180,15 @@ class ShardJournal:
         oldest_seq = min(b["log_seq"] for b in bodies)
         deleted = 0
         for n in numbers[:-KEEP_MANIFESTS]:
-            self.store.delete(f"{self.base}/manifest-{n:012d}.json")
+            self.objects.delete(f"{self.base}/manifest-{n:012d}.json")
             deleted += 1
-        for name in self.store.list(f"{self.base}/nodes"):
+        for name in self.objects.list(f"{self.base}/nodes"):
             if _NODE_RE.match(name) and name not in live:
-                self.store.delete(f"{self.base}/nodes/{name}")
+                self.objects.delete(f"{self.base}/nodes/{name}")
                 deleted += 1
-        for name in self.store.list(f"{self.base}/log"):
+        for name in self.objects.list(f"{self.base}/log"):
             m = _LOG_RE.match(name)
             if m and int(m.group(1)) <= oldest_seq:
-                self.store.delete(f"{self.base}/log/{name}")
+                self.objects.delete(f"{self.base}/log/{name}")
                 deleted += 1
         return deleted
-
-
-def read_layout(store: Store) -> dict | None:
-    """The cluster layout recorded on the store, or None."""
-    path = store.path("cluster.json")
-    if not store.exists(path):
-        return None
-    return json.loads(store.read(path))
-
-
-def write_layout(store: Store, layout: dict) -> None:
-    store.write(store.path("cluster.json"), json.dumps(dict(layout, written=time.time()), sort_keys=True).encode())

@@ -1,9 +1,5 @@
-"""Files and object storage through ``pyarrow.fs``: one URI names anything.
-
-``file:///abs/path`` or a plain path (local), ``s3://bucket/prefix`` (with
-``s3_endpoint`` for S3-compatible stores), ``gs://bucket/prefix``, or any
-other scheme ``pyarrow.fs.FileSystem.from_uri`` knows.
-"""
+"""The event files an ingest job reads: local paths or any ``pyarrow.fs`` URI
+(see ``durable.objects.filesystem``), files or folders searched recursively."""
 
 from __future__ import annotations
 
@@ -12,26 +8,10 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from durable.objects import filesystem
+
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json",
            ".ndjson": "json"}
-
-
-def filesystem(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path within it) for a URI or a local path."""
-    if uri.startswith("file://"):
-        path = uri[len("file://"):]
-        return pafs.LocalFileSystem(), os.path.abspath(path) if not path.startswith("/") else path
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    if uri.startswith("s3://") and s3_endpoint:
-        rest = uri[len("s3://"):]
-        scheme = "http" if s3_endpoint.startswith("http://") else "https"
-        fs = pafs.S3FileSystem(endpoint_override=s3_endpoint.split("://", 1)[-1], scheme=scheme,
-                               region=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
-                               allow_bucket_creation=True)
-        return fs, rest.rstrip("/")
-    fs, path = pafs.FileSystem.from_uri(uri)
-    return fs, path.rstrip("/")
 
 
 @dataclass(frozen=True)

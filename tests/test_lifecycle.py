@@ -1,7 +1,8 @@
 """``impressions up`` / ``down`` on this machine, with real processes.
 
-Runs last (file order): ``down`` stops every Ray process here, the session
-cluster's too.
+``down`` stops every Ray process here, the session cluster's too, so the
+test starts the session cluster again when it ends, whatever the outcome:
+it can run in any order among the others.
 """
 
 import json
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import ray
 
 from cluster.workload import generate
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, restart_ray, wait_for
 
 
 def _cli(*args, env):
@@ -24,6 +25,13 @@ def _cli(*args, env):
 
 
 def test_up_ingest_query_down(ray_cluster, tmp_path):
+    try:
+        _up_ingest_query_down(tmp_path)
+    finally:
+        restart_ray(ray_cluster)  # the session cluster, back for the tests that follow
+
+
+def _up_ingest_query_down(tmp_path):
     ray.shutdown()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(IMPRESSIONS_NAMESPACE="life", IMPRESSIONS_SHARDS="2", IMPRESSIONS_STORAGE=f"file://{tmp_path}/store")

@@ -1,0 +1,156 @@
+"""How the coordinator and the senders reach shards, whatever runs them.
+
+The coordinator and the ingest senders are plain classes: they start calls
+on shards and collect the results through a *runtime*, which alone knows
+how shards are run.  ``cluster.bootstrap.RayRuntime`` runs each shard as a
+Ray actor; ``LocalRuntime`` (here) runs them in this process, each shard's
+calls one at a time on a thread of its own, as Ray runs an actor's calls.
+The unit tests drive the coordinator (queries, upkeep, re-sharding with a
+fault at every step) through ``LocalRuntime``.
+
+A runtime offers:
+
+``create_shard(index, shards, seeds)`` -> handle
+    start shard ``index`` of ``shards``, or find it if it already runs.
+    ``seeds`` lists the pending exports of the old shards whose registers
+    it takes over, ``[(old index, old count, pending export)]``.
+``call(handle, method, *args)`` -> pending
+    start a call; never blocks.
+``wait(pending, timeout, num_returns=None)`` -> (ready, not ready)
+    wait until every call (or ``num_returns`` of them) is done, or
+    ``timeout`` seconds passed.
+``result(pending, timeout)``
+    the call's value; raises the shard's own exception (``ShardMoved``,
+    ``ValueError``, ...) as it was raised, or ``ShardUnavailable`` when the
+    shard is gone or did not answer within ``timeout``.
+``kill(handle, timeout)``
+    stop a shard for good; returns once it runs no more of its code (or
+    after ``timeout`` seconds), so nothing it was doing can land after.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+from typing import Any, Protocol
+
+
+class ShardUnavailable(RuntimeError):
+    """A shard did not answer: it is gone, restarting, or too slow."""
+
+
+class Runtime(Protocol):
+    def create_shard(self, index: int, shards: int, seeds: list) -> Any: ...
+
+    def call(self, handle, method: str, *args) -> Any: ...
+
+    def wait(self, pending: list, timeout: float | None = None,
+             num_returns: int | None = None) -> tuple[list, list]: ...
+
+    def result(self, pending, timeout: float | None = None) -> Any: ...
+
+    def kill(self, handle, timeout: float = 30.0) -> None: ...
+
+
+def gather(runtime: Runtime, pending: list, timeout: float | None) -> list:
+    """The values of ``pending`` calls, None for each that failed or did not
+    answer within ``timeout`` seconds (all waited for at once)."""
+    runtime.wait(pending, timeout)
+    out = []
+    for p in pending:
+        try:
+            out.append(runtime.result(p, 0))
+        except Exception:  # noqa: BLE001 - a shard's failure makes its answer missing, never the caller's
+            out.append(None)
+    return out
+
+
+class LocalShard:
+    """A shard actor object in this process, its calls run one at a time."""
+
+    def __init__(self, name: str, make):
+        self.name = name
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._calls: set[cf.Future] = set()  # submitted and not yet done
+        self._ready = self._track(self._pool.submit(make))  # constructed on its own thread, as an actor is
+        self.dead = False
+
+    def _track(self, f: cf.Future) -> cf.Future:
+        self._calls.add(f)
+        f.add_done_callback(self._calls.discard)
+        return f
+
+    def submit(self, method: str, args) -> cf.Future:
+        if self.dead:
+            f = cf.Future()
+            f.set_exception(ShardUnavailable(f"{self.name} was stopped"))
+            return f
+        return self._track(self._pool.submit(self._run, method, args))
+
+    def _run(self, method: str, args):
+        return getattr(self._ready.result(), method)(*args)
+
+    @property
+    def actor(self):
+        """The shard object itself (for tests that look inside)."""
+        return self._ready.result()
+
+    def stop(self, timeout: float) -> None:
+        """Refuse new calls, drop queued ones, and wait for the running one."""
+        self.dead = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        # a cancelled future never counts as done for cf.wait: wait for the others
+        cf.wait([f for f in list(self._calls) if not f.cancelled()], timeout=timeout)
+
+
+class LocalRuntime:
+    """Shards as objects of this process: ``factory(index, shards, seed_from,
+    *seed_states)`` makes one (``actors.shard.ShardActor`` with its storage
+    settings bound, or a variant that fails on purpose in a test)."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self._shards: dict[tuple[int, int], LocalShard] = {}
+        self._lock = threading.Lock()
+
+    def create_shard(self, index: int, shards: int, seeds: list = ()) -> LocalShard:
+        with self._lock:
+            h = self._shards.get((index, shards))
+            if h is not None and not h.dead:
+                return h
+            seed_from = [(i, n) for i, n, _ in seeds]
+            pending = [p for _, _, p in seeds]
+
+            def make():
+                return self.factory(index, shards, seed_from, *[self.result(p) for p in pending])
+            h = self._shards[(index, shards)] = LocalShard(f"shard-{index}-of-{shards}", make)
+            return h
+
+    def call(self, handle: LocalShard, method: str, *args) -> cf.Future:
+        return handle.submit(method, args)
+
+    def wait(self, pending: list, timeout: float | None = None,
+             num_returns: int | None = None) -> tuple[list, list]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        want = len(pending) if num_returns is None else min(num_returns, len(pending))
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, rest = cf.wait(pending, timeout=left,
+                                 return_when=cf.ALL_COMPLETED if want == len(pending) else cf.FIRST_COMPLETED)
+            if len(done) >= want or left == 0.0:
+                return [p for p in pending if p in done], [p for p in pending if p in rest]
+
+    def result(self, pending: cf.Future, timeout: float | None = None):
+        try:
+            return pending.result(timeout)
+        except cf.TimeoutError:
+            raise ShardUnavailable(f"no answer within {timeout} s") from None
+        except cf.CancelledError:
+            raise ShardUnavailable("the shard was stopped before answering") from None
+
+    def kill(self, handle: LocalShard, timeout: float = 30.0) -> None:
+        handle.stop(timeout)
+
+    def handles(self) -> list[LocalShard]:
+        return [h for h in self._shards.values() if not h.dead]

@@ -1,0 +1,399 @@
+"""Answering a range: the cover walk and the pieces it gathers.
+
+A query for keys over buckets ``[b0, b1)`` walks the dyadic nodes of the
+range (``timeindex.dyadic``) down the tiers (``tiers``) and gathers, for
+every key, *pieces* whose union is exactly the key's visitors in the range:
+
+* above the segments, the upper node's row of the key if the rule kept
+  one (plus the base rows of loose slots beneath it, which that row may
+  lack), else the node's two children;
+* inside a slot, the built rollup row of the node if kept; else the key's
+  base rows under the node if they are small (at most ``4 R`` bytes, i.e.
+  about what one dense row costs), else the node's two children; plus the
+  key's rows in the slot's runs;
+* the memtable's events in the range.
+
+Merging is a ``max``, so overlapping pieces are harmless, and every place
+holds a complete answer for what it covers: the walk may take any pieces
+that cover the range.
+
+The walk is written once, for a *key set*: ``OneKey`` for the common
+single-key question (scalar lookups: numpy calls on one-element arrays
+cost more than the work) and ``ManyKeys`` for many (vector lookups).  Both
+carry, per key, the rows found so far, and offer the same few operations
+(find a node's row, take rows in a span, split by a mask, add to the
+pieces), so the speed of either lives in those primitives, never in a
+second copy of the walk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .hll import RANK_BITS, RegisterRange
+from .rows import RowTable
+from .tiers import Tiers
+from .timeindex import dyadic
+
+
+def _gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Indices of the concatenated ranges ``[starts[i], ends[i])``."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offs = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offs[1:])
+    return np.repeat(starts - offs[:-1], lengths) + np.arange(total, dtype=np.int64)
+
+
+class Pieces:
+    """Sketch pieces gathered for K keys (key *positions* 0..K-1); ``finish``
+    merges them into per-key histograms.
+
+    Pieces are kept as chunks of coupons and of dense register rows, each
+    chunk with the key position of every entry (not needed, and not kept,
+    when K = 1).  The counters are what the index keeps small: ``rows``
+    stored rows merged, ``reads`` contiguous reads, ``bytes`` sketch bytes.
+    """
+
+    __slots__ = ("K", "ck", "cv", "dk", "dv", "rows", "reads", "bytes")
+
+    def __init__(self, K: int):
+        self.K = K
+        self.rows = self.reads = self.bytes = 0
+        self.ck: list[np.ndarray] = []  # key positions of coupons (K > 1)
+        self.cv: list[np.ndarray] = []  # coupons
+        self.dk: list[np.ndarray] = []  # key positions of dense rows (K > 1)
+        self.dv: list[np.ndarray] = []  # dense rows (n, R)
+
+    def add_slice(self, t: RowTable, p: int, r0: int, r1: int) -> None:
+        """Rows ``[r0, r1)`` of ``t`` for key position ``p``: slices, no copies."""
+        self.rows += r1 - r0
+        self.reads += 1
+        c0, c1 = int(t.off[r0]), int(t.off[r1])
+        if c1 > c0:
+            self.cv.append(t.coupons[c0:c1])
+            self.bytes += 4 * (c1 - c0)
+            if self.K > 1:
+                self.ck.append(np.full(c1 - c0, p, np.int64))
+        d0, d1 = int(t.dense_cs[r0]), int(t.dense_cs[r1])
+        if d1 > d0:
+            self.dv.append(t.regs[d0:d1])
+            self.bytes += (d1 - d0) * t.regs.shape[1]
+            if self.K > 1:
+                self.dk.append(np.full(d1 - d0, p, np.int64))
+
+    def add_gather(self, t: RowTable, pos: np.ndarray, r0: np.ndarray, r1: np.ndarray) -> None:
+        """Rows ``[r0[i], r1[i])`` of ``t`` for key position ``pos[i]``."""
+        self.rows += int((r1 - r0).sum())
+        self.reads += len(pos)
+        c0, c1 = t.off[r0], t.off[r1]
+        if (c1 > c0).any():
+            self.cv.append(t.coupons[_gather_ranges(c0, c1)])
+            self.ck.append(np.repeat(pos, c1 - c0))
+            self.bytes += 4 * len(self.cv[-1])
+        d0, d1 = t.dense_cs[r0], t.dense_cs[r1]
+        if (d1 > d0).any():
+            self.dv.append(t.regs[_gather_ranges(d0, d1)])
+            self.dk.append(np.repeat(pos, d1 - d0))
+            self.bytes += self.dv[-1].nbytes
+
+    def add_coupons(self, pos: np.ndarray, coupons: np.ndarray) -> None:
+        """Loose coupons (the memtable's), key position ``pos[i]`` each."""
+        if len(coupons):
+            self.reads += 1
+            self.bytes += 4 * len(coupons)
+            self.cv.append(coupons)
+            if self.K > 1:
+                self.ck.append(pos)
+
+    def registers(self, rr: RegisterRange) -> np.ndarray:
+        """(K, R) dense registers: the merge of every key's pieces."""
+        K, R = self.K, rr.R
+        regs = np.zeros((K, R), np.uint8)
+        if self.dv:
+            dv = np.concatenate(self.dv) if len(self.dv) > 1 else self.dv[0]
+            if K == 1:
+                np.max(dv, axis=0, out=regs[0])
+            else:
+                dk = np.concatenate(self.dk)
+                order = np.argsort(dk, kind="stable")
+                dk, dv = dk[order], dv[order]
+                starts = np.flatnonzero(np.r_[True, dk[1:] != dk[:-1]])
+                regs[dk[starts]] = np.maximum.reduceat(dv, starts, axis=0)
+        if self.cv:
+            reg, rank = rr.coupon_registers(np.concatenate(self.cv) if len(self.cv) > 1 else self.cv[0])
+            if K > 1:
+                reg = np.concatenate(self.ck) * R + reg
+            np.maximum.at(regs.reshape(-1), reg, rank)
+        return regs
+
+    def finish(self, rr: RegisterRange) -> tuple[np.ndarray, np.ndarray]:
+        """(K, hist_len) register-value histograms and, per key, its distinct
+        coupon count, or -1 when the merged slice would be stored dense.
+
+        The count is given exactly when the merged slice would be stored
+        sparse (at most ``dense_threshold`` coupons), so the answer depends on
+        the data alone, never on which pieces happened to be stored dense: a
+        dense piece always holds more than the threshold itself.
+        """
+        K, H = self.K, rr.prec.hist_len
+        regs = self.registers(rr)
+        hist = np.empty((K, H), np.int64)
+        for i in range(K):  # K small bincounts beat one over a K x R int64 copy
+            hist[i] = np.bincount(regs[i], minlength=H)
+        # a key is dense if a dense piece fed it, or if more registers are set
+        # than the threshold (each needs a distinct coupon): no need to count those
+        dense = (rr.R - hist[:, 0]) > rr.dense_threshold
+        if self.dv:
+            dense[np.concatenate(self.dk) if K > 1 else 0] = True
+        sparse = np.zeros(K, np.int64)
+        if self.cv and not dense.all():
+            index = (np.concatenate(self.cv) if len(self.cv) > 1 else self.cv[0]) >> np.uint32(RANK_BITS)
+            if K > 1:  # count per key: key position above the index
+                ck = np.concatenate(self.ck)
+                keep = ~dense[ck]
+                index = (ck[keep].astype(np.uint64) << np.uint64(32)) | index[keep].astype(np.uint64)
+            index = np.sort(index)
+            new = np.empty(len(index), bool)
+            new[:1] = True
+            np.not_equal(index[1:], index[:-1], out=new[1:])
+            if K > 1:
+                sparse = np.bincount((index[new] >> np.uint64(32)).astype(np.int64), minlength=K)
+            else:
+                sparse[0] = np.count_nonzero(new)
+        sparse[dense | (sparse > rr.dense_threshold)] = -1
+        return hist, sparse
+
+
+# ---------------------------------------------------------------- key sets
+
+class OneKey:
+    """One key (id, position), with rows ``[r0, r1)`` of the table last asked about."""
+
+    __slots__ = ("id", "pos", "r0", "r1")
+
+    def __init__(self, kid: int, pos: int, r0: int = 0, r1: int = 0):
+        self.id, self.pos, self.r0, self.r1 = kid, pos, r0, r1
+
+    def __bool__(self) -> bool:
+        return True
+
+    def find(self, t: RowTable, node: int):
+        """(keys with a row for ``node`` in ``t``, holding that row; the others)."""
+        r = t.find(self.id, node)
+        return (OneKey(self.id, self.pos, r, r + 1), NO_KEYS) if r >= 0 else (NO_KEYS, self)
+
+    def within(self, t: RowTable, n0: int, n1: int):
+        """The keys with rows of nodes in ``[n0, n1)`` in ``t``, holding them."""
+        r0, r1 = t.node_range(self.id, n0, n1)
+        return OneKey(self.id, self.pos, r0, r1) if r1 > r0 else NO_KEYS
+
+    def split(self, mask):
+        return (self, NO_KEYS) if mask else (NO_KEYS, self)
+
+    def among(self, keys: tuple[frozenset, np.ndarray]):
+        """(the keys in ``keys``, the others)."""
+        return self.split(self.id in keys[0])
+
+    def sizes(self, t: RowTable):
+        return t.bytes_between(self.r0, self.r1)
+
+    def add_to(self, pc: Pieces, t: RowTable) -> None:
+        pc.add_slice(t, self.pos, self.r0, self.r1)
+
+    def impressions_to(self, total: np.ndarray, t: RowTable) -> None:
+        total[self.pos] += t.imp_cs[self.r1] - t.imp_cs[self.r0]
+
+    def match(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask of the entries of key ids ``k`` that are keys of the set, their positions)."""
+        m = k == self.id
+        return m, np.full(int(m.sum()), self.pos, np.int64)
+
+
+class ManyKeys:
+    """Keys (distinct ids, positions), with rows ``[r0[i], r1[i])`` of the table last asked about."""
+
+    __slots__ = ("ids", "pos", "r0", "r1")
+
+    def __init__(self, ids: np.ndarray, pos: np.ndarray, r0=None, r1=None):
+        self.ids, self.pos, self.r0, self.r1 = ids, pos, r0, r1
+
+    def __bool__(self) -> bool:
+        return len(self.ids) > 0
+
+    def find(self, t: RowTable, node: int):
+        rows = t.find_many(self.ids, node)
+        hit = rows >= 0
+        return ManyKeys(self.ids[hit], self.pos[hit], rows[hit], rows[hit] + 1), ManyKeys(self.ids[~hit],
+                                                                                          self.pos[~hit])
+
+    def within(self, t: RowTable, n0: int, n1: int):
+        r0, r1 = t.node_range_many(self.ids, n0, n1)
+        some = r1 > r0
+        return ManyKeys(self.ids[some], self.pos[some], r0[some], r1[some])
+
+    def split(self, mask: np.ndarray):
+        def sub(m):
+            return ManyKeys(self.ids[m], self.pos[m], None if self.r0 is None else self.r0[m],
+                            None if self.r1 is None else self.r1[m])
+        return sub(mask), sub(~mask)
+
+    def among(self, keys: tuple[frozenset, np.ndarray]):
+        return self.split(np.isin(self.ids, keys[1], assume_unique=True))
+
+    def sizes(self, t: RowTable):
+        return t.bytes_between(self.r0, self.r1)
+
+    def add_to(self, pc: Pieces, t: RowTable) -> None:
+        pc.add_gather(t, self.pos, self.r0, self.r1)
+
+    def impressions_to(self, total: np.ndarray, t: RowTable) -> None:
+        total[self.pos] += t.imp_cs[self.r1] - t.imp_cs[self.r0]
+
+    def match(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.ids)
+        i = order[np.minimum(np.searchsorted(self.ids, k, sorter=order), len(self.ids) - 1)]
+        m = self.ids[i] == k
+        return m, self.pos[i[m]]
+
+
+class _NoKeys:
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return False
+
+
+NO_KEYS = _NoKeys()
+
+
+def key_set(ids: np.ndarray):
+    """The key set of distinct key ids, at positions 0..len(ids)-1."""
+    return OneKey(int(ids[0]), 0) if len(ids) == 1 else ManyKeys(np.asarray(ids, np.int64), np.arange(len(ids)))
+
+
+# ---------------------------------------------------------------- the walk
+
+def gather(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, b1: int) -> Pieces:
+    """The pieces of keys ``ids`` (distinct; position i = ``ids[i]``) over ``[b0, b1)``."""
+    pc = Pieces(len(ids))
+    if not len(ids):
+        return pc
+    keys = key_set(ids)
+    for lvl, j in dyadic(b0, b1):
+        _node(tiers, rr, keys, lvl, j, pc)
+    k, b, c = memtable.columns()
+    if len(k):
+        m = (b >= b0) & (b < b1)
+        hit, pos = keys.match(k[m])
+        pc.add_coupons(pos, c[m][hit])
+    return pc
+
+
+def _node(tiers: Tiers, rr: RegisterRange, keys, lvl: int, j: int, pc: Pieces) -> None:
+    """Gather the pieces covering node (lvl, j) for ``keys``."""
+    LF, LS = tiers.config.leaf_level, tiers.config.segment_level
+    if lvl > LS:
+        keys, below = keys.among(tiers.keys_above(lvl))
+        if below:  # in no upper node of these levels: straight to the segments
+            for js in range(j << (lvl - LS), (j + 1) << (lvl - LS)):
+                _node(tiers, rr, below, LS, js, pc)
+        if not keys:
+            return
+        t = tiers.upper_table(lvl, j)
+        if t is not None and len(t):
+            found, keys = keys.find(t, j)
+            if found:
+                found.add_to(pc, t)
+                _loose(tiers, found, j << lvl, (j + 1) << lvl, pc)
+        if keys:
+            _node(tiers, rr, keys, lvl - 1, 2 * j, pc)
+            _node(tiers, rr, keys, lvl - 1, 2 * j + 1, pc)
+        return
+    slot = tiers.slot_covering(lvl, j)
+    if slot is None:
+        if lvl > LF:  # spans several leaves of an unbuilt segment
+            _node(tiers, rr, keys, lvl - 1, 2 * j, pc)
+            _node(tiers, rr, keys, lvl - 1, 2 * j + 1, pc)
+        return
+    if slot.main:
+        _built(slot.main, rr, keys, lvl, j, pc)
+    lo, hi = j << lvl, (j + 1) << lvl
+    for run in slot.runs:
+        some = keys.within(run, lo, hi)
+        if some:
+            some.add_to(pc, run)
+
+
+def _built(tables, rr: RegisterRange, keys, lvl: int, j: int, pc: Pieces) -> None:
+    """Node (lvl, j) inside a built slot: its kept rollup row, else the base
+    rows beneath when small, else its children."""
+    if 0 < lvl < len(tables) and len(tables[lvl]):
+        found, keys = keys.find(tables[lvl], j)
+        if found:
+            found.add_to(pc, tables[lvl])
+        if not keys:
+            return
+    base = tables[0]
+    keys = keys.within(base, j << lvl, (j + 1) << lvl)
+    if not keys:
+        return
+    if lvl == 0:
+        keys.add_to(pc, base)
+        return
+    small, big = keys.split(keys.sizes(base) <= 4 * rr.R)
+    if small:
+        small.add_to(pc, base)
+    if big:
+        _built(tables, rr, big, lvl - 1, 2 * j, pc)
+        _built(tables, rr, big, lvl - 1, 2 * j + 1, pc)
+
+
+def _loose(tiers: Tiers, keys, lo: int, hi: int, pc: Pieces) -> None:
+    """Base rows in ``[lo, hi)`` that the upper index may not include yet."""
+    for key in tiers.loose:
+        slot = tiers.slots[key]
+        if slot.end > lo and slot.start < hi:
+            tables = list(slot.runs) + ([slot.main[0]] if slot.main and slot.level == tiers.config.leaf_level else [])
+            for t in tables:
+                some = keys.within(t, lo, hi)
+                if some:
+                    some.add_to(pc, t)
+
+
+def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np.ndarray:
+    """Exact impressions of keys ``ids`` over ``[b0, b1)``: prefix sums over
+    the level-0 rows, where each event is counted exactly once."""
+    total = np.zeros(len(ids), np.int64)
+    if not len(ids):
+        return total
+    keys = key_set(ids)
+    for slot in tiers.slots_overlapping(b0, b1):
+        for t in slot.base_tables():
+            some = keys.within(t, b0, b1)
+            if some:
+                some.impressions_to(total, t)
+    k, b, _ = memtable.columns()
+    if len(k):
+        m = (b >= b0) & (b < b1)
+        _, pos = keys.match(k[m])
+        total += np.bincount(pos, minlength=len(total))
+    return total
+
+
+def impressions_by_key(tiers: Tiers, memtable, n_keys: int, b0: int, b1: int) -> np.ndarray:
+    """Impressions of every key id over ``[b0, b1)`` (an array indexed by id)."""
+    totals = np.zeros(n_keys, np.int64)
+    for slot in tiers.slots_overlapping(b0, b1):
+        for t in slot.base_tables():
+            nodes = t.nodes
+            m = (nodes >= b0) & (nodes < b1) & (t.imp > 0)
+            if m.any():
+                totals += np.bincount(t.keys[m], weights=t.imp[m], minlength=n_keys).astype(np.int64)
+    k, b, _ = memtable.columns()
+    if len(k):
+        m = (b >= b0) & (b < b1)
+        totals += np.bincount(k[m].astype(np.int64), minlength=n_keys)
+    return totals

@@ -1,0 +1,162 @@
+"""Maintenance: folding runs and building rollups for time that is sealed.
+
+Time is *sealed* ``lateness_buckets`` behind the newest bucket a shard has
+seen; only sealed time is built, so late events rarely land on built nodes
+(when they do they become runs there, which queries read, and the node is
+rebuilt once its runs grow).  One pass (``maintain``), oldest first:
+
+1. **segments**: a sealed segment is built straight from all its leaves'
+   base rows in one pass (``rows.build_levels``: levels 1..11 of every key
+   from one sort); a built segment whose runs grew is rebuilt.  Its full
+   merge at level 11 becomes a *summary*, kept for the upper index.
+2. **leaves** of the open segment: the sealed ones are built together (node
+   numbers keep them apart until level 6); long run lists are compacted.
+3. **upper index**, bottom-up: a node is built from its two children's
+   summaries once both are built or have nothing pending.
+
+Every step takes immutable tables and puts new nodes in place
+(``tiers.Tiers``), so a query between two steps sees either the old node or
+the new one, each complete.  ``maintain`` can stop after any step when its
+time is up and resume where it left off.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .config import SketchConfig
+from .hll import RegisterRange
+from .rows import RowTable, build_levels, code_keys, level_up, merge, split_by_node
+from .tiers import Slot, Tiers
+
+
+class Rollups:
+    """Builds one shard's rollups in its ``Tiers``."""
+
+    def __init__(self, tiers: Tiers, config: SketchConfig, rr: RegisterRange):
+        self.tiers, self.config, self.rr = tiers, config, rr
+
+    def maintain(self, sealed_end: int, max_seconds: float | None = None) -> bool:
+        """Build what lies before bucket ``sealed_end``.  Returns True when
+        nothing is left to do (False if ``max_seconds`` cut it short)."""
+        deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+
+        def out_of_time():
+            return deadline is not None and time.perf_counter() > deadline
+
+        cfg, tiers = self.config, self.tiers
+        LF, LS = cfg.leaf_level, cfg.segment_level
+        d = LS - LF
+        # 1. segments
+        candidates = {k[1] >> d for k in tiers.slots if k[0] == LF} | {k[1] for k in tiers.slots if k[0] == LS}
+        for js in sorted(candidates):
+            if (js + 1) << LS > sealed_end:
+                continue
+            slot = tiers.slots.get((LS, js))
+            if slot is not None:
+                base_rows = len(slot.main[0]) if slot.main else 0
+                run_rows = sum(len(r) for r in slot.runs)
+                if run_rows and (run_rows * 8 >= base_rows or len(slot.runs) > cfg.max_runs):
+                    self._build_segment(js, slot.base_tables(), [])
+            else:
+                leaves = [tiers.slots[(LF, jf)] for jf in range(js << d, (js + 1) << d) if (LF, jf) in tiers.slots]
+                self._build_segment(js, [t for leaf in leaves for t in leaf.base_tables()], leaves)
+            if out_of_time():
+                return False
+        # 2. leaves of the open segments
+        sealed = []
+        for key in sorted(k for k in tiers.slots if k[0] == LF):
+            slot = tiers.slots[key]
+            if slot.runs and slot.end <= sealed_end:
+                sealed.append(slot)
+            elif len(slot.runs) > cfg.max_runs:
+                tiers.put_slot(slot.level, slot.node, slot.main, [merge(slot.runs, self.rr)])
+        if sealed:
+            self._build_leaves(sealed)
+        if out_of_time():
+            return False
+        # 3. upper index, bottom-up
+        for lvl in range(LS, cfg.top_level):
+            for (l, j) in sorted(k for k in tiers.summaries if k[0] == lvl):
+                if (l, j) not in tiers.summaries:
+                    continue  # consumed with its sibling
+                parent = (lvl + 1, j >> 1)
+                if parent in tiers.upper or ((j >> 1) + 1) << (lvl + 1) > sealed_end:
+                    continue
+                if (lvl, j ^ 1) in tiers.summaries or not self._pending(lvl, j ^ 1):
+                    self._build_upper(*parent)
+                if out_of_time():
+                    return False
+        for k in [k for k in tiers.summaries if k[0] >= cfg.top_level]:
+            tiers.pop_summary(k)
+        return True
+
+    def _build_leaves(self, slots: list[Slot]) -> None:
+        """Build leaves together: node numbers keep them apart until level
+        ``leaf_level``, so one vectorized pass serves them all."""
+        LF, R = self.config.leaf_level, self.rr.R
+        base = merge([t for s in slots for t in s.base_tables()], self.rr)
+        tables, _ = build_levels(base, LF, self.rr, summary=False)
+        mains = {s.node: [RowTable.empty(lvl, R) for lvl in range(LF + 1)] for s in slots}
+        for lvl, t in enumerate(tables):
+            for jf, part in split_by_node(t, LF - lvl):
+                mains[jf][lvl] = part
+        for s in slots:
+            self.tiers.put_slot(LF, s.node, mains[s.node], ())
+
+    def _build_segment(self, js: int, base_tables: list[RowTable], leaves: list[Slot]) -> None:
+        """Segment ``js`` from all its base rows in one pass; its leaves (whose
+        own rollups only served while the segment was open) go."""
+        LS = self.config.segment_level
+        main, summary = build_levels(merge(base_tables, self.rr), LS, self.rr)
+        self.tiers.put_slot(LS, js, main, ())
+        for leaf in leaves:
+            self.tiers.drop_slot((leaf.level, leaf.node))
+        self._settle_summary(js, summary)
+
+    def _settle_summary(self, js: int, summary: RowTable) -> None:
+        """Keep a segment's top merge for its parent, or, when the parent is
+        already built (late data), fold it into the built upper nodes."""
+        cfg, tiers = self.config, self.tiers
+        LS = cfg.segment_level
+        if (LS + 1, js >> 1) not in tiers.upper:
+            tiers.put_summary(LS, js, summary)
+            return
+        cur, lvl, j = summary, LS, js
+        while lvl < cfg.top_level and (lvl + 1, j >> 1) in tiers.upper:
+            cur, _ = level_up([cur], self.rr, lvl + 1)
+            lvl, j = lvl + 1, j >> 1
+            t = tiers.upper_table(lvl, j)
+            if len(t):  # only keys the rule kept there: the others read finer nodes anyway
+                tiers.put_upper(lvl, j, merge([t, cur.take(np.isin(code_keys(cur.code), code_keys(t.code)))],
+                                              self.rr, lvl, impressions=False))
+        if (lvl, j) in tiers.summaries:  # the highest built node still awaits its parent
+            tiers.put_summary(lvl, j, merge([tiers.summaries[(lvl, j)].table, cur], self.rr, lvl,
+                                            impressions=False))
+
+    def _build_upper(self, lvl: int, j: int) -> None:
+        tiers = self.tiers
+        children = [tiers.pop_summary(k) for k in ((lvl - 1, 2 * j), (lvl - 1, 2 * j + 1)) if k in tiers.summaries]
+        full, kept = level_up(children, self.rr, lvl)
+        tiers.put_upper(lvl, j, kept)
+        if lvl < self.config.top_level:
+            tiers.put_summary(lvl, j, full)
+
+    def _pending(self, lvl: int, j: int) -> bool:
+        """Whether node (lvl, j) has data not yet summarised at its level."""
+        cfg, tiers = self.config, self.tiers
+        LF, LS = cfg.leaf_level, cfg.segment_level
+        start, end = j << lvl, (j + 1) << lvl
+        for l in range(LS, lvl):
+            for jj in range(start >> l, end >> l):
+                if (l, jj) in tiers.summaries:
+                    return True
+        for js in range(start >> LS, end >> LS):
+            if (LS, js) in tiers.slots:
+                return True
+            for jf in range(js << (LS - LF), (js + 1) << (LS - LF)):
+                if (LF, jf) in tiers.slots:
+                    return True
+        return False

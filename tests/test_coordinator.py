@@ -1,0 +1,184 @@
+"""The coordinator as a plain class: shards in this process, real storage, no Ray.
+
+Queries, re-sharding and its rollback are driven through ``LocalRuntime``,
+with a fault injected at every step of a re-sharding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from actors.coordinator import Coordinator, RescaleFailed
+from actors.runtime import LocalRuntime
+from actors.sender import Sender
+from actors.shard import ShardActor
+from cluster.config import ClusterConfig
+from cluster.workload import generate
+from sketch.counter import LocalCounter
+from sketch.events import prepare
+from sketch.store import SketchConfig
+
+NOW = 1_800_000_000.0
+SK = SketchConfig(p=12, leaf_level=4, segment_level=8, memtable_rows=5_000)
+KEYS = [None, "ad-0", "ad-3", "ad-17", "never-seen"]
+FAULTS: dict[tuple[str, int], str] = {}  # (method, shard count) -> message of the OSError it raises
+
+
+class FaultyShard(ShardActor):
+    """A real shard that fails a chosen call, for shards of a chosen layout."""
+
+    def __init__(self, sketch, shard, shards, *rest):
+        self._shards_of = shards
+        self._fault("init")
+        super().__init__(sketch, shard, shards, *rest)
+
+    def _fault(self, method: str) -> None:
+        msg = FAULTS.get((method, self._shards_of))
+        if msg:
+            raise OSError(msg)
+
+    def seal(self):
+        self._fault("seal")
+        return super().seal()
+
+    def export(self):
+        self._fault("export")
+        return super().export()
+
+    def ping(self):
+        self._fault("ping")
+        return super().ping()
+
+
+@pytest.fixture(autouse=True)
+def _no_faults():
+    FAULTS.clear()
+    yield
+    FAULTS.clear()
+
+
+@pytest.fixture(scope="module")
+def stream():
+    t = generate(40_000, days=2, visitors=15_000, keys=30, seed=5, end=NOW)
+    batch, report = prepare(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW, bucket_seconds=60,
+                            retention_buckets=SK.retention_buckets, future_seconds=SK.future_seconds)
+    assert report.rejected_total == 0
+    ref = LocalCounter(SK)
+    ref.ingest(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW)
+    return batch, ref
+
+
+def _cluster(tmp_path, shards=2):
+    storage = f"file://{tmp_path}/store"
+    cfg = ClusterConfig(sketch=SK, shards=shards, storage=storage, maintain_interval_s=3600,
+                        checkpoint_interval_s=3600, query_timeout_s=5)
+    runtime = LocalRuntime(lambda i, n, seed_from, *states: FaultyShard(SK, i, n, storage, None, seed_from, *states))
+    coord = Coordinator(cfg, runtime)
+    coord.start()
+    return coord, runtime
+
+
+def _ingest(coord, runtime, batch, parts=4):
+    sender = Sender(runtime, coord.route, SK.p, max_inflight=2)
+    for ix in np.array_split(np.arange(len(batch)), parts):
+        sender.send(type(batch)(batch.key_names, batch.key_index[ix], batch.bucket[ix], batch.coupon[ix]))
+    sender.drain()
+    return sender
+
+
+def _assert_equal(coord, ref):
+    now_b = int(NOW // 60)
+    for b0, b1 in [(now_b - 2880, now_b + 1), (now_b - 700, now_b - 90), (now_b - 3, now_b + 1)]:
+        rng = SK.resolve(now=NOW, start=b0 * 60, end=b1 * 60)
+        for key in KEYS[:4]:
+            assert np.array_equal(coord.registers(key, rng), ref.registers(key, b0, b1)), (key, b0, b1)
+        assert coord.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+
+
+def _layout(tmp_path) -> dict:
+    return json.loads((tmp_path / "store" / "cluster.json").read_text())
+
+
+def test_answers_equal_the_in_process_reference(tmp_path, stream):
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    _ingest(coord, runtime, batch)
+    _assert_equal(coord, ref)  # memtables and runs
+    coord.maintain()
+    _assert_equal(coord, ref)  # rollups built
+    series = coord.series("ad-0", SK.resolve(now=NOW, last="2h"), 30)
+    assert [p["end"] - p["start"] for p in series] == [1800] * 4
+    assert sum(p["impressions"] for p in series) == ref.unique("ad-0", last="2h", now=NOW).impressions
+    top = coord.keys(SK.resolve(now=NOW, last="2d"), "ad-", 3)
+    assert [k["key"] for k in top] == ["ad-0", "ad-1", "ad-2"]
+
+
+def test_rescale_two_four_one_keeps_every_answer_and_ingest_goes_on(tmp_path, stream):
+    batch, ref = stream
+    half = len(batch) // 2
+    first = type(batch)(batch.key_names, batch.key_index[:half], batch.bucket[:half], batch.coupon[:half])
+    rest = type(batch)(batch.key_names, batch.key_index[half:], batch.bucket[half:], batch.coupon[half:])
+    coord, runtime = _cluster(tmp_path)
+    sender = Sender(runtime, coord.route, SK.p, max_inflight=2)
+    sender.send(first)
+    sender.drain()
+    assert coord.rescale(4)["epoch"] == 1 and _layout(tmp_path)["shards"] == 4
+    sender.send(rest)  # cut for the old map: refused by the retired shards, cut again for the new one
+    sender.drain()
+    _assert_equal(coord, ref)
+    assert coord.rescale(1)["epoch"] == 2 and _layout(tmp_path)["epoch"] == 2
+    coord.maintain()
+    _assert_equal(coord, ref)
+    assert not (tmp_path / "store" / "shards-2").exists() and not (tmp_path / "store" / "shards-4").exists()
+
+
+@pytest.mark.parametrize("step", ["seal", "export", "init", "ping"])
+def test_a_failed_rescale_rolls_back_at_every_step(tmp_path, stream, step):
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    _ingest(coord, runtime, batch, parts=2)
+    before = coord.route()
+    FAULTS[(step, 2 if step in ("seal", "export") else 4)] = f"injected {step} failure"
+    with pytest.raises(RescaleFailed, match=f"injected {step} failure"):
+        coord.rescale(4)
+    # nothing switched: same map, same layout, no trace of the abandoned one
+    assert coord.route() == before and _layout(tmp_path)["shards"] == 2 and _layout(tmp_path)["epoch"] == 0
+    assert not (tmp_path / "store" / "shards-4").exists()
+    assert any("rolled back" in e for e in coord.events)
+    # the old shards take batches again and answer as before
+    assert not any(h.actor.sealed for h in before[1])
+    _assert_equal(coord, ref)
+    FAULTS.clear()
+    assert coord.rescale(4)["changed"]
+    _assert_equal(coord, ref)
+
+
+def test_a_shard_gone_makes_answers_partial_never_failed(tmp_path, stream):
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path, shards=4)
+    _ingest(coord, runtime, batch)
+    rng = SK.resolve(now=NOW, last="2d")
+    full = coord.query([None], rng)[0]
+    runtime.kill(coord.route()[1][1])
+    part = coord.query([None], rng)[0]
+    true = ref.unique(None, last="2d", now=NOW).unique_visitors
+    assert part["partial"] and not full["partial"] and part["relative_error"] > full["relative_error"]
+    assert part["interval"][0] <= true <= part["interval"][1]
+    assert coord.stats()["shards"][1] is None
+
+
+def test_a_restarted_coordinator_adopts_the_layout_on_the_store(tmp_path, stream):
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    _ingest(coord, runtime, batch)
+    coord.rescale(4)
+    coord.checkpoint()
+    for h in runtime.handles():
+        runtime.kill(h)
+    # a new coordinator configured for 2 shards finds 4 on the store, and their data
+    again, _ = _cluster(tmp_path, shards=2)
+    assert again.cluster_config().shards == 4 and again.route()[0] == 1
+    _assert_equal(again, ref)
