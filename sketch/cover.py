@@ -170,12 +170,16 @@ class Pieces:
 # ---------------------------------------------------------------- key sets
 
 class OneKey:
-    """One key (id, position), with rows ``[r0, r1)`` of the table last asked about."""
+    """One key (id, position), with rows ``[r0, r1)`` of the table last asked about.
+
+    ``find`` and ``within`` set those rows on the key itself and return it (a
+    walk asks about one table at a time, and reads the rows right after it
+    asked): the common one-key question then allocates nothing per node."""
 
     __slots__ = ("id", "pos", "r0", "r1")
 
-    def __init__(self, kid: int, pos: int, r0: int = 0, r1: int = 0):
-        self.id, self.pos, self.r0, self.r1 = kid, pos, r0, r1
+    def __init__(self, kid: int, pos: int):
+        self.id, self.pos, self.r0, self.r1 = kid, pos, 0, 0
 
     def __bool__(self) -> bool:
         return True
@@ -183,12 +187,15 @@ class OneKey:
     def find(self, t: RowTable, node: int):
         """(keys with a row for ``node`` in ``t``, holding that row; the others)."""
         r = t.find(self.id, node)
-        return (OneKey(self.id, self.pos, r, r + 1), NO_KEYS) if r >= 0 else (NO_KEYS, self)
+        if r < 0:
+            return NO_KEYS, self
+        self.r0, self.r1 = r, r + 1
+        return self, NO_KEYS
 
     def within(self, t: RowTable, n0: int, n1: int):
         """The keys with rows of nodes in ``[n0, n1)`` in ``t``, holding them."""
-        r0, r1 = t.node_range(self.id, n0, n1)
-        return OneKey(self.id, self.pos, r0, r1) if r1 > r0 else NO_KEYS
+        self.r0, self.r1 = t.node_range(self.id, n0, n1)
+        return self if self.r1 > self.r0 else NO_KEYS
 
     def split(self, mask):
         return (self, NO_KEYS) if mask else (NO_KEYS, self)
