@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from durable.layout import Layout, drop_layout_folder, read_layout, write_layout
+from durable.journal import ShardJournal
+from durable.layout import (Layout, clear_intent, drop_folder, read_intent, read_layout, write_intent,
+                            write_layout)
 from durable.objects import ObjectStore
 from sketch.answer import RangeResult, merge_answers
 from sketch.hll import RegisterRange, check_shards
@@ -51,6 +53,9 @@ log = logging.getLogger("impressions.coordinator")
 
 START_TIMEOUT_S = 120.0  # how long start() waits for shards to answer before going on without them
 RESCALE_TIMEOUT_S = 600.0  # how long a re-sharding waits for the new shards (they load whole states)
+CALL_TIMEOUT_S = 600.0  # the longest any other call waits for a shard (a whole maintenance, a checkpoint)
+SERIES_CHUNK = 64  # points per shard call of a series: no single call holds a shard for long
+KEYS_FACTOR = 4  # candidates per shard for a top-keys list: KEYS_FACTOR x the keys asked for
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,9 @@ class Coordinator:
         self.config = config
         self.runtime = runtime
         self.map: ShardMap | None = None
+        self.layout: Layout | None = None
         self._maint: threading.Thread | None = None
+        self._starting = threading.Lock()  # start runs once, even when the first calls come at once
         self._rescaling = threading.Lock()  # an atomic test-and-set: one re-sharding at a time, never waited on
         self.queries = 0
         self.events: list[str] = []
@@ -91,39 +98,81 @@ class Coordinator:
     def _objects(self) -> ObjectStore | None:
         return ObjectStore(self.config.storage, self.config.s3_endpoint) if self.config.storage else None
 
+    def _now(self) -> float:
+        """This machine's clock, moved by ``clock_offset_s`` (drills and tests)."""
+        return time.time() + float(getattr(self.config, "clock_offset_s", 0.0))
+
     def _ensure(self) -> ShardMap:
         if self.map is None:  # first call, or first after a restart
             self.start()
         return self.map
 
     def start(self) -> int:
-        """Adopt the layout recorded on the store (or record this one), create
-        or find the shards, and start the maintenance thread.  Shards that do
-        not answer within ``START_TIMEOUT_S`` are left to come up later (their
-        ranges are missing from answers until then)."""
-        if self.map is None:
-            objects = self._objects()
-            layout = read_layout(objects) if objects is not None else None
-            if layout is not None:
-                if layout.sketch != self.config.sketch or layout.shards != self.config.shards:
-                    self._note(f"adopted the layout on the store: {layout.shards} shards")
-                self.config = self.config.replace(shards=layout.shards, sketch=layout.sketch)
-                epoch = layout.epoch
-            else:
-                epoch = 0
-                if objects is not None:
-                    write_layout(objects, Layout(self.config.shards, self.config.sketch, 0))
-            S = self.config.shards
-            handles = tuple(self.runtime.create_shard(i, S, []) for i in range(S))
-            answers = gather(self.runtime, [self.runtime.call(h, "ping") for h in handles], START_TIMEOUT_S)
-            missing = [i for i, a in enumerate(answers) if a is None]
-            if missing:
-                self._note(f"shards {missing} did not answer within {START_TIMEOUT_S:g} s of start")
-            self.map = ShardMap(handles, RegisterRange(self.config.sketch.p, S), epoch)
+        """Settle a re-sharding a crash interrupted, adopt the layout recorded
+        on the store (or record this one), create or find the shards, and start
+        the maintenance thread.  Shards that do not answer within
+        ``START_TIMEOUT_S`` are left to come up later (their ranges are
+        missing from answers until then)."""
+        with self._starting:
+            if self.map is None:
+                self._start()
         if self._maint is None:
             self._maint = threading.Thread(target=self._maintain_loop, name="maintain", daemon=True)
             self._maint.start()
         return len(self.map.handles)
+
+    def _start(self) -> None:
+        objects = self._objects()
+        rolled_back = False
+        if objects is not None:
+            rolled_back = self._settle_intent(objects)
+            layout = read_layout(objects)
+            if layout is None:
+                layout = Layout.new(self.config.shards, self.config.sketch)
+                write_layout(objects, layout)
+            else:
+                if not layout.cluster_id:  # a layout from before cluster ids: give it one
+                    layout = Layout(layout.shards, layout.sketch, layout.epoch, Layout.new(1, layout.sketch).cluster_id,
+                                    layout.folder)
+                    write_layout(objects, layout)
+                if layout.sketch != self.config.sketch or layout.shards != self.config.shards:
+                    self._note(f"adopted the layout on the store: {layout.shards} shards")
+        else:
+            layout = Layout.new(self.config.shards, self.config.sketch)
+        self.config = self.config.replace(shards=layout.shards, sketch=layout.sketch)
+        self.layout = layout
+        rt = self.runtime
+        handles = tuple(rt.create_shard(i, layout, []) for i in range(layout.shards))
+        answers = gather(rt, [rt.call(h, "unseal" if rolled_back else "ping") for h in handles], START_TIMEOUT_S)
+        missing = [i for i, (h, a) in enumerate(zip(handles, answers)) if a is None and not rolled_back]
+        if missing:
+            self._note(f"shards {missing} did not answer within {START_TIMEOUT_S:g} s of start")
+        self.map = ShardMap(handles, RegisterRange(layout.sketch.p, layout.shards), layout.epoch)
+
+    def _settle_intent(self, objects: ObjectStore) -> bool:
+        """A re-sharding interrupted by a crash: finished if the layout was
+        switched (the old shards go), else rolled back (the new ones go, the old
+        ones take batches again).  Returns True when it rolled one back."""
+        intent = read_intent(objects)
+        if intent is None:
+            return False
+        old, new = intent["from"], intent["to"]
+        current = read_layout(objects)
+        switched = current is not None and current.epoch == new.epoch
+        gone, kept = (old, new) if switched else (new, old)
+        for i in range(gone.shards):
+            h = self.runtime.find_shard(i, gone)
+            if h is not None:
+                self.runtime.kill(h)
+        drop_folder(objects, gone.folder)
+        if not switched:  # the old layout serves on: it must take batches again, even if no shard of it runs now
+            for i in range(old.shards):
+                ShardJournal(objects, old.folder, i).unseal()
+        clear_intent(objects)
+        verb = "finished" if switched else "rolled back"
+        self._note(f"an interrupted re-sharding {old.shards} -> {new.shards} (epoch {new.epoch}) was {verb}")
+        log.warning("an interrupted re-sharding %d -> %d was %s", old.shards, new.shards, verb)
+        return not switched
 
     def pid(self) -> int:
         return os.getpid()
@@ -172,55 +221,74 @@ class Coordinator:
 
     def series(self, key, rng: BucketRange, step: int) -> list[dict]:
         """One answer per ``step`` buckets of ``rng``: a chart's points, each a
-        real range query, all in one call per shard."""
+        real range query, in calls of at most ``SERIES_CHUNK`` points a shard."""
         m = self._ensure()
         ranges = [(a, min(a + step, rng.b1)) for a in range(rng.b0, rng.b1, step)]
-        per_shard = self._fan_out(m, "query_ranges", [key], ranges, timeout=self.config.query_timeout_s * 2)
         w = rng.bucket_seconds
         out = []
-        for i, (a, b) in enumerate(ranges):
-            out += self._merge(m, [key], [None if s is None else s[i] for s in per_shard], a * w, b * w)
+        for c in range(0, len(ranges), SERIES_CHUNK):
+            chunk = ranges[c:c + SERIES_CHUNK]
+            per_shard = self._fan_out(m, "query_ranges", [key], chunk, timeout=self.config.query_timeout_s * 2)
+            for i, (a, b) in enumerate(chunk):
+                out += self._merge(m, [key], [None if s is None else s[i] for s in per_shard], a * w, b * w)
         self.queries += 1
         return out
 
     def keys(self, rng: BucketRange, prefix: str = "", limit: int = 20) -> list[dict]:
         """Keys with impressions in ``rng`` whose name starts with ``prefix``,
-        the most impressions first (for pickers and top-keys tables)."""
+        the most impressions first (for pickers and top-keys tables).
+
+        Every shard holds every key (a slice of its visitors), with about the
+        same share of each key's impressions, so each names its own top
+        ``KEYS_FACTOR x limit``; their union's exact totals are then summed."""
         m = self._ensure()
-        totals: dict[str, int] = {}
-        for part in self._fan_out(m, "key_impressions", rng.b0, rng.b1, prefix,
-                                  timeout=self.config.query_timeout_s * 5):
-            if part is None:
-                continue
-            for name, n in zip(part[0], part[1].tolist()):
-                totals[name] = totals.get(name, 0) + n
-        top = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
-        return [{"key": k, "impressions": n} for k, n in top]
+        timeout = self.config.query_timeout_s * 5
+        candidates: set[str] = set()
+        for part in self._fan_out(m, "key_impressions", rng.b0, rng.b1, prefix, KEYS_FACTOR * limit,
+                                  timeout=timeout):
+            if part is not None:
+                candidates.update(part[0])
+        names = sorted(candidates)
+        totals = np.zeros(len(names), np.int64)
+        for part in self._fan_out(m, "impressions_of", names, rng.b0, rng.b1, timeout=timeout):
+            if part is not None:
+                totals += part
+        top = sorted(zip(names, totals.tolist()), key=lambda kv: (-kv[1], kv[0]))[:limit]
+        return [{"key": k, "impressions": n} for k, n in top if n > 0]
 
     def registers(self, key, rng: BucketRange) -> np.ndarray:
         """The whole dense sketch of ``key`` over ``rng``: all shards' slices, in order."""
         m = self._ensure()
         rt = self.runtime
-        return np.concatenate([rt.result(p) for p in [rt.call(h, "registers", key, rng.b0, rng.b1)
-                                                      for h in m.handles]])
+        return np.concatenate([rt.result(p, CALL_TIMEOUT_S) for p in [rt.call(h, "registers", key, rng.b0, rng.b1)
+                                                                      for h in m.handles]])
 
     # ------------------------------------------------------------ upkeep
     def maintain(self, now: float | None = None) -> None:
-        """Flush every shard and run its maintenance to the end."""
+        """Flush every shard and run its maintenance to the end (expiring what
+        ``now`` puts beyond the retention, when given)."""
         rt = self.runtime
         for p in [rt.call(h, "maintain", now) for h in self._ensure().handles]:
-            rt.result(p)
+            rt.result(p, CALL_TIMEOUT_S)
 
     def checkpoint(self) -> list[dict]:
         """Checkpoint every shard now."""
         rt = self.runtime
-        return [rt.result(p) for p in [rt.call(h, "checkpoint") for h in self._ensure().handles]]
+        return [rt.result(p, CALL_TIMEOUT_S) for p in [rt.call(h, "checkpoint") for h in self._ensure().handles]]
 
     def stats(self) -> dict:
         m = self._ensure()
         shard_stats = self._fan_out(m, "stats", timeout=self.config.query_timeout_s * 5)
         return {"shards": shard_stats, "epoch": m.epoch, "queries": self.queries, "config": self.config,
                 "events": self.events[-20:]}
+
+    def health(self) -> dict:
+        """Cheap readiness: which shards answer and serve, and why not."""
+        m = self._ensure()
+        got = self._fan_out(m, "health", timeout=self.config.query_timeout_s)
+        shards = [{"shard": i, "available": False, "reason": "did not answer in time"} if h is None else h
+                  for i, h in enumerate(got)]
+        return {"epoch": m.epoch, "shards": shards, "answering": sum(1 for h in shards if h["available"])}
 
     def _maintain_loop(self) -> None:
         last_ckpt = time.time()
@@ -239,13 +307,15 @@ class Coordinator:
                 last_ckpt = time.time()
 
     def _upkeep(self, m: ShardMap, checkpoint: bool) -> None:
+        """One round: a bounded slice of maintenance on every shard (retention
+        enforced on this machine's clock), and a checkpoint when one is due."""
         rt = self.runtime
-        maint = [rt.call(h, "maintain", None, 0.2) for h in m.handles]
-        rt.wait(maint, None)
+        maint = [rt.call(h, "maintain", self._now(), 0.2) for h in m.handles]
+        rt.wait(maint, CALL_TIMEOUT_S)
         failed = [i for i, p in enumerate(maint) if _failed(rt, p)]
         if checkpoint:
             ckpt = [rt.call(h, "checkpoint") for h in m.handles]
-            rt.wait(ckpt, None)
+            rt.wait(ckpt, CALL_TIMEOUT_S)
             failed += [i for i, p in enumerate(ckpt) if _failed(rt, p)]
         if failed:
             raise RuntimeError(f"shards {sorted(set(failed))} failed their upkeep (restarting, or see their logs)")
@@ -278,42 +348,50 @@ class Coordinator:
         rt = self.runtime
         t0 = time.perf_counter()
         s_old = len(old.handles)
+        old_layout = self.layout
+        new_layout = old_layout.next(shards)
         handles = []
         objects = self._objects()
+        if objects is not None:  # from here a crash is settled by the next start (see _settle_intent)
+            write_intent(objects, old_layout, new_layout)
         try:
             for p in [rt.call(h, "seal") for h in old.handles]:
                 rt.result(p, RESCALE_TIMEOUT_S)
             exports = [rt.call(h, "export") for h in old.handles]
             for i in range(shards):
-                handles.append(rt.create_shard(i, shards, [(j, s_old, exports[j])
-                                                           for j in sources_of(i, shards, s_old)]))
-            for p in [rt.call(h, "ping") for h in handles]:
-                rt.result(p, RESCALE_TIMEOUT_S)
+                handles.append(rt.create_shard(i, new_layout, [(j, s_old, exports[j])
+                                                               for j in sources_of(i, shards, s_old)]))
+            for p in [rt.call(h, "checkpoint" if objects is not None else "ping") for h in handles]:
+                rt.result(p, RESCALE_TIMEOUT_S)  # a shard that could not start says why here
         except Exception as e:
             # roll back: the new shards go, the old ones take batches again; nothing was switched
             for h in handles:
                 rt.kill(h)
             if objects is not None:
-                drop_layout_folder(objects, shards)
+                drop_folder(objects, new_layout.folder)
             unsealed = gather(rt, [rt.call(h, "unseal") for h in old.handles], RESCALE_TIMEOUT_S)
+            if objects is not None:
+                clear_intent(objects)
             stuck = [i for i, u in enumerate(unsealed) if u is None]
             note = f"re-sharding {s_old} -> {shards} failed and was rolled back: {type(e).__name__}: {e}"
             if stuck:
                 note += f" (old shards {stuck} could not be unsealed yet)"
             self._note(note)
             raise RescaleFailed(note) from e
-        epoch = old.epoch + 1
         if objects is not None:
-            write_layout(objects, Layout(shards, self.config.sketch, epoch))
+            write_layout(objects, new_layout)  # the switch: one object, written whole
         self.config = self.config.replace(shards=shards)
-        self.map = ShardMap(tuple(handles), RegisterRange(self.config.sketch.p, shards), epoch)
+        self.layout = new_layout
+        self.map = ShardMap(tuple(handles), RegisterRange(self.config.sketch.p, shards), new_layout.epoch)
         for h in old.handles:
             rt.kill(h)
         if objects is not None:  # the old layout is superseded
-            drop_layout_folder(objects, s_old)
+            drop_folder(objects, old_layout.folder)
+            clear_intent(objects)
         took = time.perf_counter() - t0
         self._note(f"re-sharded {s_old} -> {shards} in {took:.2f} s")
-        return {"shards": shards, "from": s_old, "changed": True, "seconds": round(took, 3), "epoch": epoch}
+        return {"shards": shards, "from": s_old, "changed": True, "seconds": round(took, 3),
+                "epoch": new_layout.epoch}
 
 
 def _failed(rt: Runtime, pending) -> bool:

@@ -10,10 +10,13 @@ fault at every step) through ``LocalRuntime``.
 
 A runtime offers:
 
-``create_shard(index, shards, seeds)`` -> handle
-    start shard ``index`` of ``shards``, or find it if it already runs.
-    ``seeds`` lists the pending exports of the old shards whose registers
-    it takes over, ``[(old index, old count, pending export)]``.
+``create_shard(index, layout, seeds)`` -> handle
+    start shard ``index`` of ``layout`` (a ``durable.layout.Layout``: shard
+    count, sketch parameters, cluster id, folder), or find it if it already
+    runs.  ``seeds`` lists the pending exports of the old shards whose
+    registers it takes over, ``[(old index, old count, pending export)]``.
+``find_shard(index, layout)`` -> handle or None
+    the shard if it runs, never starting one.
 ``call(handle, method, *args)`` -> pending
     start a call; never blocks.
 ``wait(pending, timeout, num_returns=None)`` -> (ready, not ready)
@@ -23,6 +26,8 @@ A runtime offers:
     the call's value; raises the shard's own exception (``ShardMoved``,
     ``ValueError``, ...) as it was raised, or ``ShardUnavailable`` when the
     shard is gone or did not answer within ``timeout``.
+``cancel(pending)``
+    drop a call that is no longer wanted (if it has not started).
 ``kill(handle, timeout)``
     stop a shard for good; returns once it runs no more of its code (or
     after ``timeout`` seconds), so nothing it was doing can land after.
@@ -41,7 +46,11 @@ class ShardUnavailable(RuntimeError):
 
 
 class Runtime(Protocol):
-    def create_shard(self, index: int, shards: int, seeds: list) -> Any: ...
+    def create_shard(self, index: int, layout, seeds: list) -> Any: ...
+
+    def find_shard(self, index: int, layout) -> Any | None: ...
+
+    def cancel(self, pending) -> None: ...
 
     def call(self, handle, method: str, *args) -> Any: ...
 
@@ -55,8 +64,11 @@ class Runtime(Protocol):
 
 def gather(runtime: Runtime, pending: list, timeout: float | None) -> list:
     """The values of ``pending`` calls, None for each that failed or did not
-    answer within ``timeout`` seconds (all waited for at once)."""
-    runtime.wait(pending, timeout)
+    answer within ``timeout`` seconds (all waited for at once; the late ones
+    are cancelled, so they do not pile up behind a slow shard)."""
+    _, late = runtime.wait(pending, timeout)
+    for p in late:
+        runtime.cancel(p)
     out = []
     for p in pending:
         try:
@@ -105,27 +117,35 @@ class LocalShard:
 
 
 class LocalRuntime:
-    """Shards as objects of this process: ``factory(index, shards, seed_from,
+    """Shards as objects of this process: ``factory(index, layout, seed_from,
     *seed_states)`` makes one (``actors.shard.ShardActor`` with its storage
     settings bound, or a variant that fails on purpose in a test)."""
 
     def __init__(self, factory):
         self.factory = factory
-        self._shards: dict[tuple[int, int], LocalShard] = {}
+        self._shards: dict[tuple[int, str], LocalShard] = {}
         self._lock = threading.Lock()
 
-    def create_shard(self, index: int, shards: int, seeds: list = ()) -> LocalShard:
+    def create_shard(self, index: int, layout, seeds: list = ()) -> LocalShard:
         with self._lock:
-            h = self._shards.get((index, shards))
+            h = self._shards.get((index, layout.folder))
             if h is not None and not h.dead:
                 return h
             seed_from = [(i, n) for i, n, _ in seeds]
             pending = [p for _, _, p in seeds]
 
             def make():
-                return self.factory(index, shards, seed_from, *[self.result(p) for p in pending])
-            h = self._shards[(index, shards)] = LocalShard(f"shard-{index}-of-{shards}", make)
+                return self.factory(index, layout, seed_from, *[self.result(p) for p in pending])
+            h = self._shards[(index, layout.folder)] = LocalShard(
+                f"shard-{index}-of-{layout.shards}-{layout.folder}", make)
             return h
+
+    def find_shard(self, index: int, layout) -> LocalShard | None:
+        h = self._shards.get((index, layout.folder))
+        return h if h is not None and not h.dead else None
+
+    def cancel(self, pending: cf.Future) -> None:
+        pending.cancel()
 
     def call(self, handle: LocalShard, method: str, *args) -> cf.Future:
         return handle.submit(method, args)

@@ -7,40 +7,46 @@ class: shards are reached through a runtime (``actors.runtime``) and the
 current shard map through ``route()`` (the coordinator's), so the ingest
 job, the REST app and the tests share it.
 
-Every part gets a batch id, so a call that the runtime retries after a shard
-restart is applied once.  A part refused because the shard map changed
-(``ShardMoved``, or the old shard gone) is cut again for the new map and
-sent with its original id as parent: if the old shard applied it before it
-was sealed, the new shard knows, and does not apply it twice.
+Every part of a batch carries the batch's id and the register range it
+stands for (``actors.applied``): all of the batch's events in those
+registers.  A call the runtime retries, a part re-sent after a shard
+restart, a part refused because the shard map changed (``ShardMoved``, or
+the old shard gone) and cut again for the new map (each piece standing for
+its share of the range), all count once.
+
+Every wait is bounded: a part that no shard has taken within ``deadline_s``
+of being sent (a shard down for good, a re-sharding that never ends) makes
+``send``/``drain`` raise ``ShardUnavailable``; what was sent before stays
+applied, and sending the batch again with the same id completes it.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 
 from sketch.events import Batch
 
 from .runtime import Runtime, ShardUnavailable
 from .shard import ShardMoved
 
+JOB_DEADLINE_S = 900.0  # a re-sharding seals, exports and seeds the whole state: a job allows it time
+
 
 class Sender:
-    REROUTE_DEADLINE_S = 900.0  # a re-sharding seals, exports and seeds the whole state: allow it time
-
-    def __init__(self, runtime: Runtime, route, p: int, max_inflight: int):
+    def __init__(self, runtime: Runtime, route, p: int, max_inflight: int, deadline_s: float = JOB_DEADLINE_S):
         self.runtime, self.route, self.p, self.max_inflight = runtime, route, p, max_inflight
+        self.deadline_s = deadline_s
         self.epoch, self.shards = route()
-        self.inflight: dict = {}  # pending -> (part, batch id, parent id)
+        self.inflight: dict = {}  # pending -> (part, batch id, keep_s, when first sent, (lo, hi))
         self.peak = 0
         self.batches = 0
-        self._prefix = uuid.uuid4().hex[:16]
-        self._n = 0
 
-    def send(self, batch: Batch, parent: str | None = None) -> None:
+    def send(self, batch: Batch, batch_id: str, keep_s: float) -> None:
+        """Send every part of ``batch`` under ``batch_id``, remembered for ``keep_s`` seconds."""
+        now = time.monotonic()
         for shard, part in enumerate(batch.split(self.p, len(self.shards))):
             if len(part):
-                self._call(shard, part.compact(), parent)
+                self._call(shard, part.compact(), batch_id, keep_s, now, self._range(shard, len(self.shards)))
         self.peak = max(self.peak, len(self.inflight))
         while len(self.inflight) > self.max_inflight:
             self._settle(self._first_done())
@@ -50,31 +56,38 @@ class Sender:
         while self.inflight:
             self._settle(self._first_done())
 
-    def _first_done(self):
-        ready, _ = self.runtime.wait(list(self.inflight), None, num_returns=1)
-        return ready[0]
+    def _range(self, shard: int, shards: int) -> tuple[int, int]:
+        R = (1 << self.p) // shards
+        return shard * R, (shard + 1) * R
 
-    def _next_id(self) -> str:
-        self._n += 1
-        return f"{self._prefix}:{self._n}"
-
-    def _call(self, shard: int, part: Batch, parent: str | None) -> None:
-        bid = self._next_id()
-        self.inflight[self.runtime.call(self.shards[shard], "apply", part, bid, parent)] = (part, bid, parent)
+    def _call(self, shard: int, part: Batch, batch_id: str, keep_s: float, since: float,
+              rng: tuple[int, int]) -> None:
+        pending = self.runtime.call(self.shards[shard], "apply", part, batch_id, keep_s, *rng)
+        self.inflight[pending] = (part, batch_id, keep_s, since, rng)
         self.batches += 1
 
+    def _first_done(self):
+        oldest = min(v[3] for v in self.inflight.values())
+        left = self.deadline_s - (time.monotonic() - oldest)
+        ready, _ = self.runtime.wait(list(self.inflight), max(0.0, left), num_returns=1)
+        if ready:
+            return ready[0]
+        for pending in self.inflight:
+            self.runtime.cancel(pending)
+        self.inflight.clear()
+        raise ShardUnavailable(f"a shard did not take its part of a batch within {self.deadline_s:g} s")
+
     def _settle(self, pending) -> None:
-        part, bid, parent = self.inflight.pop(pending)
-        parent = parent or bid  # retries name the batch first sent, which the old shard may have applied
-        deadline = time.time() + self.REROUTE_DEADLINE_S
+        part, batch_id, keep_s, since, rng = self.inflight.pop(pending)
         while True:
             try:
-                self.runtime.result(pending)
+                self.runtime.result(pending, 0)
                 return
-            except (ShardMoved, ShardUnavailable):
+            except (ShardMoved, ShardUnavailable) as e:
                 # a shard gone for good is one a re-sharding retired: re-route like ShardMoved
-                if time.time() > deadline:
-                    raise
+                if time.monotonic() - since > self.deadline_s:
+                    raise ShardUnavailable(f"a part of a batch found no shard to take it within "
+                                           f"{self.deadline_s:g} s ({e})") from None
             # the map is changing: wait for the new one (or for the old shard to
             # take batches again, if the re-sharding was rolled back), then cut the
             # part again for the map now known: it may have been cut for an older one
@@ -82,10 +95,16 @@ class Sender:
             epoch, shards = self.route()
             if epoch != self.epoch:
                 self.epoch, self.shards = epoch, shards
-            subs = [(i, sub) for i, sub in enumerate(part.split(self.p, len(self.shards))) if len(sub)]
-            if len(subs) > 1:
-                for i, sub in subs:
-                    self._call(i, sub.compact(), parent)
-                return
-            shard, part = subs[0]
-            pending = self.runtime.call(self.shards[shard], "apply", part, self._next_id(), parent)
+            subs = []  # (shard, piece, its share of the part's range)
+            for i, sub in enumerate(part.split(self.p, len(self.shards))):
+                lo, hi = self._range(i, len(self.shards))
+                share = (max(lo, rng[0]), min(hi, rng[1]))
+                if len(sub) and share[0] < share[1]:
+                    subs.append((i, sub, share))
+            if not subs:
+                return  # the part held no events (it was only a claim on its range)
+            for i, sub, share in subs[1:]:
+                self._call(i, sub.compact(), batch_id, keep_s, since, share)
+            shard, part, rng = subs[0]
+            pending = self.runtime.call(self.shards[shard], "apply", part, batch_id, keep_s, *rng)
+            self.runtime.wait([pending], max(0.0, self.deadline_s - (time.monotonic() - since)))

@@ -3,15 +3,21 @@
 A plain class around ``sketch.store.ShardStore`` and, when the cluster has
 storage, a ``durable.journal.ShardJournal``:
 
-* ``apply(batch, batch_id)`` appends the batch to the shard's log on the
-  store, then applies it, then answers: an acknowledged batch is durable.
-  A batch id seen before (a retry after a lost answer) is acknowledged
-  without being applied twice, so impressions stay exact.
+* ``apply(batch, batch_id, keep_s)`` cuts the batch to the registers not yet
+  applied under its id (``actors.applied``), appends that to the shard's log
+  on the store, applies it, then answers: an acknowledged batch is durable
+  and counted once, whoever retries it.
 * ``checkpoint()`` writes the nodes whose version changed since the last
-  checkpoint (``ShardStore.nodes``), then a manifest; the log before the
-  previous checkpoint is then dropped.
-* On (re)start the constructor loads the newest checkpoint that verifies and
-  replays the log after it.
+  checkpoint (``ShardStore.nodes``) and the applied-batch records that
+  changed, then a manifest; the log before the previous checkpoint is then
+  dropped.
+* On (re)start the constructor checks that the store is this cluster's,
+  loads the newest checkpoint that verifies and replays the log after it.
+  A shard that cannot do so (a store it cannot read, objects that do not
+  verify) does not start empty: it stays *unavailable*, says why in
+  ``stats()``, refuses batches and queries with ``ShardUnavailable`` (so
+  answers are partial, never silently short) and tries again from
+  ``maintain()``.
 * ``seal()`` ends the shard's life in a layout (re-sharding): it checkpoints
   and refuses further batches with ``ShardMoved``, so a sender re-routes them.
 
@@ -22,22 +28,28 @@ changed).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
-from collections import OrderedDict
 
 import numpy as np
 import pyarrow as pa
 
-from durable.journal import CorruptObject, ShardJournal
-from durable.objects import ObjectStore
+from durable.journal import CorruptObject, Fenced, ShardJournal
+from durable.layout import ShardStorage, read_layout
 from sketch.arrowio import StateError, node_batches, nodes_from_batches, store_from_batches, store_to_batches
 from sketch.events import Batch
 from sketch.reshard import reshard
 from sketch.store import ShardStore, SketchConfig
 
-RECENT_IDS = 20_000  # batch ids remembered for deduplicating retries (kept in checkpoints too)
+from .applied import AppliedBatches
+from .runtime import ShardUnavailable
+
+log = logging.getLogger("impressions.shard")
+
+CALL_KEEP_S = 600.0  # how long a batch id with no lasting meaning is remembered (the runtime's own retries)
+RETRY_START_S = 10.0  # how often an unavailable shard tries to start again
 
 
 class ShardMoved(RuntimeError):
@@ -49,107 +61,164 @@ class ShardActor:
     old shards whose registers it takes over: ``seed_from`` lists them as
     (old index, old count), ``seed_states`` holds each one's ``export()``."""
 
-    def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage: str | None = None,
-                 s3_endpoint: str | None = None, seed_from=(), *seed_states):
-        t0 = time.perf_counter()
+    def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage: ShardStorage | None = None,
+                 seed_from=(), *seed_states):
         self.sketch, self.shard_index, self.shards = sketch, shard, shards
-        self.journal = ShardJournal(ObjectStore(storage, s3_endpoint), shard, shards) if storage else None
-        self.store = ShardStore(sketch, shard, shards)
+        self.storage = storage
+        self.started = time.time()
+        self.applied_batches = 0
+        self.checkpointed_at: float | None = None
+        self._seed = (list(seed_from), seed_states)
+        self.unavailable: str | None = "starting"
+        self._tried = 0.0
+        self._start()
+
+    # ------------------------------------------------------------ start and recovery
+    def _start(self) -> None:
+        """Check the store, load the newest checkpoint and replay the log, or
+        stay unavailable saying why (never start empty over an unreadable past)."""
+        t0 = time.perf_counter()
+        self._tried = time.time()
+        self.store = ShardStore(self.sketch, self.shard_index, self.shards)
+        self.applied = AppliedBatches()
         self.seq = 0  # last log entry applied
-        self.recent: OrderedDict[str, int] = OrderedDict()
         self.manifest = 0
         self.written: dict = {}  # node (kind, level, number) -> (version written, object name, bytes)
+        self.applied_written: dict[int, str] = {}  # hour group -> object name
         self.sealed = False
-        self.started = time.time()
-        self.checkpointed_at: float | None = None
-        self.applied_batches = 0
-        self.recovery: dict = {"manifest": None, "fallbacks": [], "replayed": 0, "skipped_duplicates": 0}
-        if self.journal is not None and (self.journal.manifests() or self.journal.log_entries(0)):
-            self._recover()  # this shard has a past on the store: that wins over any seed
-        elif seed_from:
-            self._seed(list(seed_from), seed_states)
-        self.sealed = self.journal is not None and self.journal.is_sealed()
+        self.recovery: dict = {"manifest": None, "fallbacks": [], "replayed": 0, "incarnation": None}
+        self.journal = None
+        try:
+            if self.storage is not None:
+                self._check_store()
+                self.journal = ShardJournal(self.storage.objects(), self.storage.folder, self.shard_index)
+                self.recovery["incarnation"] = self.journal.begin()
+                if self.journal.has_past():
+                    self._recover()  # this shard has a past on the store: that wins over any seed
+                elif self._seed[0]:
+                    self._seed_from(*self._seed)
+                self.sealed = self.journal.is_sealed()
+            elif self._seed[0]:
+                self._seed_from(*self._seed)
+            self.unavailable = None
+        except Exception as e:  # noqa: BLE001 - whatever stops a start is reported, and retried
+            self.unavailable = f"{type(e).__name__}: {e}"
+            log.error("shard %d of %d cannot start: %s", self.shard_index, self.shards, self.unavailable,
+                      exc_info=True)
         self.recovery["seconds"] = round(time.perf_counter() - t0, 3)
 
-    # ------------------------------------------------------------ recovery
+    def _check_store(self) -> None:
+        layout = read_layout(self.storage.objects())
+        if layout is None:
+            raise RuntimeError(f"the store {self.storage.uri} holds no cluster.json: it is not this cluster's "
+                               f"store (a local folder of another machine?), so this shard will not start empty")
+        if layout.cluster_id != self.storage.cluster_id:
+            raise RuntimeError(f"the store {self.storage.uri} belongs to cluster {layout.cluster_id or '?'}, "
+                               f"not {self.storage.cluster_id}")
+
     def _recover(self) -> None:
+        numbers = self.journal.manifests()
         body = None
-        for number in reversed(self.journal.manifests()):
+        for number in reversed(numbers):
             try:
                 body = self.journal.read_manifest(number)
                 store = ShardStore(self.sketch, self.shard_index, self.shards)
                 nodes = []
                 for entry in body["nodes"]:
                     nodes += nodes_from_batches(self.journal.read_node(entry["object"]), store)[0]
+                applied = AppliedBatches()
+                for entry in body.get("applied", []):
+                    applied.load_group(self.journal.read_applied(entry["object"]))
                 store.install(nodes, max_bucket=body["max_bucket"], events=body["events"])
-                self.store, self.manifest = store, number
+                self.store, self.applied, self.manifest = store, applied, number
                 break
             except (CorruptObject, StateError, OSError, KeyError, ValueError) as e:
                 self.recovery["fallbacks"].append(f"manifest {number}: {e}")
                 body = None
+        if numbers and body is None:
+            raise CorruptObject(f"none of the {len(numbers)} checkpoints of shard {self.shard_index} could be "
+                                f"loaded ({'; '.join(self.recovery['fallbacks'])})")
         if body is not None:
             self.seq = body["log_seq"]
-            for bid in body.get("recent_ids", []):
-                self.recent[bid] = 0
             self.recovery["manifest"] = self.manifest
             self._remember_written(body)
-        else:
-            self.store = ShardStore(self.sketch, self.shard_index, self.shards)
         for seq, name in self.journal.log_entries(self.seq):
             rb = self.journal.read_log(name)  # a corrupt acknowledged entry is a loud failure, never skipped
-            bid = (rb.schema.metadata or {}).get(b"batch_id", b"").decode() or None
-            if bid is not None and bid in self.recent:
-                self.recovery["skipped_duplicates"] += 1
-            else:
-                b = Batch.from_arrow(rb)
-                self.store.apply(b.key_names, b.key_index, b.bucket, b.coupon)
-                self.recovery["replayed"] += 1
-                self._remember(bid, seq)
+            meta = rb.schema.metadata or {}
+            b = Batch.from_arrow(rb)
+            self.store.apply(b.key_names, b.key_index, b.bucket, b.coupon)
+            bid = meta.get(b"batch_id", b"").decode()
+            if bid:
+                rr = self.store.rr
+                self.applied.record(bid, int(meta.get(b"lo", rr.lo)), int(meta.get(b"hi", rr.hi)),
+                                    float(meta.get(b"at", b"0")), float(meta.get(b"expires", b"0")))
+            self.recovery["replayed"] += 1
             self.seq = seq
 
-    def _seed(self, seed_from: list, seed_states) -> None:
+    def _seed_from(self, seed_from: list, seed_states) -> None:
         """Start a new layout from slices of the old shards' states."""
         if len(seed_states) != len(seed_from):
             raise ValueError(f"{len(seed_from)} old shards named to seed from, {len(seed_states)} states given")
-        sources = []
-        for (old_shard, old_shards), (batches, recent) in zip(seed_from, seed_states):
+        sources, applied = [], []
+        for (old_shard, old_shards), (batches, applied_tables) in zip(seed_from, seed_states):
             sources.append(store_from_batches(batches, self.sketch, old_shard, old_shards))
-            for bid in recent:  # retries of batches the old shards applied are recognised here
-                self.recent[bid] = 0
+            old = AppliedBatches()
+            for t in applied_tables:
+                old.load_group(t)
+            applied.append(old)
         self.store = reshard(sources, self.shard_index, self.shards)
-        if self.journal is not None:
-            self.checkpoint()
+        rr = self.store.rr
+        # retries of batches the old shards applied are recognised here, for the registers they applied
+        self.applied = AppliedBatches.merged([a.restrict(rr.lo, rr.hi) for a in applied])
+        self._checkpoint()
 
-    def _remember(self, bid: str | None, seq: int) -> None:
-        if bid is None:
-            return
-        self.recent[bid] = seq
-        while len(self.recent) > RECENT_IDS:
-            self.recent.popitem(last=False)
+    def _usable(self) -> None:
+        if self.unavailable is not None:
+            raise ShardUnavailable(f"shard {self.shard_index} of {self.shards} is unavailable: {self.unavailable}")
 
     # ------------------------------------------------------------ ingest
-    def apply(self, batch: Batch, batch_id: str | None = None, parent_id: str | None = None) -> int:
-        """Add a batch of validated events, durably; returns how many were applied.
+    def apply(self, batch: Batch, batch_id: str | None = None, keep_s: float = CALL_KEEP_S,
+              lo: int | None = None, hi: int | None = None) -> int:
+        """Add a batch of validated events, durably, once; returns how many were applied.
 
-        ``parent_id`` names the batch this one was cut from when a sender
-        re-routed it after a re-sharding: if the parent was applied before
-        the old shard was sealed, so was this part of it."""
+        ``batch_id`` names what was sent (every part of it, wherever it goes)
+        and ``[lo, hi)`` the registers this part stands for (default: this
+        shard's): all of the batch's events there.  Registers already applied
+        under that id are cut away, so a retry, however it comes, counts
+        nothing twice.  The id is remembered for ``keep_s`` seconds."""
+        self._usable()
         if self.sealed:
             raise ShardMoved(f"shard {self.shard_index} of {self.shards} was re-sharded; fetch the new shard map")
-        if batch_id is not None and (batch_id in self.recent or (parent_id is not None and parent_id in self.recent)):
-            return 0  # a retry of a batch already logged and applied
         rr = self.store.rr
-        if not rr.owns(batch.coupon):
+        lo = rr.lo if lo is None else max(int(lo), rr.lo)
+        hi = rr.hi if hi is None else min(int(hi), rr.hi)
+        if not rr.owns(batch.coupon) or (len(batch) and (lo >= hi or len(batch.within(self.sketch.p, [(lo, hi)]))
+                                                          != len(batch))):
             raise ValueError(f"batch holds visitors of registers outside shard {self.shard_index}'s range "
-                             f"{rr.lo}..{rr.hi}: cut it with the current shard map")
+                             f"{rr.lo}..{rr.hi} (or the part's {lo}..{hi}): cut it with the current shard map")
+        now = time.time()
+        if batch_id is not None:
+            todo = self.applied.unapplied(batch_id, lo, hi, now)
+            if not todo:
+                return 0  # a retry of a batch already logged and applied
+            if todo != [(lo, hi)]:
+                batch = batch.within(self.sketch.p, todo)
+        expires = now + float(keep_s)
         if self.journal is not None:
             rb = batch.to_arrow()
             if batch_id is not None:
-                rb = rb.replace_schema_metadata({b"batch_id": batch_id.encode()})
-            self.journal.append(self.seq + 1, rb)
+                rb = rb.replace_schema_metadata({b"batch_id": batch_id.encode(), b"at": repr(now).encode(),
+                                                 b"expires": repr(expires).encode(), b"lo": str(lo).encode(),
+                                                 b"hi": str(hi).encode()})
+            try:
+                self.journal.append(self.seq + 1, rb)
+            except Fenced as e:
+                self.unavailable = str(e)
+                raise ShardUnavailable(str(e)) from None
             self.seq += 1
         n = self.store.apply(batch.key_names, batch.key_index, batch.bucket, batch.coupon)
-        self._remember(batch_id, self.seq)
+        if batch_id is not None:
+            self.applied.record(batch_id, lo, hi, now, expires)
         self.applied_batches += 1
         return n
 
@@ -166,12 +235,24 @@ class ShardActor:
             k = (entry["role"], entry["level"], entry["node"])
             if k in loaded:
                 self.written[k] = (loaded[k].version, entry["object"], entry["bytes"])
+        self.applied_written = {int(e["group"]): e["object"] for e in body.get("applied", [])}
+        self.applied.changed.clear()
 
     def checkpoint(self) -> dict:
-        """Write the nodes that changed since the last checkpoint, then a manifest."""
+        """Write what changed since the last checkpoint, then a manifest."""
+        self._usable()
+        return self._checkpoint()
+
+    def _checkpoint(self) -> dict:
         if self.journal is None:
             return {"skipped": "no storage configured"}
-        t0 = time.perf_counter()
+        try:
+            return self._write_checkpoint(time.perf_counter())
+        except Fenced as e:
+            self.unavailable = str(e)
+            raise ShardUnavailable(str(e)) from None
+
+    def _write_checkpoint(self, t0: float) -> dict:
         nodes, written, wbytes, n_written = [], {}, 0, 0
         for node in self.store.nodes():
             k = self._ident(node)
@@ -185,11 +266,18 @@ class ShardActor:
             written[k] = (node.version, name, size)
             nodes.append({"role": k[0], "level": k[1], "node": k[2], "object": name, "bytes": size})
         self.written = written
-        number = self.manifest + 1
-        self.journal.write_manifest(number, {
-            "shard": self.shard_index, "shards": self.shards, "number": number, "log_seq": self.seq,
+        self.applied.expire(time.time())
+        for g in list(self.applied.changed) + [g for g in self.applied.groups() if g not in self.applied_written]:
+            if g in self.applied.groups():
+                self.applied_written[g] = self.journal.write_applied(self.applied.group_table(g))
+            else:
+                self.applied_written.pop(g, None)
+        self.applied.changed.clear()
+        number = self.journal.write_manifest({
+            "shard": self.shard_index, "shards": self.shards, "log_seq": self.seq,
             "max_bucket": self.store.max_bucket, "events": self.store.events, "nodes": nodes,
-            "recent_ids": list(self.recent)[-RECENT_IDS:], "sketch": self.sketch.identity(), "time": time.time()})
+            "applied": [{"group": g, "object": o} for g, o in sorted(self.applied_written.items())],
+            "sketch": self.sketch.identity(), "time": time.time()})
         self.manifest = number
         self.checkpointed_at = time.time()
         deleted = self.journal.collect_garbage()
@@ -201,6 +289,7 @@ class ShardActor:
     # ------------------------------------------------------------ re-sharding
     def seal(self) -> int:
         """Checkpoint and take no more batches (even after a restart); returns the log position."""
+        self._usable()
         if not self.sealed:
             self.checkpoint()
             if self.journal is not None:
@@ -208,43 +297,72 @@ class ShardActor:
             self.sealed = True
         return self.seq
 
-    def unseal(self) -> None:
+    def unseal(self) -> bool:
         """Take batches again (a re-sharding that failed is rolled back)."""
         if self.journal is not None:
             self.journal.unseal()
         self.sealed = False
+        return True
 
-    def export(self) -> tuple[list[pa.RecordBatch], list[str]]:
-        """The whole state as Arrow record batches, and the recent batch ids (to seed a new layout)."""
-        return store_to_batches(self.store), list(self.recent)
+    def export(self) -> tuple[list[pa.RecordBatch], list[pa.Table]]:
+        """The whole state as Arrow record batches, and the applied-batch
+        records (to seed a new layout)."""
+        self._usable()
+        return store_to_batches(self.store), [self.applied.group_table(g) for g in self.applied.groups()]
 
     # ------------------------------------------------------------ queries and upkeep
     def query(self, keys: list, b0: int, b1: int):
         """``(hist, sparse, impressions)`` for each key over buckets ``[b0, b1)``."""
+        self._usable()
         return self.store.query(keys, b0, b1)
 
     def query_ranges(self, keys: list, ranges: list[tuple[int, int]]) -> list:
         """``query`` for several ranges in one call (a chart's points)."""
+        self._usable()
         return [self.store.query(keys, b0, b1) for b0, b1 in ranges]
 
-    def key_impressions(self, b0: int, b1: int, prefix: str = "") -> tuple[list, np.ndarray]:
-        return self.store.key_impressions(b0, b1, prefix)
+    def key_impressions(self, b0: int, b1: int, prefix: str = "", limit: int | None = None) -> tuple[list, np.ndarray]:
+        self._usable()
+        return self.store.key_impressions(b0, b1, prefix, limit)
+
+    def impressions_of(self, keys: list, b0: int, b1: int) -> np.ndarray:
+        """Exact impressions on this shard of each of ``keys`` over ``[b0, b1)``."""
+        self._usable()
+        return self.store.query(keys, b0, b1)[2]
 
     def registers(self, key, b0: int, b1: int) -> np.ndarray:
+        self._usable()
         return self.store.registers(key, b0, b1)
 
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
+        """A slice of upkeep: fold runs, build rollups, drop what ``now`` puts
+        beyond the retention; an unavailable shard tries to start again."""
+        if self.unavailable is not None:
+            if time.time() - self._tried >= RETRY_START_S:
+                self._start()
+            return False
+        if now is not None:
+            self.applied.expire(now)
         return self.store.maintain(now, max_seconds)
 
     def flush(self) -> None:
+        self._usable()
         self.store.flush()
 
+    def health(self) -> dict:
+        """A cheap summary: whether this shard serves, and if not why."""
+        return {"shard": self.shard_index, "shards": self.shards, "available": self.unavailable is None,
+                "reason": self.unavailable, "sealed": self.sealed,
+                "checkpoint_age_s": None if self.checkpointed_at is None else round(time.time() - self.checkpointed_at, 1)}
+
     def stats(self) -> dict:
-        return {"shard": self.shard_index, "shards": self.shards, "pid": os.getpid(),
-                "host": socket.gethostname(), "applied_batches": self.applied_batches, "log_seq": self.seq,
-                "manifest": self.manifest, "sealed": self.sealed, "recovery": self.recovery,
-                "checkpoint_age_s": None if self.checkpointed_at is None else round(time.time() - self.checkpointed_at, 1),
-                "uptime_s": round(time.time() - self.started, 1), **self.store.stats()}
+        out = {"shard": self.shard_index, "shards": self.shards, "pid": os.getpid(), "host": socket.gethostname(),
+               "available": self.unavailable is None, "reason": self.unavailable,
+               "applied_batches": self.applied_batches, "log_seq": self.seq, "manifest": self.manifest,
+               "sealed": self.sealed, "recovery": self.recovery, "batch_ids": len(self.applied),
+               "checkpoint_age_s": None if self.checkpointed_at is None else round(time.time() - self.checkpointed_at, 1),
+               "uptime_s": round(time.time() - self.started, 1)}
+        return {**out, **self.store.stats()}
 
     def ping(self) -> int:
         return self.shard_index

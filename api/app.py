@@ -26,22 +26,23 @@ coordinator actor and the ingest sender) and serves this app with Ray Serve.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import math
 import os
 import time
 from typing import Annotated, Protocol, Union
 
 import pyarrow as pa
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from sketch.config import SketchConfig
-from sketch.events import IngestReport
 from sketch.timeindex import BucketRange, parse_duration
 
 from . import errors
-from .auth import READ, WRITE, parse_api_keys
+from .auth import READ, WRITE, FailedAuth, parse_api_keys
 from .bodies import ARROW_STREAM, events_table
 from .errors import BadRequest
 from .models import (ERRORS, MAX_KEY_BYTES, MAX_KEYS, Error, Health, IngestResult, Keys, Series, Unique, UniqueMany,
@@ -50,8 +51,12 @@ from .models import (ERRORS, MAX_KEY_BYTES, MAX_KEYS, Error, Health, IngestResul
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
-MAX_BODY = 64 * 1024 * 1024
+MAX_BODY = 64 * 1024 * 1024  # bytes of a POST /v1/events body
+MAX_ROWS = 1_000_000  # events in one POST /v1/events (a compressed Arrow stream can hold far more than its bytes)
+MAX_QUERY_BODY = 1024 * 1024  # bytes of any other POST body
 MAX_POINTS = 1500
+MAX_IDEMPOTENCY_KEY = 255
+READY_CACHE_S = 2.0  # /readyz answers from a cache this fresh: probes never pile calls on the cluster
 
 
 class Backend(Protocol):
@@ -65,9 +70,14 @@ class Backend(Protocol):
 
     async def keys(self, rng: BucketRange, prefix: str, limit: int) -> list[dict]: ...
 
-    async def ingest(self, table: pa.Table, malformed: list[int]) -> IngestReport: ...
+    async def ingest(self, table: pa.Table, malformed: list[int], idempotency_key: str | None,
+                     body_sha: str) -> dict:
+        """Count the events; the answer (``IngestResult``'s fields).  With an
+        idempotency key: the first answer again for the same key and body
+        (counted once), ``Conflict`` for the same key with another body."""
 
-    async def stats(self) -> dict: ...
+    async def health(self) -> dict:
+        """``{"shards": [{"available", "reason", ...}], "answering": n}``."""
 
 
 class Metrics:
@@ -81,13 +91,57 @@ class Metrics:
 
 
 def configure(app: FastAPI, backend: Backend, *, api_keys: str | None = None, max_body: int = MAX_BODY,
-              metrics: Metrics | None = None) -> FastAPI:
+              max_rows: int = MAX_ROWS, failed_auth_per_minute: int = 20, metrics: Metrics | None = None) -> FastAPI:
     """Give the app what answers, its keys and limits."""
     app.state.backend = backend
     app.state.api_keys = parse_api_keys(api_keys)
+    app.state.failed_auth = FailedAuth(limit=failed_auth_per_minute)
     app.state.max_body = max_body
+    app.state.max_rows = max_rows
     app.state.metrics = metrics or Metrics()
+    app.state.ready = (0.0, None)
     return app
+
+
+class BodyLimit:
+    """Every POST body is bounded: ``/v1/events`` by the app's ``max_body``,
+    any other by ``MAX_QUERY_BODY``; past it, 413 before the body is read on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        state = scope["app"].state if "app" in scope else None
+        limit = MAX_QUERY_BODY
+        if scope.get("path", "").rstrip("/").endswith("/v1/events") and state is not None:
+            limit = getattr(state, "max_body", MAX_BODY)
+        seen = 0
+
+        async def bounded():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _Oversize(limit)
+            return message
+        try:
+            await self.app(scope, bounded, send)
+        except _Oversize as e:
+            body = json.dumps({"error": f"body is over the {e.limit:,}-byte limit"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
+class _Oversize(HTTPException):
+    """Raised while the body is read, so FastAPI's own body parsing passes it on as it is."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"body is over the {limit:,}-byte limit")
+        self.limit = limit
 
 
 def create_app() -> FastAPI:
@@ -95,6 +149,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="impressions", version="1", description=__doc__,
                   openapi_tags=[{"name": "queries"}, {"name": "ingest"}, {"name": "health"}])
     errors.install(app)
+    app.add_middleware(BodyLimit)
 
     def backend(request: Request) -> Backend:
         return request.app.state.backend
@@ -174,8 +229,12 @@ def create_app() -> FastAPI:
                 "visitor": {"type": "string"}}}}},
             "application/x-ndjson": {"schema": {"type": "string"}},
             ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
-    async def events(request: Request):
-        limit = request.app.state.max_body
+    async def events(request: Request,
+                     idempotency_key: Annotated[str | None, Header(
+                         max_length=MAX_IDEMPOTENCY_KEY,
+                         description="send the same request again with the same key: counted once, same answer")] = None):
+        state = request.app.state
+        limit = state.max_body
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise HTTPException(413, f"body of {int(length):,} bytes is over the {limit:,}-byte limit")
@@ -184,17 +243,16 @@ def create_app() -> FastAPI:
             body += chunk
             if len(body) > limit:
                 raise HTTPException(413, f"body is over the {limit:,}-byte limit")
+        body = bytes(body)
         # parsing is CPU work: off the event loop
-        table, malformed = await asyncio.to_thread(events_table, bytes(body), request.headers.get("content-type", ""))
-        report = await backend(request).ingest(table, malformed)
-        metrics = request.app.state.metrics
-        metrics.events("accepted", report.accepted)
-        metrics.events("rejected", report.rejected_total)
-        out = {"accepted": report.accepted, "rejected": report.rejected_total,
-               "rejected_by_reason": dict(report.rejected), "errors": report.samples}
-        if report.accepted == 0 and report.received > 0:
-            return JSONResponse(out | {"error": f"none of the {report.received} events was accepted; "
-                                                f"first reason: {report.samples[0]['reason']}"}, status_code=400)
+        table, malformed = await asyncio.to_thread(events_table, body, request.headers.get("content-type", ""),
+                                                   state.max_rows)
+        out = await backend(request).ingest(table, malformed, idempotency_key or None, hashlib.sha256(body).hexdigest())
+        state.metrics.events("accepted", out["accepted"])
+        state.metrics.events("rejected", out["rejected"])
+        if out["accepted"] == 0 and out["rejected"] > 0:
+            return JSONResponse(out | {"error": f"none of the {out['rejected']} events was accepted; "
+                                                f"first reason: {out['errors'][0]['reason']}"}, status_code=400)
         return out
 
     @app.get("/", include_in_schema=False)
@@ -214,18 +272,26 @@ def create_app() -> FastAPI:
     @app.get("/readyz", tags=["health"], response_model=Health, responses={503: {"model": Health}},
              summary="every shard answers")
     async def readyz(request: Request):
+        state = request.app.state
+        at, body = state.ready
+        if body is None or time.monotonic() - at > READY_CACHE_S:
+            body = await _ready(request)
+            state.ready = (time.monotonic(), body)
+        return body if body["status"] == "ok" else JSONResponse(body, status_code=503)
+
+    async def _ready(request: Request) -> dict:
         try:
-            stats = await asyncio.wait_for(backend(request).stats(), 10)
+            health = await asyncio.wait_for(backend(request).health(), 10)
         except Exception as e:  # noqa: BLE001 - the coordinator itself is restarting: not ready, whatever the cause
-            return JSONResponse({"status": f"not ready: {type(e).__name__}"}, status_code=503)
-        shards = stats["shards"]
-        up = [s for s in shards if s is not None]
-        ages = [s["checkpoint_age_s"] for s in up if s.get("checkpoint_age_s") is not None]
+            return {"status": f"not ready: the coordinator did not answer ({type(e).__name__})"}
+        shards = health["shards"]
+        down = [s for s in shards if not s.get("available")]
+        ages = [s["checkpoint_age_s"] for s in shards if s.get("checkpoint_age_s") is not None]
         if ages:
             request.app.state.metrics.checkpoint_age(max(ages))
-        body = {"status": "ok" if len(up) == len(shards) else "not ready", "shards": len(shards),
-                "answering": len(up)}
-        return body if len(up) == len(shards) else JSONResponse(body, status_code=503)
+        status = "ok" if not down else "not ready: " + "; ".join(
+            f"shard {s['shard']}: {str(s.get('reason'))[:200]}" for s in down[:4])
+        return {"status": status, "shards": len(shards), "answering": len(shards) - len(down)}
 
     return app
 

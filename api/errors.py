@@ -24,7 +24,16 @@ RETRY_AFTER_S = 2
 
 
 class BadRequest(ValueError):
-    """Input the API refuses, with a message that says what was wrong."""
+    """Input the API refuses, with a message that says what was wrong (400, or
+    the ``status`` of a subclass)."""
+
+    status = 400
+
+
+class Conflict(BadRequest):
+    """An ``Idempotency-Key`` used again with another body."""
+
+    status = 409
 
 
 def install(app: FastAPI) -> None:
@@ -44,7 +53,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RangeError)
     @app.exception_handler(MissingColumn)
     async def _bad_input(request: Request, exc: Exception):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": str(exc)}, status_code=getattr(exc, "status", 400))
 
     @app.exception_handler(ShardUnavailable)
     @app.exception_handler(TimeoutError)

@@ -23,6 +23,7 @@ from actors.coordinator import Coordinator
 from actors.runtime import ShardUnavailable
 from actors.shard import ShardActor
 from cluster.config import ClusterConfig
+from durable.layout import ShardStorage
 from durable.objects import absolute
 
 COORDINATOR = "coordinator"
@@ -32,8 +33,8 @@ class ClusterNotRunning(RuntimeError):
     """No cluster to connect to, or no actors on it."""
 
 
-def shard_name(i: int, shards: int) -> str:
-    return f"shard-{i}-of-{shards}"
+def shard_name(i: int, layout) -> str:
+    return f"shard-{i}-of-{layout.shards}-{layout.folder}"
 
 
 _dashboard: str | None = None
@@ -88,16 +89,30 @@ class RayRuntime:
     def __init__(self, config: ClusterConfig | None = None):
         self.config = None if config is None else config.without_secrets()
 
-    def create_shard(self, index: int, shards: int, seeds: list = ()):
+    def create_shard(self, index: int, layout, seeds: list = ()):
         cfg = self.config
         if cfg is None:
             raise RuntimeError("this RayRuntime has no cluster configuration: it cannot create shards")
+        storage = ShardStorage(cfg.storage, cfg.s3_endpoint, layout.cluster_id, layout.folder) if cfg.storage \
+            else None
         # the old shards' exports are top-level arguments, so Ray hands the shard their values
         return ray.remote(ShardActor).options(
-            name=shard_name(index, shards), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
+            name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
             num_cpus=cfg.shard_cpus, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
-            max_concurrency=1).remote(cfg.sketch, index, shards, cfg.storage, cfg.s3_endpoint,
+            max_concurrency=1).remote(layout.sketch, index, layout.shards, storage,
                                       [(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds])
+
+    def find_shard(self, index: int, layout):
+        try:
+            return ray.get_actor(shard_name(index, layout), namespace=self.config.namespace)
+        except ValueError:
+            return None
+
+    def cancel(self, pending) -> None:
+        try:
+            ray.cancel(pending)
+        except Exception:  # noqa: BLE001 - done already, or not cancellable: it ends on its own
+            pass
 
     def call(self, handle, method: str, *args):
         return getattr(handle, method).remote(*args)
@@ -130,11 +145,24 @@ class RayRuntime:
                     return
 
 
+def check_storage_reach(config: ClusterConfig) -> None:
+    """Refuse a local-folder store on a cluster of several nodes: a shard
+    restarted on another node would find no past there."""
+    if not config.storage or "://" in config.storage and not config.storage.startswith("file://"):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise ClusterNotRunning(
+            f"this Ray cluster has {len(nodes)} nodes but the storage {config.storage} is a local folder, which "
+            f"the other nodes cannot see: set IMPRESSIONS_STORAGE to an object store (s3://bucket/prefix)")
+
+
 def ensure_actors(config: ClusterConfig | None = None):
     """Create the coordinator and shards if they do not exist yet, and
     return the coordinator.  An existing coordinator keeps its configuration."""
     config = (config or ClusterConfig.from_env()).without_secrets()
     config = config.replace(storage=absolute(config.storage))
+    check_storage_reach(config)
     coord = ray.remote(Coordinator).options(
         name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=32).remote(config, RayRuntime(config))

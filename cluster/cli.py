@@ -58,7 +58,19 @@ def cmd_up(a) -> int:
             return 1
         started = True
         how = connect(None, start_local=False)
+    from cluster.config import placeholder_secrets
+    stale = placeholder_secrets()
+    if stale:
+        print(f"impressions: {' and '.join(stale)} still hold the example file's placeholders; set real secrets",
+              file=sys.stderr)
+        return 2
     env_cfg = ClusterConfig.from_env(namespace=a.namespace)
+    from api.auth import parse_api_keys
+    parse_api_keys(env_cfg.api_keys)  # placeholder or malformed keys: refused here, before anything starts
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not env_cfg.api_keys:
+        print(f"impressions: --host {a.host} would open the REST API beyond this machine without API keys; set "
+              f"IMPRESSIONS_API_KEYS (key:read,key2:write) first", file=sys.stderr)
+        return 2
     coord = ensure_actors(env_cfg)
     cfg = ray.get(coord.cluster_config.remote())
     url = start_api(cfg.namespace, host=a.host, port=a.port, api_keys=env_cfg.api_keys)
@@ -130,6 +142,8 @@ def cmd_ingest(a) -> int:
                     ("--ts-unit", a.ts_unit)):
         if v:
             extra += [flag, v]
+    if a.force:
+        extra.append("--force")
     if a.no_wait:
         from ray.job_submission import JobSubmissionClient
         job = JobSubmissionClient(dashboard_url()).submit_job(
@@ -145,6 +159,10 @@ def cmd_ingest(a) -> int:
         print(f"  rejected {n:,}: {reason}")
     for e in s["samples"][:5]:
         print(f"  e.g. {e.get('file', '')} row {e['row']}: {e['reason']}")
+    for f in s["failed_files"]:
+        print(f"  failed: {f}")
+    if s.get("skipped_files"):
+        print(f"  skipped {len(s['skipped_files'])} files ingested before (--force counts them again)")
     return 0 if not s["failed_files"] else 1
 
 
@@ -210,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--visitor-col")
     p.add_argument("--ts-unit", choices=["auto", "s", "ms", "us", "ns"])
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--force", action="store_true", help="count files ingested before again")
     p = sub.add_parser("query", help="unique visitors and impressions of keys (none: site-wide)")
     p.add_argument("keys", nargs="*")
     p.add_argument("--last", help="15m, 24h, 30d, or a number of buckets (default 15m)")

@@ -27,6 +27,15 @@ def _default_shards() -> int:
     return 1 << (n.bit_length() - 1)  # a power of two, at most the CPU count
 
 
+PLACEHOLDER = "change-me"
+
+
+def placeholder_secrets(env=None) -> list[str]:
+    """The secrets still holding the example file's placeholders (which must not work)."""
+    env = os.environ if env is None else env
+    return [name for name in ("IMPRESSIONS_API_KEYS", "RAY_AUTH_TOKEN") if PLACEHOLDER in env.get(name, "").lower()]
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """How the cluster is laid out and where it keeps its data."""
@@ -42,6 +51,8 @@ class ClusterConfig:
     max_inflight: int = 4  # apply calls in flight per ingest task (backpressure)
     maintain_interval_s: float = 1.0  # how often the coordinator asks shards to fold and build rollups
     checkpoint_interval_s: float = 30.0  # how often shards checkpoint (also on demand)
+    dedup_window_s: float = 7 * 86400.0  # how long a job slice or idempotency key is remembered (exactly once)
+    clock_offset_s: float = 0.0  # added to this machine's clock by the maintenance loop (drills and tests)
     api_keys: str | None = field(default=None, repr=False)  # REST keys and scopes: "k1:read,k2:write"; unset = open
 
     def __post_init__(self):

@@ -24,16 +24,20 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import ray
 
-from actors.sender import Sender
+from actors.sender import JOB_DEADLINE_S, Sender
+from actors.shard import CALL_KEEP_S
 from cluster.bootstrap import RayRuntime, coordinator_route
 from cluster.config import ClusterConfig
 from cluster.readers import Fragment, MissingColumn, fragments, parse_ts, read_fragment
 from cluster.sources import list_sources
+from durable.ledger import SourceLedger, digest
+from durable.objects import ObjectStore
 from sketch.events import REASONS, IngestReport, prepare
 
 
@@ -45,6 +49,7 @@ class IngestSummary:
     peak_inflight: int = 0
     batches: int = 0
     failed_files: list = field(default_factory=list)
+    skipped_files: list = field(default_factory=list)  # ingested whole before: not counted again
 
     @property
     def events_per_second(self) -> float:
@@ -55,7 +60,8 @@ class IngestSummary:
                 "rejected": self.report.rejected_total, "rejected_by_reason": dict(self.report.rejected),
                 "samples": self.report.samples, "seconds": round(self.seconds, 3),
                 "events_per_second": round(self.events_per_second), "batches": self.batches,
-                "peak_inflight": self.peak_inflight, "failed_files": self.failed_files}
+                "peak_inflight": self.peak_inflight, "failed_files": self.failed_files,
+                "skipped_files": self.skipped_files}
 
     def text(self) -> str:
         r = self.report
@@ -68,6 +74,8 @@ class IngestSummary:
                          + (f" ({s['value']!r})" if "value" in s else ""))
         for f in self.failed_files:
             lines.append(f"  failed: {f}")
+        if self.skipped_files:
+            lines.append(f"  skipped {len(self.skipped_files)} files ingested before (--force counts them again)")
         return "\n".join(lines)
 
 
@@ -80,15 +88,26 @@ def _prepare(table: pa.Table, cfg: ClusterConfig, now: float, row: int, ts_unit:
                    malformed=malformed)
 
 
-def _sender(coordinator, cfg: ClusterConfig) -> Sender:
-    return Sender(RayRuntime(), coordinator_route(coordinator), cfg.sketch.p, cfg.max_inflight)
+def _sender(coordinator, cfg: ClusterConfig, deadline_s: float = JOB_DEADLINE_S) -> Sender:
+    return Sender(RayRuntime(), coordinator_route(coordinator), cfg.sketch.p, cfg.max_inflight, deadline_s)
+
+
+def fragment_id(frag: Fragment, force: str = "") -> str:
+    """A fragment's part of every batch id: the source's identity (same bytes,
+    same name), the row group, and the ``--force`` nonce that makes a
+    deliberate re-ingest count again."""
+    return digest(f"{frag.source.identity}|{frag.row_group}|{force}")[:20]
 
 
 @ray.remote
-def ingest_fragment(frag: Fragment, cols: dict, cfg: ClusterConfig, coordinator, now: float, ts_unit: str) -> dict:
-    """One task: read, validate, hash and send one fragment."""
+def ingest_fragment(frag: Fragment, cols: dict, cfg: ClusterConfig, coordinator, now: float, ts_unit: str,
+                    force: str = "") -> dict:
+    """One task: read, validate, hash and send one fragment.  Its batch ids
+    follow from the source (``fragment_id`` and each batch's first row), so
+    Ray's retry of this task, or a rerun of the job, counts nothing twice."""
     sender = _sender(coordinator, cfg)
     report = IngestReport()
+    base = fragment_id(frag, force)
     try:
         for table, row, malformed in read_fragment(frag, cols, cfg.batch_rows, cfg.s3_endpoint):
             batch, rep = _prepare(table, cfg, now, row, ts_unit, malformed)
@@ -96,7 +115,7 @@ def ingest_fragment(frag: Fragment, cols: dict, cfg: ClusterConfig, coordinator,
                 s["file"] = frag.source.uri
             report.add(rep)
             if len(batch):
-                sender.send(batch)
+                sender.send(batch, f"{base}:{row}", cfg.dedup_window_s)
         sender.drain()
     except MissingColumn as e:
         sender.drain()
@@ -126,15 +145,29 @@ def _report_from(d: dict) -> IngestReport:
 
 def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | None = None,
                ts_col: str = "ts", key_col: str = "key", visitor_col: str = "visitor", ts_unit: str = "auto",
-               now: float | None = None, progress: bool = True, max_tasks: int | None = None) -> IngestSummary:
-    """Ingest files into the running cluster (the coordinator names the shards)."""
+               now: float | None = None, progress: bool = True, max_tasks: int | None = None,
+               force: bool = False) -> IngestSummary:
+    """Ingest files into the running cluster (the coordinator names the shards).
+
+    A file already ingested whole (same name, size and modification time, in
+    the ledger on the store) is skipped unless ``force``.  A fragment that
+    fails (an unreadable file, a task that died for good) is reported in
+    ``failed_files``; the others go on, and its file is left out of the
+    ledger, so running the job again completes it without counting twice."""
     from cluster.bootstrap import ensure_actors
 
     coord = coordinator or ensure_actors(config)
     cfg = ray.get(coord.cluster_config.remote())
     t0 = time.perf_counter()
     files = list_sources(sources, cfg.s3_endpoint)
-    frags = fragments(files, cfg.s3_endpoint)
+    ledger = SourceLedger(ObjectStore(cfg.storage, cfg.s3_endpoint)) if cfg.storage else None
+    summary = IngestSummary(files=len(files))
+    if ledger is not None and not force:
+        done = [f for f in files if ledger.done(f.identity) is not None]
+        summary.skipped_files = [f.uri for f in done]
+        files = [f for f in files if f not in done]
+    nonce = uuid.uuid4().hex if force else ""
+    frags = fragments(files, cfg.s3_endpoint, failed=summary.failed_files)
     cols = {"ts": ts_col, "key": key_col, "visitor": visitor_col}
     now = time.time() if now is None else now
     total_rows = sum(f.rows for f in frags if f.rows is not None)
@@ -145,22 +178,34 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
         bar = tqdm(total=total_rows or None, unit=" rows", unit_scale=True, desc="ingest", file=sys.stderr,
                    dynamic_ncols=True) if (total_rows or not total_bytes) else \
             tqdm(total=len(frags), unit=" files", desc="ingest", file=sys.stderr)
-    summary = IngestSummary(files=len(files))
-    free = _free_cpus()
+    left = {f.uri: 0 for f in files}  # fragments still to finish, per file
+    for f in frags:
+        left[f.source.uri] += 1
+    failed: set[str] = {f.uri for f in files if left[f.uri] == 0 and f.format == "parquet"}
+    free = _free_cpus() if frags else 0
     max_tasks = max_tasks or max(2, 2 * int(free))
     pending, queue = {}, list(frags)
     while queue or pending:
         while queue and len(pending) < max_tasks:
             f = queue.pop(0)
-            pending[ingest_fragment.remote(f, cols, cfg, coord, now, ts_unit)] = f
+            pending[ingest_fragment.remote(f, cols, cfg, coord, now, ts_unit, nonce)] = f
         ready, _ = ray.wait(list(pending), num_returns=1)
         frag = pending.pop(ready[0])
-        out = ray.get(ready[0])
+        try:
+            out = ray.get(ready[0])
+        except Exception as e:  # noqa: BLE001 - one fragment's failure never stops the others
+            out = {"report": IngestReport().to_dict(), "peak": 0, "batches": 0,
+                   "error": f"{frag.source.uri}{'' if frag.row_group is None else f' row group {frag.row_group}'}: "
+                            f"{type(e).__name__}: {str(e)[:300]}"}
         summary.report.add(_report_from(out["report"]))
         summary.peak_inflight = max(summary.peak_inflight, out["peak"])
         summary.batches += out["batches"]
+        left[frag.source.uri] -= 1
         if out["error"]:
             summary.failed_files.append(out["error"])
+            failed.add(frag.source.uri)
+        elif left[frag.source.uri] == 0 and frag.source.uri not in failed and ledger is not None:
+            ledger.record(frag.source.identity, {"uri": frag.source.uri, "size": frag.source.size})
         if bar is not None:
             bar.update(frag.rows if (total_rows and frag.rows is not None) else (0 if total_rows else 1))
     if bar is not None:
@@ -170,10 +215,18 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
 
 
 def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "key", visitor: str = "visitor",
-                 now: float | None = None, ts_unit: str = "auto", malformed=()) -> IngestReport:
-    """Ingest an in-memory Arrow table from this driver (the Python client's path)."""
+                 now: float | None = None, ts_unit: str = "auto", malformed=(), batch_id: str | None = None,
+                 keep_s: float | None = None, deadline_s: float = JOB_DEADLINE_S) -> IngestReport:
+    """Ingest an in-memory Arrow table from this driver (the Python client's
+    and the REST app's path).
+
+    The whole table is validated before anything is sent, so a table is
+    refused whole or sent whole; a row with a bad value is rejected alone.
+    ``batch_id`` names the table (the REST ``Idempotency-Key``): sending the
+    same table again under the same id counts nothing twice.  Without one the
+    table gets a random id, remembered only long enough to absorb the
+    runtime's own retries."""
     cfg = ray.get(coordinator.cluster_config.remote())
-    sender = _sender(coordinator, cfg)
     now = time.time() if now is None else now
     missing = [c for c in (ts, key, visitor) if c not in table.schema.names]
     if missing:
@@ -181,6 +234,7 @@ def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "ke
                          f"(its columns: {', '.join(table.schema.names)})")
     t = pa.table({"ts": table.column(ts), "key": table.column(key), "visitor": table.column(visitor)})
     report = IngestReport()
+    prepared = []
     for start in range(0, max(t.num_rows, 1), cfg.batch_rows):
         part = t.slice(start, cfg.batch_rows)
         if not part.num_rows:
@@ -188,8 +242,13 @@ def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "ke
         bad = [r - start for r in malformed if start <= r < start + part.num_rows]
         batch, rep = _prepare(part, cfg, now, start, ts_unit, bad)
         report.add(rep)
+        prepared.append((start, batch))
+    if batch_id is None:
+        batch_id, keep_s = f"call-{uuid.uuid4().hex}", CALL_KEEP_S
+    sender = _sender(coordinator, cfg, deadline_s)
+    for start, batch in prepared:
         if len(batch):
-            sender.send(batch)
+            sender.send(batch, f"{batch_id}:{start}", cfg.dedup_window_s if keep_s is None else keep_s)
     sender.drain()
     return report
 
@@ -206,12 +265,13 @@ def main(argv=None) -> int:
     ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or the local cluster)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--force", action="store_true", help="count files ingested before again")
     a = ap.parse_args(argv)
     from cluster.bootstrap import connect
     connect(a.address, start_local=False)
     try:
         summary = run_ingest(a.sources, ts_col=a.ts_col, key_col=a.key_col, visitor_col=a.visitor_col,
-                             ts_unit=a.ts_unit, progress=not a.no_progress)
+                             ts_unit=a.ts_unit, progress=not a.no_progress, force=a.force)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"ingest: {e}", file=sys.stderr)
         return 2

@@ -29,14 +29,23 @@ class Fragment:
     rows: int | None = None  # known for Parquet
 
 
-def fragments(sources: list[SourceFile], s3_endpoint: str | None = None) -> list[Fragment]:
-    """Split sources into fragments: Parquet per row group, others per file."""
+def fragments(sources: list[SourceFile], s3_endpoint: str | None = None,
+              failed: list | None = None) -> list[Fragment]:
+    """Split sources into fragments: Parquet per row group, others per file.
+    A Parquet file whose footer cannot be read is left out, and said why in
+    ``failed`` (or raised, without it)."""
     out = []
     for src in sources:
         if src.format == "parquet":
             fs, path = filesystem(src.uri, s3_endpoint)
-            with fs.open_input_file(path) as f:
-                md = pq.ParquetFile(f).metadata
+            try:
+                with fs.open_input_file(path) as f:
+                    md = pq.ParquetFile(f).metadata
+            except (OSError, pa.ArrowException) as e:
+                if failed is None:
+                    raise
+                failed.append(f"{src.uri}: {type(e).__name__}: {str(e)[:300]}")
+                continue
             first = 0
             for rg in range(md.num_row_groups):
                 n = md.row_group(rg).num_rows

@@ -15,34 +15,85 @@ import asyncio
 import ray
 from ray import serve
 
+from actors.runtime import ShardUnavailable
 from api.app import MAX_BODY, Metrics, configure, create_app
+from api.errors import Conflict
 from cluster.bootstrap import get_coordinator
 from cluster.config import ClusterConfig
 from cluster.ingest import ingest_table
+from durable.ledger import IdempotencyLedger, digest
+from durable.objects import ObjectStore
+
+INGEST_DEADLINE_S = 20.0  # a POST waits this long for its shards, then answers 503 (retry with the same key)
 
 class RayBackend:
-    """The app's questions, asked of the coordinator actor of ``namespace``."""
+    """The app's questions, asked of the coordinator actor of ``namespace``.
+
+    Every wait is bounded: a question by the cluster's query timeout (the
+    coordinator answers partial sooner), a POST by ``INGEST_DEADLINE_S``
+    (then 503, and the client retries with its ``Idempotency-Key``)."""
 
     def __init__(self, namespace: str):
         self.coordinator = get_coordinator(namespace)
         self.config: ClusterConfig = ray.get(self.coordinator.cluster_config.remote(), timeout=60)
         self.sketch = self.config.sketch
+        self.ask_s = self.config.query_timeout_s * 5 + 5
+        self.ledger = IdempotencyLedger(ObjectStore(self.config.storage, self.config.s3_endpoint),
+                                        self.config.dedup_window_s) if self.config.storage else None
+        self._answers: dict[str, dict] = {}  # the ledger when there is no storage (this replica only)
+
+    async def _ask(self, ref, timeout: float | None = None):
+        try:
+            return await asyncio.wait_for(ref, timeout or self.ask_s)
+        except asyncio.TimeoutError:
+            ray.cancel(ref)
+            raise ShardUnavailable(f"the coordinator did not answer within {timeout or self.ask_s:g} s") from None
+        except ray.exceptions.RayActorError:
+            raise ShardUnavailable("the coordinator is restarting") from None
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause if isinstance(e.cause, Exception) else e) from None
 
     async def query(self, keys, rng):
-        return await self.coordinator.query.remote(keys, rng)
+        return await self._ask(self.coordinator.query.remote(keys, rng))
 
     async def series(self, key, rng, step):
-        return await self.coordinator.series.remote(key, rng, step)
+        return await self._ask(self.coordinator.series.remote(key, rng, step))
 
     async def keys(self, rng, prefix, limit):
-        return await self.coordinator.keys.remote(rng, prefix, limit)
+        return await self._ask(self.coordinator.keys.remote(rng, prefix, limit))
 
-    async def ingest(self, table, malformed):
+    async def health(self):
+        return await self._ask(self.coordinator.health.remote())
+
+    def _remembered(self, key: str) -> dict | None:
+        return self.ledger.get(key) if self.ledger is not None else self._answers.get(key)
+
+    def _remember(self, key: str, body_sha: str, answer: dict | None) -> None:
+        if self.ledger is not None:
+            self.ledger.put(key, body_sha, answer)
+        else:
+            self._answers[key] = {"body": body_sha, "answer": answer}
+
+    def _ingest(self, table, malformed, key, body_sha) -> dict:
+        if key is not None:
+            prior = self._remembered(key)
+            if prior is not None and prior["body"] != body_sha:
+                raise Conflict("this Idempotency-Key was used with another body; use a new key for new events")
+            if prior is not None and prior.get("answer") is not None:
+                return prior["answer"]
+            self._remember(key, body_sha, None)
+        report = ingest_table(table, self.coordinator, malformed=malformed,
+                              batch_id=None if key is None else f"idem-{digest(key)}",
+                              deadline_s=INGEST_DEADLINE_S)
+        answer = {"accepted": report.accepted, "rejected": report.rejected_total,
+                  "rejected_by_reason": dict(report.rejected), "errors": report.samples}
+        if key is not None:
+            self._remember(key, body_sha, answer)
+        return answer
+
+    async def ingest(self, table, malformed, idempotency_key, body_sha):
         # the shard calls block until the batches are durable: on a thread, not the event loop
-        return await asyncio.to_thread(ingest_table, table, self.coordinator, malformed=malformed)
-
-    async def stats(self):
-        return await self.coordinator.stats.remote()
+        return await asyncio.to_thread(self._ingest, table, malformed, idempotency_key, body_sha)
 
 
 class RayMetrics(Metrics):
@@ -73,9 +124,10 @@ class RayMetrics(Metrics):
 class ImpressionsApi:
     """One replica: the app built here, in the replica, around the Ray backend."""
 
-    def __init__(self, namespace: str, api_keys: str | None = None, max_body: int = MAX_BODY):
+    def __init__(self, namespace: str, api_keys: str | None = None, max_body: int = MAX_BODY,
+                 failed_auth_per_minute: int = 20):
         self._rest_app = configure(create_app(), RayBackend(namespace), api_keys=api_keys, max_body=max_body,
-                             metrics=RayMetrics())
+                                   failed_auth_per_minute=failed_auth_per_minute, metrics=RayMetrics())
 
     def __serve_build_asgi_app__(self):
         return self._rest_app
@@ -91,11 +143,12 @@ def build(args: dict | None = None):
 
 
 def start(namespace: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
-          name: str = "impressions", route_prefix: str = "/", max_body: int = MAX_BODY) -> str:
+          name: str = "impressions", route_prefix: str = "/", max_body: int = MAX_BODY,
+          failed_auth_per_minute: int = 20) -> str:
     """Start (or update) the REST app on the connected Ray cluster; returns its URL."""
     serve.start(http_options={"host": host, "port": port})
-    serve.run(ImpressionsApi.bind(namespace, api_keys, max_body), name=name, route_prefix=route_prefix,
-              blocking=False)
+    serve.run(ImpressionsApi.bind(namespace, api_keys, max_body, failed_auth_per_minute), name=name,
+              route_prefix=route_prefix, blocking=False)
     try:  # Serve keeps the host and port it first started with: report those (ray==2.60 is pinned)
         from ray.serve.context import _get_global_client
         cfg = _get_global_client().http_config

@@ -20,6 +20,16 @@ class SourceFile:
     path: str  # within the filesystem
     format: str
     size: int
+    mtime_ns: int = 0  # last modification, as the filesystem reports it (0 if it does not)
+
+    @property
+    def identity(self) -> str:
+        """The same bytes under the same name: what the finished-source ledger and batch ids are keyed by."""
+        return f"{self.uri}|{self.size}|{self.mtime_ns}"
+
+
+def _mtime_ns(info: pafs.FileInfo) -> int:
+    return int(info.mtime_ns or 0) if info.mtime is not None else 0
 
 
 def _format_of(path: str) -> str | None:
@@ -45,7 +55,7 @@ def list_sources(uris: list[str], s3_endpoint: str | None = None) -> list[Source
             fmt = _format_of(path)
             if fmt is None:
                 raise ValueError(f"{uri}: unknown format (expected {', '.join(sorted(FORMATS))})")
-            out.append(SourceFile(uri, path, fmt, info.size or 0))
+            out.append(SourceFile(uri, path, fmt, info.size or 0, _mtime_ns(info)))
             continue
         found = []
         for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
@@ -53,7 +63,8 @@ def list_sources(uris: list[str], s3_endpoint: str | None = None) -> list[Source
                 continue
             fmt = _format_of(f.path)
             if fmt:
-                found.append(SourceFile(prefix + f.path if prefix else f.path, f.path, fmt, f.size or 0))
+                found.append(SourceFile(prefix + f.path if prefix else f.path, f.path, fmt, f.size or 0,
+                                        _mtime_ns(f)))
         if not found:
             raise ValueError(f"{uri}: no .parquet, .csv or .json(l) files in this folder")
         out.extend(sorted(found, key=lambda s: s.path))

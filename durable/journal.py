@@ -1,26 +1,39 @@
 """A shard's durable state on object storage: an ingest log and checkpoints.
 
-Layout of one shard's folder (``layout.shard_folder``) on the store::
+Layout of one shard's folder (``layout``: ``<layout folder>/shard-<i>``)::
 
-    log/<seq>-<sha>.arrow   one ingest batch per object, in apply order
-    nodes/<sha>.arrow       one stored node (slot, upper node, summary)
-    manifest-<n>.json       a checkpoint: which node objects, up to which log entry
+    incarnation-<k>             one marker per start of the shard (fencing, below)
+    log/<seq>-<k>-<sha>.arrow   one ingest batch per object, in apply order, written by incarnation k
+    nodes/<sha>.arrow           one stored node (slot, upper node, summary)
+    applied/<sha>.arrow         one hour's records of applied batch ids (exactly-once)
+    manifest-<n>.json           a checkpoint: which objects, up to which log entry
+    SEALED                      the layout was left behind by a re-sharding
 
 * **Acknowledged means durable.** A shard appends a batch to its log before
   applying it, and answers only after the write returned
   (``ObjectStore.write``: atomic and durable when it returns).
 * **Checksums everywhere.** Objects are named by the SHA-256 of their bytes
   (the first 16 hex digits); a manifest carries the SHA-256 of its own body.
-  A torn or corrupted object fails the check on read.
+  A torn or corrupted object fails the check on read; a node object is read
+  back and checked once after it is written.
 * **Checkpoints are incremental and atomic.** A checkpoint writes only the
-  nodes that changed since the previous one (nodes are immutable objects,
-  shared by manifests), then the manifest, last: until the manifest exists
-  the checkpoint does not.  Recovery takes the newest manifest whose own
-  checksum and every object's checksum verify, else the one before.
+  objects that changed since the previous one (objects are immutable,
+  shared by manifests), then the manifest, last, numbered after the highest
+  manifest on the store: until the manifest exists the checkpoint does not.
+  Recovery takes the newest manifest whose own checksum and every object's
+  checksum verify, else the one before; when none does, the shard does not
+  start (it never starts empty over a past it cannot read).
 * **Replay.** After loading a checkpoint a shard replays the log entries after
   the checkpoint's position.  Register merges are idempotent, so replaying
   more than needed could never change a sketch; impressions are counts, so
   the log position and the ids of applied batches make the replay exact.
+* **Fencing.** Every start of a shard takes the next incarnation number (a
+  marker created only if absent, exclusively where the store allows it) and
+  names its log entries with it.  An instance checks that it is still the
+  newest incarnation before it writes a manifest or collects garbage, and
+  stops when it is not; a log entry of an older incarnation at or after the
+  first entry of a newer one was written by a superseded instance and is not
+  replayed.
 * **Garbage collection** keeps the two newest manifests, the objects they
   name and the log entries after the older one (the fallback must be able to
   replay to the present).
@@ -36,13 +49,14 @@ import struct
 
 import pyarrow as pa
 
-from .layout import shard_folder
 from .objects import ObjectStore
 
 KEEP_MANIFESTS = 2
-_LOG_RE = re.compile(r"^(\d{12})-([0-9a-f]{16})\.arrow$")
+_LOG_RE = re.compile(r"^(\d{12})-(\d{6})-([0-9a-f]{16})\.arrow$")
+_LEGACY_LOG_RE = re.compile(r"^(\d{12})-([0-9a-f]{16})\.arrow$")
 _NODE_RE = re.compile(r"^([0-9a-f]{16})\.arrow$")
 _MANIFEST_RE = re.compile(r"^manifest-(\d{12})\.json$")
+_INCARNATION_RE = re.compile(r"^incarnation-(\d{6})$")
 _IPC = pa.ipc.IpcWriteOptions(compression="zstd")
 
 
@@ -84,33 +98,68 @@ def batches_from_bytes(data: bytes) -> list[pa.RecordBatch]:
     return out
 
 
-class ShardJournal:
-    """The durable state of one shard of one layout."""
+class Fenced(RuntimeError):
+    """A newer instance of this shard has started: this one must stop writing."""
 
-    def __init__(self, objects: ObjectStore, shard: int, shards: int):
+
+class ShardJournal:
+    """The durable state of one shard of one layout (``folder``)."""
+
+    def __init__(self, objects: ObjectStore, folder: str, shard: int):
         self.objects = objects
-        self.shard, self.shards = shard, shards
-        self.base = objects.path(shard_folder(shards, shard))
+        self.shard = shard
+        self.base = objects.path(folder, f"shard-{shard}")
+        self.incarnation = 0
+
+    # ------------------------------------------------------------ incarnations
+    def incarnations(self) -> list[int]:
+        return sorted(int(m.group(1)) for m in map(_INCARNATION_RE.match, self.objects.list(self.base)) if m)
+
+    def begin(self) -> int:
+        """Take the next incarnation number for this start."""
+        while True:
+            k = max(self.incarnations(), default=0) + 1
+            if self.objects.create(f"{self.base}/incarnation-{k:06d}", b"%d\n" % k):
+                self.incarnation = k
+                return k
+
+    def check_current(self) -> None:
+        """Raise ``Fenced`` if a newer incarnation of this shard has started."""
+        newest = max(self.incarnations(), default=0)
+        if newest > self.incarnation:
+            raise Fenced(f"shard {self.shard} incarnation {self.incarnation} was superseded by {newest}")
 
     # ------------------------------------------------------------ log
     def append(self, seq: int, rb: pa.RecordBatch) -> str:
         data = batches_to_bytes([rb])
-        name = f"{seq:012d}-{sha(data)}.arrow"
+        name = f"{seq:012d}-{self.incarnation:06d}-{sha(data)}.arrow"
         self.objects.write(f"{self.base}/log/{name}", data)
         return name
 
     def log_entries(self, after: int) -> list[tuple[int, str]]:
-        """(seq, name) of the log entries after ``after``, in order."""
-        out = []
+        """(seq, name) of the log entries after ``after``, in order, without
+        those of superseded incarnations (see fencing)."""
+        found = []
         for name in self.objects.list(f"{self.base}/log"):
             m = _LOG_RE.match(name)
-            if m and int(m.group(1)) > after:
-                out.append((int(m.group(1)), name))
-        return out
+            if m:
+                found.append((int(m.group(1)), int(m.group(2)), name))
+            elif _LEGACY_LOG_RE.match(name):
+                found.append((int(name[:12]), 0, name))
+        first = {}  # incarnation -> first seq it wrote
+        for seq, inc, _ in found:
+            first[inc] = min(seq, first.get(inc, seq))
+        out = {}
+        for seq, inc, name in found:
+            if seq <= after or any(j > inc and f <= seq for j, f in first.items()):
+                continue  # before the checkpoint, or written by an instance a newer one superseded
+            out[seq] = name
+        return sorted(out.items())
 
     def read_log(self, name: str) -> pa.RecordBatch:
         data = self.objects.read(f"{self.base}/log/{name}")
-        if sha(data) != _LOG_RE.match(name).group(2):
+        m = _LOG_RE.match(name) or _LEGACY_LOG_RE.match(name)
+        if sha(data) != m.group(m.lastindex):
             raise CorruptObject(f"log entry {name} does not match its checksum")
         return batches_from_bytes(data)[0]
 
@@ -124,33 +173,53 @@ class ShardJournal:
     def is_sealed(self) -> bool:
         return self.objects.exists(f"{self.base}/SEALED")
 
+    def has_past(self) -> bool:
+        """Whether this shard ever wrote a manifest or a log entry."""
+        return bool(self.manifests() or self.objects.list(f"{self.base}/log"))
+
     # ------------------------------------------------------------ checkpoints
+    def _write_object(self, folder: str, data: bytes) -> str:
+        name = f"{sha(data)}.arrow"
+        path = f"{self.base}/{folder}/{name}"
+        if not self.objects.exists(path):  # content-addressed: an unchanged object is already there
+            self.objects.write(path, data)
+            if sha(self.objects.read(path)) != sha(data):  # a torn write is caught now, not at recovery
+                raise CorruptObject(f"{folder}/{name} did not read back as written")
+        return name
+
+    def _read_object(self, folder: str, name: str) -> bytes:
+        data = self.objects.read(f"{self.base}/{folder}/{name}")
+        m = _NODE_RE.match(name)
+        if m is None or sha(data) != m.group(1):
+            raise CorruptObject(f"checkpoint object {folder}/{name} does not match its checksum")
+        return data
+
     def write_node(self, batches: list[pa.RecordBatch]) -> tuple[str, int]:
         data = batches_to_bytes(batches)
-        name = f"{sha(data)}.arrow"
-        path = f"{self.base}/nodes/{name}"
-        if not self.objects.exists(path):  # content-addressed: an unchanged node is already there
-            self.objects.write(path, data)
-        return name, len(data)
+        return self._write_object("nodes", data), len(data)
 
     def read_node(self, name: str) -> list[pa.RecordBatch]:
-        data = self.objects.read(f"{self.base}/nodes/{name}")
-        if sha(data) != _NODE_RE.match(name).group(1):
-            raise CorruptObject(f"checkpoint object {name} does not match its checksum")
-        return batches_from_bytes(data)
+        return batches_from_bytes(self._read_object("nodes", name))
+
+    def write_applied(self, table: pa.Table) -> str:
+        return self._write_object("applied", batches_to_bytes(table.to_batches() or [
+            pa.RecordBatch.from_pylist([], schema=table.schema)]))
+
+    def read_applied(self, name: str) -> pa.Table:
+        return pa.Table.from_batches(batches_from_bytes(self._read_object("applied", name)))
 
     def manifests(self) -> list[int]:
-        out = []
-        for name in self.objects.list(self.base):
-            m = _MANIFEST_RE.match(name)
-            if m:
-                out.append(int(m.group(1)))
-        return sorted(out)
+        return sorted(int(m.group(1)) for m in map(_MANIFEST_RE.match, self.objects.list(self.base)) if m)
 
-    def write_manifest(self, number: int, body: dict) -> None:
+    def write_manifest(self, body: dict) -> int:
+        """Write a manifest numbered after every one on the store; returns its number."""
+        self.check_current()
+        number = max(self.manifests(), default=0) + 1
+        body = dict(body, number=number, incarnation=self.incarnation)
         text = json.dumps(body, sort_keys=True)
         doc = json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "body": body}, sort_keys=True)
         self.objects.write(f"{self.base}/manifest-{number:012d}.json", doc.encode())
+        return number
 
     def read_manifest(self, number: int) -> dict:
         raw = self.objects.read(f"{self.base}/manifest-{number:012d}.json")
@@ -166,6 +235,7 @@ class ShardJournal:
 
     def collect_garbage(self) -> int:
         """Delete what the two newest manifests do not need; returns objects deleted."""
+        self.check_current()
         numbers = self.manifests()
         if len(numbers) <= KEEP_MANIFESTS:
             return 0
@@ -176,19 +246,20 @@ class ShardJournal:
                 bodies.append(self.read_manifest(n))
             except (CorruptObject, OSError):
                 return 0  # never delete on the word of a manifest we cannot read
-        live = {node["object"] for b in bodies for node in b["nodes"]}
+        live = {entry["object"] for b in bodies for entry in b["nodes"]} | \
+            {entry["object"] for b in bodies for entry in b.get("applied", [])}
         oldest_seq = min(b["log_seq"] for b in bodies)
         deleted = 0
         for n in numbers[:-KEEP_MANIFESTS]:
             self.objects.delete(f"{self.base}/manifest-{n:012d}.json")
             deleted += 1
-        for name in self.objects.list(f"{self.base}/nodes"):
-            if _NODE_RE.match(name) and name not in live:
-                self.objects.delete(f"{self.base}/nodes/{name}")
-                deleted += 1
+        for folder in ("nodes", "applied"):
+            for name in self.objects.list(f"{self.base}/{folder}"):
+                if _NODE_RE.match(name) and name not in live:
+                    self.objects.delete(f"{self.base}/{folder}/{name}")
+                    deleted += 1
         for name in self.objects.list(f"{self.base}/log"):
-            m = _LOG_RE.match(name)
-            if m and int(m.group(1)) <= oldest_seq:
+            if (_LOG_RE.match(name) or _LEGACY_LOG_RE.match(name)) and int(name[:12]) <= oldest_seq:
                 self.objects.delete(f"{self.base}/log/{name}")
                 deleted += 1
         return deleted

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import pyarrow.fs as pafs
 
@@ -85,9 +86,41 @@ class ObjectStore:
         with self.fs.open_output_stream(path) as f:  # one PUT
             f.write(data)
 
-    def read(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
+    def create(self, path: str, data: bytes) -> bool:
+        """Write ``data`` at ``path`` only if nothing is there; True if this
+        call created it.  Exclusive on a local disk (``O_EXCL``); on object
+        stores ``pyarrow.fs`` offers no conditional PUT, so there it is a check
+        then a write, and two racing creators can both believe they won."""
+        if self.local:
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        if self.exists(path):
+            return False
+        self.write(path, data)
+        return True
+
+    def read(self, path: str, attempts: int = 3) -> bytes:
+        """The whole object; transient errors are retried (a missing object is not)."""
+        for i in range(attempts):
+            try:
+                with self.fs.open_input_stream(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                raise
+            except OSError:
+                if i == attempts - 1:
+                    raise
+                time.sleep(0.2 * 4 ** i)
+        raise AssertionError("unreachable")
 
     def list(self, folder: str) -> list[str]:
         """Names (not paths) of the files directly in ``folder``; [] if none."""

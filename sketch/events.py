@@ -61,8 +61,11 @@ class IngestReport:
             sample = {"row": int(i) + row_offset, "reason": message or REASONS[reason]}
             if value_of is not None:
                 v = value_of(int(i))
-                sample["value"] = v if v is None or isinstance(v, (int, str)) else (
-                    float(v) if isinstance(v, (float, np.floating)) else str(v))
+                if isinstance(v, (float, np.floating)):
+                    v = float(v) if math.isfinite(v) else str(float(v))  # JSON has no inf or nan
+                elif isinstance(v, str):
+                    v = v[:200]
+                sample["value"] = v if v is None or isinstance(v, (int, float, str)) else str(v)[:200]
             self.samples.append(sample)
 
     def add(self, other: "IngestReport") -> "IngestReport":
@@ -103,6 +106,14 @@ class Batch:
         cuts = np.searchsorted(s[order], np.arange(1, shards))
         parts = np.split(order, cuts)
         return [Batch(self.key_names, self.key_index[ix], self.bucket[ix], self.coupon[ix]) for ix in parts]
+
+    def within(self, p: int, ranges: list[tuple[int, int]]) -> "Batch":
+        """The events whose register (at precision ``p``) lies in one of ``ranges``."""
+        reg = coupon_register(self.coupon, p)
+        keep = np.zeros(len(reg), bool)
+        for lo, hi in ranges:
+            keep |= (reg >= lo) & (reg < hi)
+        return Batch(self.key_names, self.key_index[keep], self.bucket[keep], self.coupon[keep])
 
     def compact(self) -> "Batch":
         """The same batch with only the key names it uses (per-shard parts of a
@@ -203,11 +214,11 @@ def prepare(ts, keys, *, visitors=None, hashes=None, now: float, bucket_seconds:
 
     w = bucket_seconds
     now_b = math.floor(now / w)
-    with np.errstate(invalid="ignore"):
-        bucket = np.floor(np.where(np.isnan(ts), 0, ts) / w).astype(np.int64)
+    # clipped first: a time far outside any retention (even infinite) is a rejected row, never an overflow
+    bucket = np.floor(np.clip(np.where(np.isnan(ts), 0, ts), -1.0, 2.0 ** 40) / w).astype(np.int64)
     oldest = now_b - retention_buckets + 1
-    reject("expired", bucket < oldest, lambda r: ts[r], f"older than the {span(retention_buckets * w, True)} retention")
     reject("future", ts > now + future_seconds, lambda r: ts[r], f"more than {future_seconds} s in the future")
+    reject("expired", bucket < oldest, lambda r: ts[r], f"older than the {span(retention_buckets * w, True)} retention")
 
     rows = np.flatnonzero(ok)
     if hashes is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -84,12 +85,13 @@ def parse_ts(arr: pa.Array | pa.ChunkedArray, unit: str = "auto") -> tuple[np.nd
     t = arr.type
     if pa.types.is_null(t):
         return np.full(n, np.nan), np.zeros(n, bool)
-    if pa.types.is_timestamp(t):
-        ns = arr.cast(pa.timestamp("ns", tz=t.tz)).cast(pa.int64())
-        return ns.to_numpy(zero_copy_only=False).astype(np.float64) * 1e-9, np.zeros(n, bool)
+    if pa.types.is_timestamp(t):  # in its own unit: no cast that could overflow a far-off date
+        v = arr.view(pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        return v * UNITS[t.unit], np.zeros(n, bool)
     if pa.types.is_date(t):
-        s = arr.cast(pa.timestamp("s")).cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64)
-        return s, np.zeros(n, bool)
+        days = arr.cast(pa.int32()) if pa.types.is_date32(t) else arr.cast(pa.int64())
+        v = days.to_numpy(zero_copy_only=False).astype(np.float64)
+        return v * (86400.0 if pa.types.is_date32(t) else 1e-3), np.zeros(n, bool)
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
         v = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
         bad = ~np.isfinite(v) & np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), bool)
@@ -125,18 +127,49 @@ def normalise(rb: pa.RecordBatch | pa.Table, cols: dict[str, str], where: str) -
     return pa.table({std: rb.column(c) for std, c in cols.items()})
 
 
+def canonical(value):
+    """A JSON scalar as the string every path makes of it (an integer in
+    decimal, whether it came as ``7`` or ``7.0``; another number as Python
+    writes it; a string as it is); None for what cannot name a visitor, key
+    or time (objects, arrays, booleans, non-finite numbers)."""
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value.is_integer() and abs(value) < 2 ** 63 else repr(value)
+    return str(value)
+
+
+def _read_the_same(t: pa.Table, cols: dict[str, str]) -> bool:
+    """Whether Arrow's reader typed the columns so that every path reads them
+    alike: keys and visitors as strings or 64-bit integers (a double may
+    have rounded a large integer, a struct or list is not an id), times also
+    as doubles."""
+    for std, c in cols.items():
+        typ = t.column(c).type
+        ok = pa.types.is_string(typ) or pa.types.is_int64(typ) or pa.types.is_null(typ) or \
+            (std == "ts" and pa.types.is_float64(typ))
+        if not ok:
+            return False
+    return True
+
+
 def json_lines(chunk: bytes, uri: str, cols: dict[str, str], row: int):
     """One block of JSON lines: Arrow's reader when the block is well formed
-    and consistently typed, else line by line (bad lines are reported)."""
+    and its columns come out as plain scalars, else line by line (bad lines
+    are reported, values made ``canonical``)."""
     lines = chunk.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     try:
         if any(not ln.strip() for ln in lines):
             raise pa.ArrowInvalid("blank line")
-        t = pajson.read_json(io.BytesIO(chunk), parse_options=pajson.ParseOptions(unexpected_field_behavior="infer"))
-        yield normalise(_fill_absent(t, cols), cols, uri), row, []
-        return
+        t = _fill_absent(pajson.read_json(io.BytesIO(chunk), parse_options=pajson.ParseOptions(
+            unexpected_field_behavior="infer")), cols)
+        if _read_the_same(t, cols):
+            yield normalise(t, cols, uri), row, []
+            return
     except pa.ArrowInvalid:
         pass
     values = {c: [] for c in cols.values()}
@@ -146,12 +179,11 @@ def json_lines(chunk: bytes, uri: str, cols: dict[str, str], row: int):
             obj = json.loads(ln)
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (ValueError, RecursionError):
             malformed.append(i)
             obj = {}
         for c in cols.values():
-            v = obj.get(c)
-            values[c].append(None if v is None or isinstance(v, (dict, list, bool)) else str(v))
+            values[c].append(canonical(obj.get(c)))
     t = pa.table({c: pa.array(v, pa.string()) for c, v in values.items()})
     yield normalise(t, cols, uri), row, malformed
 

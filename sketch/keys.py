@@ -34,6 +34,22 @@ class KeyTable:
             out[i] = k
         return out
 
+    def drop(self, ids) -> int:
+        """Forget the keys ``ids`` (none of their rows is left); their ids are
+        never handed out again.  Returns how many were dropped."""
+        n = 0
+        for i in ids:
+            i = int(i)
+            if i != ALL_KEY and 0 < i < len(self.names) and self.names[i] is not None:
+                del self._ids[self.names[i]]
+                self.names[i] = None
+                n += 1
+        return n
+
+    def live(self) -> int:
+        """Keys held (the site-wide key included)."""
+        return len(self._ids) - 1  # None and "*" both name the site-wide key
+
     def lookup(self, names) -> tuple[np.ndarray, np.ndarray]:
         """(the distinct ids of the known ``names``, sorted; for each name the
         index of its id there, or ``len(ids)`` for a name never seen)."""

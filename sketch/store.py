@@ -42,7 +42,7 @@ from .hll import RegisterRange
 from .keys import ALL_KEY, KeyTable
 from .memtable import Memtable
 from .rollup import Rollups
-from .rows import merge, rows_from_events, split_by_node
+from .rows import code_keys, merge, rows_from_events, split_by_node
 from .tiers import Node, Tiers
 
 __all__ = ["ShardStore", "SketchConfig", "ALL_KEY"]
@@ -119,8 +119,15 @@ class ShardStore:
         return self._rollups.maintain(self.max_bucket + 1 - self.config.lateness_buckets, max_seconds)
 
     def expire(self, now: float) -> int:
-        """Drop every node entirely older than the retention window; returns how many."""
-        return self.tiers.expire(self.config.oldest_bucket(now))
+        """Drop every node entirely older than the retention window, and the
+        keys left with no rows; returns how many nodes were dropped."""
+        dropped = self.tiers.expire(self.config.oldest_bucket(now))
+        if dropped:
+            held = [self.memtable.columns()[0].astype(np.int64)]
+            for node in self.tiers.nodes():
+                held += [code_keys(t.code) for _, t in node.parts()]
+            self.keys.drop(np.setdiff1d(np.arange(1, len(self.keys)), np.concatenate(held)))
+        return dropped
 
     # ================================================================ queries
     def query(self, key_names, b0: int, b1: int):
@@ -149,15 +156,18 @@ class ShardStore:
             return np.zeros(self.rr.R, np.uint8)
         return cover.gather(self.tiers, self.memtable, self.rr, ids, b0, b1).registers(self.rr)[0]
 
-    def key_impressions(self, b0: int, b1: int, prefix: str = "") -> tuple[list, np.ndarray]:
-        """(key names, impressions on this shard over ``[b0, b1)``) of every key
-        with impressions there whose name starts with ``prefix`` (site-wide excluded)."""
+    def key_impressions(self, b0: int, b1: int, prefix: str = "", limit: int | None = None) -> tuple[list, np.ndarray]:
+        """(key names, impressions on this shard over ``[b0, b1)``) of the keys
+        with impressions there whose name starts with ``prefix`` (site-wide
+        excluded): all of them, or the ``limit`` with the most."""
         totals = cover.impressions_by_key(self.tiers, self.memtable, len(self.keys), b0, b1)
         totals[ALL_KEY] = 0  # the site-wide key is not a key to pick
         ids = np.flatnonzero(totals)
         names = self.keys.names
         if prefix:
             ids = np.array([i for i in ids if names[i].startswith(prefix)], np.int64)
+        if limit is not None and len(ids) > limit:
+            ids = ids[np.argsort(-totals[ids], kind="stable")[:limit]]
         return [names[i] for i in ids], totals[ids]
 
     # ================================================================ nodes
@@ -193,7 +203,7 @@ class ShardStore:
         for n in tiers.upper.values():
             rollup += n.table.nbytes
             rollup_rows += len(n.table)
-        return {"keys": len(self.keys), "events": self.events, "memtable_rows": len(self.memtable),
+        return {"keys": self.keys.live(), "events": self.events, "memtable_rows": len(self.memtable),
                 "slots": len(tiers.slots), "upper_nodes": len(tiers.upper), "summaries": len(tiers.summaries),
                 "base_rows": base_rows, "rollup_rows": rollup_rows, "base_bytes": base, "rollup_bytes": rollup,
                 "summary_bytes": sum(n.table.nbytes for n in tiers.summaries.values())}

@@ -128,3 +128,18 @@ def s3_server():
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def stream_small():
+    """A day of events on 20 keys as one validated batch, and the in-process reference holding them."""
+    from cluster.workload import generate
+    from sketch.counter import LocalCounter
+    from sketch.events import prepare
+    from tests.test_coordinator import NOW, SK
+    t = generate(20_000, days=1, visitors=8_000, keys=20, seed=9, end=NOW)
+    batch, _ = prepare(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW, bucket_seconds=60,
+                       retention_buckets=SK.retention_buckets, future_seconds=SK.future_seconds)
+    ref = LocalCounter(SK)
+    ref.ingest(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW)
+    return batch, ref

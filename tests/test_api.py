@@ -33,7 +33,7 @@ def api(ray_cluster, tmp_path_factory):
                         storage=f"file://{tmp_path_factory.mktemp('api-store')}")
     ensure_actors(cfg)
     port = free_port()
-    url = start(ns, port=port, api_keys=KEYS, max_body=200_000, name="api-test")
+    url = start(ns, port=port, api_keys=KEYS, max_body=200_000, name="api-test", failed_auth_per_minute=10_000)
     wait_for(lambda: _ok(url + "/healthz"), timeout=60, what="the REST app")
     with httpx.Client(base_url=url, timeout=30) as client:
         yield client
@@ -152,6 +152,18 @@ def test_every_bad_input_is_a_4xx_with_a_message_and_changes_nothing(api):
     assert counts(after) == counts(before)
 
 
+def test_idempotency_key_through_serve(api):
+    now = time.time()
+    body = [{"ts": now, "key": "ad-idem", "visitor": f"i{i}"} for i in range(40)]
+    first = api.post("/v1/events", json=body, headers={**W, "Idempotency-Key": "serve-1"})
+    again = api.post("/v1/events", json=body, headers={**W, "Idempotency-Key": "serve-1"})
+    assert first.status_code == again.status_code == 200 and first.json() == again.json()
+    r = api.get("/v1/unique", params={"key": "ad-idem", "last": "15m"}, headers=R).json()
+    assert (r["unique_visitors"], r["impressions"]) == (40, 40)
+    clash = api.post("/v1/events", json=body[:5], headers={**W, "Idempotency-Key": "serve-1"})
+    assert clash.status_code == 409
+
+
 def test_metrics_reach_prometheus(api):
     api.get("/v1/unique", params={"last": "15m"}, headers=R)
     port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
@@ -197,7 +209,9 @@ def test_readme_curl_examples_work(api):
     assert len(commands) >= 4
     for c in commands:
         c = c.replace("http://127.0.0.1:8000", str(api.base_url)).replace("$READ_KEY", "reader").replace(
-            "$WRITE_KEY", "writer").replace("$(date +%s)", str(int(time.time())))
-        out = subprocess.run(shlex.split(c) + ["--silent", "--show-error", "--fail"], capture_output=True, text=True)
-        assert out.returncode == 0, (c, out.stderr)
+            "$WRITE_KEY", "writer").replace("$(date +%s%N)", str(time.time_ns())).replace(
+            "$(date +%s)", str(int(time.time())))
+        out = subprocess.run(shlex.split(c) + ["--silent", "--show-error", "--fail-with-body"], capture_output=True,
+                             text=True)
+        assert out.returncode == 0, (c, out.stderr, out.stdout)
         json.loads(out.stdout)

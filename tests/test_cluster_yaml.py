@@ -54,3 +54,19 @@ def test_the_commands_it_runs_exist_here():
         assert path.exists() or (ROOT / (local + ".example")).exists(), f"file_mounts source {local} missing"
     example = (ROOT / "impressions.env.example").read_text()
     assert "IMPRESSIONS_STORAGE=s3://" in example and "IMPRESSIONS_API_KEYS=" in example
+
+
+def test_safe_by_default():
+    cfg = _config()
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0:8265" not in head
+    example = (ROOT / "impressions.env.example").read_text()
+    assert "RAY_AUTH_MODE=token" in example and "RAY_AUTH_TOKEN=" in example
+    from cluster.config import placeholder_secrets
+    env = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
+    assert placeholder_secrets(env) == ["IMPRESSIONS_API_KEYS", "RAY_AUTH_TOKEN"]  # refused until replaced
+    import pytest
+
+    from api.auth import parse_api_keys
+    with pytest.raises(ValueError, match="placeholder"):
+        parse_api_keys(env["IMPRESSIONS_API_KEYS"])

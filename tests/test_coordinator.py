@@ -17,6 +17,7 @@ from actors.sender import Sender
 from actors.shard import ShardActor
 from cluster.config import ClusterConfig
 from cluster.workload import generate
+from durable.layout import ShardStorage
 from sketch.counter import LocalCounter
 from sketch.events import prepare
 from sketch.store import SketchConfig
@@ -48,9 +49,9 @@ class FaultyShard(ShardActor):
         self._fault("export")
         return super().export()
 
-    def ping(self):
-        self._fault("ping")
-        return super().ping()
+    def checkpoint(self):
+        self._fault("checkpoint")
+        return super().checkpoint()
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +76,8 @@ def _cluster(tmp_path, shards=2):
     storage = f"file://{tmp_path}/store"
     cfg = ClusterConfig(sketch=SK, shards=shards, storage=storage, maintain_interval_s=3600,
                         checkpoint_interval_s=3600, query_timeout_s=5)
-    runtime = LocalRuntime(lambda i, n, seed_from, *states: FaultyShard(SK, i, n, storage, None, seed_from, *states))
+    runtime = LocalRuntime(lambda i, layout, seed_from, *states: FaultyShard(
+        SK, i, layout.shards, ShardStorage(storage, None, layout.cluster_id, layout.folder), seed_from, *states))
     coord = Coordinator(cfg, runtime)
     coord.start()
     return coord, runtime
@@ -83,8 +85,9 @@ def _cluster(tmp_path, shards=2):
 
 def _ingest(coord, runtime, batch, parts=4):
     sender = Sender(runtime, coord.route, SK.p, max_inflight=2)
-    for ix in np.array_split(np.arange(len(batch)), parts):
-        sender.send(type(batch)(batch.key_names, batch.key_index[ix], batch.bucket[ix], batch.coupon[ix]))
+    for n, ix in enumerate(np.array_split(np.arange(len(batch)), parts)):
+        sender.send(type(batch)(batch.key_names, batch.key_index[ix], batch.bucket[ix], batch.coupon[ix]),
+                    f"part-{n}", 3600)
     sender.drain()
     return sender
 
@@ -123,19 +126,19 @@ def test_rescale_two_four_one_keeps_every_answer_and_ingest_goes_on(tmp_path, st
     rest = type(batch)(batch.key_names, batch.key_index[half:], batch.bucket[half:], batch.coupon[half:])
     coord, runtime = _cluster(tmp_path)
     sender = Sender(runtime, coord.route, SK.p, max_inflight=2)
-    sender.send(first)
+    sender.send(first, "first", 3600)
     sender.drain()
     assert coord.rescale(4)["epoch"] == 1 and _layout(tmp_path)["shards"] == 4
-    sender.send(rest)  # cut for the old map: refused by the retired shards, cut again for the new one
+    sender.send(rest, "rest", 3600)  # cut for the old map: refused by the retired shards, cut again for the new one
     sender.drain()
     _assert_equal(coord, ref)
     assert coord.rescale(1)["epoch"] == 2 and _layout(tmp_path)["epoch"] == 2
     coord.maintain()
     _assert_equal(coord, ref)
-    assert not (tmp_path / "store" / "shards-2").exists() and not (tmp_path / "store" / "shards-4").exists()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir() if p.is_dir()) == ["epoch-2"]
 
 
-@pytest.mark.parametrize("step", ["seal", "export", "init", "ping"])
+@pytest.mark.parametrize("step", ["seal", "export", "init", "checkpoint"])
 def test_a_failed_rescale_rolls_back_at_every_step(tmp_path, stream, step):
     batch, ref = stream
     coord, runtime = _cluster(tmp_path)
@@ -146,7 +149,7 @@ def test_a_failed_rescale_rolls_back_at_every_step(tmp_path, stream, step):
         coord.rescale(4)
     # nothing switched: same map, same layout, no trace of the abandoned one
     assert coord.route() == before and _layout(tmp_path)["shards"] == 2 and _layout(tmp_path)["epoch"] == 0
-    assert not (tmp_path / "store" / "shards-4").exists()
+    assert not (tmp_path / "store" / "epoch-1").exists() and not (tmp_path / "store" / "rescale.json").exists()
     assert any("rolled back" in e for e in coord.events)
     # the old shards take batches again and answer as before
     assert not any(h.actor.sealed for h in before[1])
