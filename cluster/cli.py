@@ -42,9 +42,22 @@ def _ray(*args: str) -> subprocess.CompletedProcess:
 def cmd_up(a) -> int:
     import ray
 
+    from api.auth import parse_api_keys
     from cluster.bootstrap import ClusterNotRunning, connect, ensure_actors
-    from cluster.config import ClusterConfig
+    from cluster.config import ClusterConfig, placeholder_secrets
     from cluster.serve import start as start_api
+    # refused before anything starts: the example file's placeholders, or a public port without keys
+    stale = placeholder_secrets()
+    if stale:
+        print(f"impressions: {' and '.join(stale)} still hold the example file's placeholders; set real secrets",
+              file=sys.stderr)
+        return 2
+    env_cfg = ClusterConfig.from_env(namespace=a.namespace)
+    parse_api_keys(env_cfg.api_keys)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not env_cfg.api_keys:
+        print(f"impressions: --host {a.host} would open the REST API beyond this machine without API keys; set "
+              f"IMPRESSIONS_API_KEYS (key:read,key2:write) first", file=sys.stderr)
+        return 2
     started = False
     try:
         how = connect(a.address, start_local=False)
@@ -58,19 +71,6 @@ def cmd_up(a) -> int:
             return 1
         started = True
         how = connect(None, start_local=False)
-    from cluster.config import placeholder_secrets
-    stale = placeholder_secrets()
-    if stale:
-        print(f"impressions: {' and '.join(stale)} still hold the example file's placeholders; set real secrets",
-              file=sys.stderr)
-        return 2
-    env_cfg = ClusterConfig.from_env(namespace=a.namespace)
-    from api.auth import parse_api_keys
-    parse_api_keys(env_cfg.api_keys)  # placeholder or malformed keys: refused here, before anything starts
-    if a.host not in ("127.0.0.1", "localhost", "::1") and not env_cfg.api_keys:
-        print(f"impressions: --host {a.host} would open the REST API beyond this machine without API keys; set "
-              f"IMPRESSIONS_API_KEYS (key:read,key2:write) first", file=sys.stderr)
-        return 2
     coord = ensure_actors(env_cfg)
     cfg = ray.get(coord.cluster_config.remote())
     url = start_api(cfg.namespace, host=a.host, port=a.port, api_keys=env_cfg.api_keys)

@@ -40,3 +40,28 @@ def test_clear_messages(ray_cluster, capsys):
     assert main(["--namespace", "nothing-here", "query", "--last", "1h"]) == 2
     assert "no impressions cluster in Ray namespace 'nothing-here'" in capsys.readouterr().err
     assert main(["--namespace", "nothing-here", "status"]) == 2
+
+
+def test_a_local_folder_store_is_refused_on_a_cluster_of_several_nodes(monkeypatch):
+    import ray
+
+    from cluster.bootstrap import ClusterNotRunning, check_storage_reach
+    from cluster.config import ClusterConfig
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    import pytest
+    with pytest.raises(ClusterNotRunning, match="2 nodes but the storage file:///data is a local folder"):
+        check_storage_reach(ClusterConfig(storage="file:///data"))
+    check_storage_reach(ClusterConfig(storage="s3://bucket/prefix"))  # an object store every node reaches
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    check_storage_reach(ClusterConfig(storage="file:///data"))  # one node: its own disk is the store
+
+
+def test_up_beyond_loopback_needs_keys_and_refuses_placeholders(monkeypatch, capsys):
+    from cluster.cli import main
+    monkeypatch.delenv("IMPRESSIONS_API_KEYS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert main(["up", "--host", "0.0.0.0"]) == 2
+    assert "without API keys" in capsys.readouterr().err
+    monkeypatch.setenv("IMPRESSIONS_API_KEYS", "change-me-read:read")
+    assert main(["up", "--host", "0.0.0.0"]) == 2
+    assert "placeholders" in capsys.readouterr().err
