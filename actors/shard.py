@@ -38,10 +38,12 @@ import pyarrow as pa
 
 from durable.journal import CorruptObject, Fenced, ShardJournal
 from durable.layout import ShardStorage, read_layout
+from sketch import sealed
 from sketch.arrowio import StateError, node_batches, nodes_from_batches, store_from_batches, store_to_batches
 from sketch.events import Batch
 from sketch.reshard import reshard
 from sketch.store import ShardStore, SketchConfig
+from sketch.tiers import Slot, TableNode
 
 from .applied import AppliedBatches
 from .runtime import ShardUnavailable
@@ -62,9 +64,10 @@ class ShardActor:
     (old index, old count), ``seed_states`` holds each one's ``export()``."""
 
     def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage: ShardStorage | None = None,
-                 seed_from=(), *seed_states):
+                 block_cache_mb: float = 32.0, seed_from=(), *seed_states):
         self.sketch, self.shard_index, self.shards = sketch, shard, shards
         self.storage = storage
+        sealed.CACHE.budget = int(block_cache_mb * (1 << 20))
         self.started = time.time()
         self.applied_batches = 0
         self.checkpointed_at: float | None = None
@@ -83,8 +86,9 @@ class ShardActor:
         self.applied = AppliedBatches()
         self.seq = 0  # last log entry applied
         self.manifest = 0
-        self.written: dict = {}  # node (kind, level, number) -> (version written, object name, bytes)
+        self.written: dict = {}  # node (kind, level, number) -> (version written, manifest entry)
         self.applied_written: dict[int, str] = {}  # hour group -> object name
+        self.keys_written: dict[int, str] = {}  # key chunk -> object name
         self.sealed = False
         self.recovery: dict = {"manifest": None, "fallbacks": [], "replayed": 0, "incarnation": None}
         self.journal = None
@@ -123,16 +127,16 @@ class ShardActor:
             try:
                 body = self.journal.read_manifest(number)
                 store = ShardStore(self.sketch, self.shard_index, self.shards)
-                nodes = []
-                for entry in body["nodes"]:
-                    nodes += nodes_from_batches(self.journal.read_node(entry["object"]), store)[0]
+                for entry in body.get("keys", []):  # ids first: sealed files hold ids, not names
+                    store.keys.load_chunk(self.journal.read_keys(entry["object"]))
+                nodes = [self._load_node(entry, store) for entry in body["nodes"]]
                 applied = AppliedBatches()
                 for entry in body.get("applied", []):
                     applied.load_group(self.journal.read_applied(entry["object"]))
                 store.install(nodes, max_bucket=body["max_bucket"], events=body["events"])
                 self.store, self.applied, self.manifest = store, applied, number
                 break
-            except (CorruptObject, StateError, OSError, KeyError, ValueError) as e:
+            except (CorruptObject, StateError, sealed.SealedError, OSError, KeyError, ValueError) as e:
                 self.recovery["fallbacks"].append(f"manifest {number}: {e}")
                 body = None
         if numbers and body is None:
@@ -154,6 +158,37 @@ class ShardActor:
                                     float(meta.get(b"at", b"0")), float(meta.get(b"expires", b"0")))
             self.recovery["replayed"] += 1
             self.seq = seq
+
+    def _open_sealed(self, name: str) -> "sealed.SealedFile":
+        """A sealed node's file, mapped from this machine (fetched first from a remote store); a
+        local copy that does not read as written is dropped and fetched again, once."""
+        cache = self.storage.cache_dir
+        for attempt in range(2):
+            path = self.journal.local_path(name, cache)
+            try:
+                return sealed.SealedFile(path, self.store.rr.R, self._sealed_header(), name)
+            except sealed.SealedError:
+                if attempt or self.journal.objects.local:
+                    raise
+                self.journal.evict(name, cache)
+        raise AssertionError("unreachable")
+
+    def _sealed_header(self) -> dict:
+        return dict(self.sketch.identity(), shard=self.shard_index, shards=self.shards)
+
+    def _load_node(self, entry: dict, store: ShardStore):
+        """A node of a manifest: its sealed file, mapped, and/or its object, loaded."""
+        runs, tables = (), None
+        if entry.get("object"):
+            (loaded,), _ = nodes_from_batches(self.journal.read_node(entry["object"]), store)
+            if not entry.get("sealed"):
+                return loaded
+            runs = loaded.runs if isinstance(loaded, Slot) else ()
+        f = self._open_sealed(entry["sealed"])
+        if entry["role"] == "slot":
+            tables = [f.table(0, lvl) for lvl in range(entry["level"] + 1)]
+            return Slot(entry["level"], entry["node"], tuple(tables), tuple(runs), sealed=f)
+        return TableNode(entry["role"], entry["level"], entry["node"], f.table(0, entry["level"]), sealed=f)
 
     def _seed_from(self, seed_from: list, seed_states) -> None:
         """Start a new layout from slices of the old shards' states."""
@@ -234,9 +269,11 @@ class ShardActor:
         for entry in body["nodes"]:
             k = (entry["role"], entry["level"], entry["node"])
             if k in loaded:
-                self.written[k] = (loaded[k].version, entry["object"], entry["bytes"])
+                self.written[k] = (loaded[k].version, entry)
         self.applied_written = {int(e["group"]): e["object"] for e in body.get("applied", [])}
+        self.keys_written = {int(e["chunk"]): e["object"] for e in body.get("keys", [])}
         self.applied.changed.clear()
+        self.store.keys.changed.clear()
 
     def checkpoint(self) -> dict:
         """Write what changed since the last checkpoint, then a manifest."""
@@ -252,20 +289,41 @@ class ShardActor:
             self.unavailable = str(e)
             raise ShardUnavailable(str(e)) from None
 
+    def _entry(self, node) -> tuple[dict, int]:
+        """A node's manifest entry, writing what it needs; returns (entry, bytes written)."""
+        k = self._ident(node)
+        entry = {"role": k[0], "level": k[1], "node": k[2], "object": None, "bytes": 0}
+        wrote = 0
+        if node.sealed is not None:
+            entry["sealed"], entry["sealed_bytes"] = node.sealed.name, node.sealed.size
+            if isinstance(node, Slot) and node.runs:  # late events on a sealed slot: only they go in an object
+                runs_only = Slot(node.level, node.node, None, node.runs)
+                entry["object"], entry["bytes"] = self.journal.write_node(node_batches(self.store, runs_only))
+                wrote = entry["bytes"]
+        else:
+            entry["object"], entry["bytes"] = self.journal.write_node(node_batches(self.store, node))
+            wrote = entry["bytes"]
+        return entry, wrote
+
     def _write_checkpoint(self, t0: float) -> dict:
         nodes, written, wbytes, n_written = [], {}, 0, 0
         for node in self.store.nodes():
             k = self._ident(node)
             old = self.written.get(k)
             if old is not None and old[0] == node.version:
-                name, size = old[1], old[2]
+                entry = old[1]
             else:
-                name, size = self.journal.write_node(node_batches(self.store, node))
-                wbytes += size
-                n_written += 1
-            written[k] = (node.version, name, size)
-            nodes.append({"role": k[0], "level": k[1], "node": k[2], "object": name, "bytes": size})
+                entry, wrote = self._entry(node)
+                wbytes += wrote
+                n_written += bool(wrote)
+            written[k] = (node.version, entry)
+            nodes.append(entry)
         self.written = written
+        keys = self.store.keys
+        for c in keys.chunks():
+            if c in keys.changed or c not in self.keys_written:
+                self.keys_written[c] = self.journal.write_keys(keys.chunk_table(c))
+        keys.changed.clear()
         self.applied.expire(time.time())
         for g in list(self.applied.changed) + [g for g in self.applied.groups() if g not in self.applied_written]:
             if g in self.applied.groups():
@@ -276,15 +334,38 @@ class ShardActor:
         number = self.journal.write_manifest({
             "shard": self.shard_index, "shards": self.shards, "log_seq": self.seq,
             "max_bucket": self.store.max_bucket, "events": self.store.events, "nodes": nodes,
+            "keys": [{"chunk": c, "object": o} for c, o in sorted(self.keys_written.items())],
             "applied": [{"group": g, "object": o} for g, o in sorted(self.applied_written.items())],
             "sketch": self.sketch.identity(), "time": time.time()})
         self.manifest = number
         self.checkpointed_at = time.time()
-        deleted = self.journal.collect_garbage()
+        deleted = self.journal.collect_garbage(self.storage.cache_dir)
         return {"shard": self.shard_index, "manifest": number, "log_seq": self.seq, "nodes": len(nodes),
                 "nodes_written": n_written, "bytes_written": wbytes,
-                "bytes_total": sum(n["bytes"] for n in nodes), "deleted": deleted,
+                "bytes_total": sum(n["bytes"] + n.get("sealed_bytes", 0) for n in nodes), "deleted": deleted,
                 "seconds": round(time.perf_counter() - t0, 4)}
+
+    def seal_nodes(self, max_seconds: float | None = None) -> int:
+        """Write the nodes that will not change again as sealed files and read
+        them from there (the heap keeps only the open part of time); returns
+        how many were sealed.  Without storage nothing is sealed."""
+        if self.journal is None:
+            return 0
+        deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+        n = 0
+        for node in self.store.sealable():
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            data = sealed.encode(node.parts(), self.store.rr.R, dict(self._sealed_header(), kind=node.kind,
+                                                                          level=node.level, node=node.node))
+            name, size = self.journal.write_sealed(data)
+            new = self.store.seal(node, self._open_sealed(name))
+            if new is not None:
+                entry = {"role": node.kind, "level": node.level, "node": node.node, "object": None, "bytes": 0,
+                         "sealed": name, "sealed_bytes": size}
+                self.written[self._ident(new)] = (new.version, entry)
+                n += 1
+        return n
 
     # ------------------------------------------------------------ re-sharding
     def seal(self) -> int:
@@ -336,14 +417,23 @@ class ShardActor:
 
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
         """A slice of upkeep: fold runs, build rollups, drop what ``now`` puts
-        beyond the retention; an unavailable shard tries to start again."""
+        beyond the retention, seal what will not change again; an unavailable
+        shard tries to start again."""
         if self.unavailable is not None:
             if time.time() - self._tried >= RETRY_START_S:
                 self._start()
             return False
         if now is not None:
             self.applied.expire(now)
-        return self.store.maintain(now, max_seconds)
+        t0 = time.perf_counter()
+        done = self.store.maintain(now, max_seconds)
+        left = None if max_seconds is None else max(0.0, max_seconds - (time.perf_counter() - t0))
+        if done and (left is None or left > 0):
+            try:
+                self.seal_nodes(left)
+            except (OSError, CorruptObject) as e:  # the store is away: the nodes stay on the heap until next time
+                log.warning("shard %d could not seal: %s", self.shard_index, e)
+        return done and not self.store.sealable() if self.journal is not None else done
 
     def flush(self) -> None:
         self._usable()

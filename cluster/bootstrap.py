@@ -15,6 +15,7 @@ ones by name.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 import ray
@@ -93,13 +94,14 @@ class RayRuntime:
         cfg = self.config
         if cfg is None:
             raise RuntimeError("this RayRuntime has no cluster configuration: it cannot create shards")
-        storage = ShardStorage(cfg.storage, cfg.s3_endpoint, layout.cluster_id, layout.folder) if cfg.storage \
-            else None
+        storage = ShardStorage(cfg.storage, cfg.s3_endpoint, layout.cluster_id, layout.folder,
+                               cfg.cache_dir or os.path.join(tempfile.gettempdir(), "impressions-cache",
+                                                             layout.cluster_id)) if cfg.storage else None
         # the old shards' exports are top-level arguments, so Ray hands the shard their values
         return ray.remote(ShardActor).options(
             name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
             num_cpus=cfg.shard_cpus, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
-            max_concurrency=1).remote(layout.sketch, index, layout.shards, storage,
+            max_concurrency=1).remote(layout.sketch, index, layout.shards, storage, cfg.block_cache_mb,
                                       [(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds])
 
     def find_shard(self, index: int, layout):

@@ -5,7 +5,9 @@ Layout of one shard's folder (``layout``: ``<layout folder>/shard-<i>``)::
     incarnation-<k>             one marker per start of the shard (fencing, below)
     log/<seq>-<k>-<sha>.arrow   one ingest batch per object, in apply order, written by incarnation k
     nodes/<sha>.arrow           one stored node (slot, upper node, summary)
+    nodes/<sha>.arrow           or a sealed node's file (``sketch.sealed``), which shards map
     applied/<sha>.arrow         one hour's records of applied batch ids (exactly-once)
+    keys/<sha>.arrow            one chunk of the key table (ids stable for the shard's life)
     manifest-<n>.json           a checkpoint: which objects, up to which log entry
     SEALED                      the layout was left behind by a re-sharding
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import struct
 
@@ -201,6 +204,52 @@ class ShardJournal:
     def read_node(self, name: str) -> list[pa.RecordBatch]:
         return batches_from_bytes(self._read_object("nodes", name))
 
+    def write_sealed(self, data: bytes) -> tuple[str, int]:
+        """A sealed node's file (``sketch.sealed``): a node object like any other."""
+        return self._write_object("nodes", data), len(data)
+
+    def local_path(self, name: str, cache_dir: str | None) -> str:
+        """A path on this machine holding node object ``name``, to map: the
+        object itself on a local store; else a copy in ``cache_dir``, fetched
+        when missing and checked against its name before it is used."""
+        src = f"{self.base}/nodes/{name}"
+        if self.objects.local:
+            return src
+        if not cache_dir:
+            raise ValueError("a remote store needs a local cache folder for sealed files")
+        folder = os.path.join(cache_dir, *self.base.strip("/").split("/")[-2:])
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+        data = self.objects.read(src)
+        if sha(data) != _NODE_RE.match(name).group(1):
+            raise CorruptObject(f"checkpoint object {name} does not match its checksum")
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # a new file: a copy some process maps is never written over
+        return path
+
+    def evict(self, name: str, cache_dir: str | None) -> None:
+        """Drop the local copy of a node object (damaged, or no longer needed)."""
+        if self.objects.local or not cache_dir:
+            return
+        path = os.path.join(cache_dir, *self.base.strip("/").split("/")[-2:], name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def write_keys(self, table: pa.Table) -> str:
+        """One chunk of the shard's key table."""
+        return self._write_object("keys", batches_to_bytes(table.to_batches() or [
+            pa.RecordBatch.from_pylist([], schema=table.schema)]))
+
+    def read_keys(self, name: str) -> pa.Table:
+        batches = batches_from_bytes(self._read_object("keys", name))
+        return pa.Table.from_batches(batches).replace_schema_metadata(batches[0].schema.metadata)
+
     def write_applied(self, table: pa.Table) -> str:
         return self._write_object("applied", batches_to_bytes(table.to_batches() or [
             pa.RecordBatch.from_pylist([], schema=table.schema)]))
@@ -233,8 +282,9 @@ class ShardJournal:
             raise CorruptObject(f"manifest {number} does not match its checksum")
         return body
 
-    def collect_garbage(self) -> int:
-        """Delete what the two newest manifests do not need; returns objects deleted."""
+    def collect_garbage(self, cache_dir: str | None = None) -> int:
+        """Delete what the two newest manifests do not need (and local copies of
+        it in ``cache_dir``); returns objects deleted."""
         self.check_current()
         numbers = self.manifests()
         if len(numbers) <= KEEP_MANIFESTS:
@@ -246,17 +296,19 @@ class ShardJournal:
                 bodies.append(self.read_manifest(n))
             except (CorruptObject, OSError):
                 return 0  # never delete on the word of a manifest we cannot read
-        live = {entry["object"] for b in bodies for entry in b["nodes"]} | \
-            {entry["object"] for b in bodies for entry in b.get("applied", [])}
+        live = {entry[k] for b in bodies for entry in b["nodes"] for k in ("object", "sealed") if entry.get(k)} | \
+            {entry["object"] for b in bodies for entry in b.get("applied", []) + b.get("keys", [])}
         oldest_seq = min(b["log_seq"] for b in bodies)
         deleted = 0
         for n in numbers[:-KEEP_MANIFESTS]:
             self.objects.delete(f"{self.base}/manifest-{n:012d}.json")
             deleted += 1
-        for folder in ("nodes", "applied"):
+        for folder in ("nodes", "applied", "keys"):
             for name in self.objects.list(f"{self.base}/{folder}"):
                 if _NODE_RE.match(name) and name not in live:
                     self.objects.delete(f"{self.base}/{folder}/{name}")
+                    if folder == "nodes":
+                        self.evict(name, cache_dir)
                     deleted += 1
         for name in self.objects.list(f"{self.base}/log"):
             if (_LOG_RE.match(name) or _LEGACY_LOG_RE.match(name)) and int(name[:12]) <= oldest_seq:

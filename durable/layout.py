@@ -68,12 +68,15 @@ class Layout:
 
 @dataclass(frozen=True)
 class ShardStorage:
-    """Where one layout's shards keep their objects, and whose cluster it is."""
+    """Where one layout's shards keep their objects, whose cluster it is, and
+    where on the shard's machine sealed files are kept to be mapped (a remote
+    store's objects are copied there; a local store's are mapped in place)."""
 
     uri: str
     s3_endpoint: str | None
     cluster_id: str
     folder: str
+    cache_dir: str | None = None
 
     def objects(self) -> ObjectStore:
         return ObjectStore(self.uri, self.s3_endpoint)

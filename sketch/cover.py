@@ -31,9 +31,18 @@ from __future__ import annotations
 import numpy as np
 
 from .hll import RANK_BITS, RegisterRange
-from .rows import RowTable
+from .rows import RowTable, make_code
 from .tiers import Tiers
 from .timeindex import dyadic
+
+
+def _rows(t, keys, n0: int, n1: int) -> RowTable:
+    """``t`` itself, or, for a sealed table (``sealed.BlockedTable``), its
+    decoded rows of ``keys`` with nodes in ``[n0, n1)``."""
+    if isinstance(t, RowTable):
+        return t
+    lo, hi = keys.id_span()
+    return t.view(make_code(lo, n0), make_code(hi, max(n1 - 1, n0)))
 
 
 def _gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -184,6 +193,9 @@ class OneKey:
     def __bool__(self) -> bool:
         return True
 
+    def id_span(self) -> tuple[int, int]:
+        return self.id, self.id
+
     def find(self, t: RowTable, node: int):
         """(keys with a row for ``node`` in ``t``, holding that row; the others)."""
         r = t.find(self.id, node)
@@ -229,6 +241,9 @@ class ManyKeys:
 
     def __bool__(self) -> bool:
         return len(self.ids) > 0
+
+    def id_span(self) -> tuple[int, int]:
+        return int(self.ids.min()), int(self.ids.max())
 
     def find(self, t: RowTable, node: int):
         rows = t.find_many(self.ids, node)
@@ -311,6 +326,7 @@ def _node(tiers: Tiers, rr: RegisterRange, keys, lvl: int, j: int, pc: Pieces) -
             return
         t = tiers.upper_table(lvl, j)
         if t is not None and len(t):
+            t = _rows(t, keys, j, j + 1)
             found, keys = keys.find(t, j)
             if found:
                 found.add_to(pc, t)
@@ -338,12 +354,13 @@ def _built(tables, rr: RegisterRange, keys, lvl: int, j: int, pc: Pieces) -> Non
     """Node (lvl, j) inside a built slot: its kept rollup row, else the base
     rows beneath when small, else its children."""
     if 0 < lvl < len(tables) and len(tables[lvl]):
-        found, keys = keys.find(tables[lvl], j)
+        t = _rows(tables[lvl], keys, j, j + 1)
+        found, keys = keys.find(t, j)
         if found:
-            found.add_to(pc, tables[lvl])
+            found.add_to(pc, t)
         if not keys:
             return
-    base = tables[0]
+    base = _rows(tables[0], keys, j << lvl, (j + 1) << lvl)
     keys = keys.within(base, j << lvl, (j + 1) << lvl)
     if not keys:
         return
@@ -365,6 +382,7 @@ def _loose(tiers: Tiers, keys, lo: int, hi: int, pc: Pieces) -> None:
         if slot.end > lo and slot.start < hi:
             tables = list(slot.runs) + ([slot.main[0]] if slot.main and slot.level == tiers.config.leaf_level else [])
             for t in tables:
+                t = _rows(t, keys, lo, hi)
                 some = keys.within(t, lo, hi)
                 if some:
                     some.add_to(pc, t)
@@ -379,6 +397,7 @@ def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np
     keys = key_set(ids)
     for slot in tiers.slots_overlapping(b0, b1):
         for t in slot.base_tables():
+            t = _rows(t, keys, b0, b1)
             some = keys.within(t, b0, b1)
             if some:
                 some.impressions_to(total, t)
@@ -395,6 +414,8 @@ def impressions_by_key(tiers: Tiers, memtable, n_keys: int, b0: int, b1: int) ->
     totals = np.zeros(n_keys, np.int64)
     for slot in tiers.slots_overlapping(b0, b1):
         for t in slot.base_tables():
+            if not isinstance(t, RowTable):
+                t = t.view(make_code(0, b0), make_code(n_keys, b1))
             nodes = t.nodes
             m = (nodes >= b0) & (nodes < b1) & (t.imp > 0)
             if m.any():

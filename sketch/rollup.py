@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import SketchConfig
 from .hll import RegisterRange
-from .rows import RowTable, build_levels, code_keys, level_up, merge, split_by_node
+from .rows import RowTable, build_levels, code_keys, level_up, merge, rows_of, split_by_node
 from .tiers import Slot, Tiers
 
 
@@ -72,7 +72,7 @@ class Rollups:
             if slot.runs and slot.end <= sealed_end:
                 sealed.append(slot)
             elif len(slot.runs) > cfg.max_runs:
-                tiers.put_slot(slot.level, slot.node, slot.main, [merge(slot.runs, self.rr)])
+                tiers.put_slot(slot.level, slot.node, slot.main, [merge(slot.runs, self.rr)], slot.sealed)
         if sealed:
             self._build_leaves(sealed)
         if out_of_time():
@@ -97,7 +97,7 @@ class Rollups:
         """Build leaves together: node numbers keep them apart until level
         ``leaf_level``, so one vectorized pass serves them all."""
         LF, R = self.config.leaf_level, self.rr.R
-        base = merge([t for s in slots for t in s.base_tables()], self.rr)
+        base = merge([rows_of(t) for s in slots for t in s.base_tables()], self.rr)
         tables, _ = build_levels(base, LF, self.rr, summary=False)
         mains = {s.node: [RowTable.empty(lvl, R) for lvl in range(LF + 1)] for s in slots}
         for lvl, t in enumerate(tables):
@@ -110,7 +110,7 @@ class Rollups:
         """Segment ``js`` from all its base rows in one pass; its leaves (whose
         own rollups only served while the segment was open) go."""
         LS = self.config.segment_level
-        main, summary = build_levels(merge(base_tables, self.rr), LS, self.rr)
+        main, summary = build_levels(merge([rows_of(t) for t in base_tables], self.rr), LS, self.rr)
         self.tiers.put_slot(LS, js, main, ())
         for leaf in leaves:
             self.tiers.drop_slot((leaf.level, leaf.node))
@@ -128,17 +128,18 @@ class Rollups:
         while lvl < cfg.top_level and (lvl + 1, j >> 1) in tiers.upper:
             cur, _ = level_up([cur], self.rr, lvl + 1)
             lvl, j = lvl + 1, j >> 1
-            t = tiers.upper_table(lvl, j)
+            t = rows_of(tiers.upper_table(lvl, j))
             if len(t):  # only keys the rule kept there: the others read finer nodes anyway
                 tiers.put_upper(lvl, j, merge([t, cur.take(np.isin(code_keys(cur.code), code_keys(t.code)))],
                                               self.rr, lvl, impressions=False))
         if (lvl, j) in tiers.summaries:  # the highest built node still awaits its parent
-            tiers.put_summary(lvl, j, merge([tiers.summaries[(lvl, j)].table, cur], self.rr, lvl,
+            tiers.put_summary(lvl, j, merge([rows_of(tiers.summaries[(lvl, j)].table), cur], self.rr, lvl,
                                             impressions=False))
 
     def _build_upper(self, lvl: int, j: int) -> None:
         tiers = self.tiers
-        children = [tiers.pop_summary(k) for k in ((lvl - 1, 2 * j), (lvl - 1, 2 * j + 1)) if k in tiers.summaries]
+        children = [rows_of(tiers.pop_summary(k)) for k in ((lvl - 1, 2 * j), (lvl - 1, 2 * j + 1))
+                    if k in tiers.summaries]
         full, kept = level_up(children, self.rr, lvl)
         tiers.put_upper(lvl, j, kept)
         if lvl < self.config.top_level:

@@ -185,6 +185,34 @@ class RowTable:
                         None if self._measure is None else self._measure[r0:r1])
 
 
+def rows_of(t) -> RowTable:
+    """A table's rows as a ``RowTable``: itself, or a sealed table's decoded (``sealed.BlockedTable``)."""
+    return t if isinstance(t, RowTable) else t.materialize()
+
+
+def table_keys(t) -> np.ndarray:
+    """The distinct key ids with rows in a table (a sealed one knows them without decoding)."""
+    return t.key_ids if not isinstance(t, RowTable) else np.unique(code_keys(t.code))
+
+
+def concat(tables: list[RowTable], level: int) -> RowTable:
+    """Tables of one level whose codes follow one another, as one table (rows kept as they are)."""
+    tables = [t for t in tables if len(t)]
+    if len(tables) == 1:
+        return tables[0]
+    if not tables:
+        raise ValueError("nothing to concatenate: pass at least one table")
+    offs, dense, base_c, base_d = [np.zeros(1, np.int64)], [], 0, 0
+    for t in tables:
+        offs.append(t.off[1:] + base_c)
+        dense.append(np.where(t.dense >= 0, t.dense + base_d, -1).astype(np.int32))
+        base_c += int(t.off[-1])
+        base_d += len(t.regs)
+    return RowTable(level, np.concatenate([t.code for t in tables]), np.concatenate(offs), np.concatenate(dense),
+                    np.concatenate([t.coupons for t in tables]), np.concatenate([t.regs for t in tables]),
+                    np.concatenate([t.imp for t in tables]))
+
+
 def _fold(comp, n_groups, dense_gid, dense_src, regs, rr: RegisterRange):
     """Fold sparse entries and dense rows into ``n_groups`` output rows.
 

@@ -42,7 +42,8 @@ from .hll import RegisterRange
 from .keys import ALL_KEY, KeyTable
 from .memtable import Memtable
 from .rollup import Rollups
-from .rows import code_keys, merge, rows_from_events, split_by_node
+from .rows import merge, rows_from_events, split_by_node, table_keys
+from .tiers import Slot
 from .tiers import Node, Tiers
 
 __all__ = ["ShardStore", "SketchConfig", "ALL_KEY"]
@@ -106,7 +107,7 @@ class ShardStore:
             runs = slot.runs + (run,)
             if len(runs) > 4 * cfg.max_runs:  # bound what a query reads between maintenance passes
                 runs = (merge(list(runs), self.rr),)
-            self.tiers.put_slot(slot.level, slot.node, slot.main, runs)
+            self.tiers.put_slot(slot.level, slot.node, slot.main, runs, slot.sealed)
 
     # ================================================================ maintenance
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
@@ -125,7 +126,7 @@ class ShardStore:
         if dropped:
             held = [self.memtable.columns()[0].astype(np.int64)]
             for node in self.tiers.nodes():
-                held += [code_keys(t.code) for _, t in node.parts()]
+                held += [table_keys(t) for _, t in node.parts()]
             self.keys.drop(np.setdiff1d(np.arange(1, len(self.keys)), np.concatenate(held)))
         return dropped
 
@@ -177,6 +178,26 @@ class ShardStore:
         self.flush()
         return self.tiers.nodes()
 
+    def sealable(self) -> list[Node]:
+        """The nodes that will not change again and are still on the heap: a
+        built leaf or segment with no runs, an upper node, a summary."""
+        return [n for n in self.tiers.nodes() if n.sealed is None and (not isinstance(n, Slot) or
+                                                                        (n.main and not n.runs))]
+
+    def seal(self, node: Node, sealed) -> Node | None:
+        """Put ``node`` back read from its sealed file (``sealed.SealedFile``),
+        if it is still the node given (a node that changed since is left as it is)."""
+        where = self.tiers.slots if isinstance(node, Slot) else \
+            (self.tiers.upper if node.kind == "upper" else self.tiers.summaries)
+        if where.get((node.level, node.node)) is not node:
+            return None
+        if isinstance(node, Slot):
+            return self.tiers.put_slot(node.level, node.node, [sealed.table(0, lvl) for lvl in range(node.level + 1)],
+                                       (), sealed)
+        table = sealed.table(0, node.level)
+        (self.tiers.put_upper if node.kind == "upper" else self.tiers.put_summary)(node.level, node.node, table, sealed)
+        return where[(node.level, node.node)]
+
     def install(self, nodes, *, max_bucket: int | None = None, events: int | None = None) -> None:
         """Put nodes made elsewhere in place (their key ids are this store's:
         see ``keys``), and set the counters that go with them."""
@@ -193,6 +214,7 @@ class ShardStore:
         base = rollup = 0
         base_rows = rollup_rows = 0
         tiers = self.tiers
+        sealed = {id(n.sealed): n.sealed for n in tiers.nodes() if n.sealed is not None}
         for slot in tiers.slots.values():
             for t in slot.base_tables():
                 base += t.nbytes
@@ -206,4 +228,5 @@ class ShardStore:
         return {"keys": self.keys.live(), "events": self.events, "memtable_rows": len(self.memtable),
                 "slots": len(tiers.slots), "upper_nodes": len(tiers.upper), "summaries": len(tiers.summaries),
                 "base_rows": base_rows, "rollup_rows": rollup_rows, "base_bytes": base, "rollup_bytes": rollup,
-                "summary_bytes": sum(n.table.nbytes for n in tiers.summaries.values())}
+                "summary_bytes": sum(n.table.nbytes for n in tiers.summaries.values()),
+                "sealed_nodes": len(sealed), "sealed_bytes": sum(f.size for f in sealed.values())}

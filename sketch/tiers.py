@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .config import SketchConfig
-from .rows import RowTable, code_keys
+from .rows import RowTable, table_keys
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,6 +44,7 @@ class Slot:
     main: tuple[RowTable, ...] | None = None
     runs: tuple[RowTable, ...] = ()
     version: int = 0
+    sealed: object = None  # the ``sealed.SealedFile`` its tables are read from, when sealed
     kind = "slot"
 
     @property
@@ -72,6 +73,7 @@ class TableNode:
     node: int
     table: RowTable
     version: int = 0
+    sealed: object = None  # the ``sealed.SealedFile`` its table is read from, when sealed
 
     def parts(self) -> list[tuple[int, RowTable]]:
         return [(0, self.table)]
@@ -97,8 +99,8 @@ class Tiers:
         return self._version
 
     # ------------------------------------------------------------ slots
-    def put_slot(self, level: int, node: int, main=None, runs=()) -> Slot:
-        slot = Slot(level, node, None if main is None else tuple(main), tuple(runs), self._next())
+    def put_slot(self, level: int, node: int, main=None, runs=(), sealed=None) -> Slot:
+        slot = Slot(level, node, None if main is None else tuple(main), tuple(runs), self._next(), sealed)
         self.slots[(level, node)] = slot
         if level == self.config.leaf_level or slot.runs:
             self.loose.add((level, node))
@@ -137,16 +139,16 @@ class Tiers:
                     yield slot
 
     # ------------------------------------------------------------ upper index and summaries
-    def put_upper(self, level: int, node: int, table: RowTable) -> None:
-        self.upper[(level, node)] = TableNode("upper", level, node, table, self._next())
+    def put_upper(self, level: int, node: int, table: RowTable, sealed=None) -> None:
+        self.upper[(level, node)] = TableNode("upper", level, node, table, self._next(), sealed)
         self._keys_above = None
 
     def upper_table(self, level: int, node: int) -> RowTable | None:
         n = self.upper.get((level, node))
         return None if n is None else n.table
 
-    def put_summary(self, level: int, node: int, table: RowTable) -> None:
-        self.summaries[(level, node)] = TableNode("summary", level, node, table, self._next())
+    def put_summary(self, level: int, node: int, table: RowTable, sealed=None) -> None:
+        self.summaries[(level, node)] = TableNode("summary", level, node, table, self._next(), sealed)
 
     def pop_summary(self, key: tuple[int, int]) -> RowTable:
         return self.summaries.pop(key).table
@@ -159,7 +161,7 @@ class Tiers:
             by_level: dict[int, set] = {}
             for (lvl, _), n in self.upper.items():
                 if len(n.table):
-                    by_level.setdefault(lvl, set()).update(code_keys(n.table.code).tolist())
+                    by_level.setdefault(lvl, set()).update(table_keys(n.table).tolist())
             out, acc = {}, set()
             for lvl in range(self.config.segment_level + 1, self.config.top_level + 1):
                 acc |= by_level.get(lvl, set())
@@ -177,7 +179,7 @@ class Tiers:
         """Put a node made elsewhere in place (replacing any node of the same
         kind and place), with a version of this ``Tiers``."""
         if isinstance(node, Slot):
-            return self.put_slot(node.level, node.node, node.main, node.runs)
+            return self.put_slot(node.level, node.node, node.main, node.runs, node.sealed)
         if node.kind not in ("upper", "summary"):
             raise ValueError(f"unknown node kind {node.kind!r}")
         node = replace(node, version=self._next())

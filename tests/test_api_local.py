@@ -48,7 +48,7 @@ class LocalBackend:
                                     maintain_interval_s=3600, checkpoint_interval_s=3600)
         self.sketch = SK
         self.runtime = LocalRuntime(lambda i, layout, seed_from, *states: SlowShard(
-            SK, i, layout.shards, ShardStorage(storage, None, layout.cluster_id, layout.folder), seed_from, *states))
+            SK, i, layout.shards, ShardStorage(storage, None, layout.cluster_id, layout.folder), 32.0, seed_from, *states))
         self.coordinator = Coordinator(self.config, self.runtime)
         self.coordinator.start()
         self.deadline_s = deadline_s

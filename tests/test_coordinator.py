@@ -77,7 +77,7 @@ def _cluster(tmp_path, shards=2):
     cfg = ClusterConfig(sketch=SK, shards=shards, storage=storage, maintain_interval_s=3600,
                         checkpoint_interval_s=3600, query_timeout_s=5)
     runtime = LocalRuntime(lambda i, layout, seed_from, *states: FaultyShard(
-        SK, i, layout.shards, ShardStorage(storage, None, layout.cluster_id, layout.folder), seed_from, *states))
+        SK, i, layout.shards, ShardStorage(storage, None, layout.cluster_id, layout.folder), 32.0, seed_from, *states))
     coord = Coordinator(cfg, runtime)
     coord.start()
     return coord, runtime

@@ -38,7 +38,8 @@ def test_a_corrupt_object_both_checkpoints_share_leaves_the_shard_unavailable_ne
     _shard_with_two_checkpoints(uri)
     j = ShardJournal(ObjectStore(uri), "epoch-0", 0)
     first, second = (j.read_manifest(n) for n in j.manifests())
-    shared = sorted({n["object"] for n in first["nodes"]} & {n["object"] for n in second["nodes"]})
+    objects = lambda m: {n[k] for n in m["nodes"] for k in ("object", "sealed") if n.get(k)}  # noqa: E731
+    shared = sorted(objects(first) & objects(second))
     assert shared, "the two checkpoints share no object: make the test's stream longer"
     victim = tmp_path / "store" / "epoch-0" / "shard-0" / "nodes" / shared[0]
     data = victim.read_bytes()
