@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from .hll import RANK_MASK, SPARSE_P
-from .rows import RowTable, code_keys, code_nodes, make_code
+from .rows import RowTable, code_keys, code_nodes, make_code, rows_of
 from .store import ShardStore, SketchConfig
 from .tiers import Node, Slot, TableNode
 
@@ -92,7 +92,7 @@ def node_batches(store: ShardStore, node: Node) -> list[pa.RecordBatch]:
 def _batches(store: ShardStore, parts: list[tuple[int, RowTable]], role: str, level: int,
              node: int) -> list[pa.RecordBatch]:
     R = store.rr.R
-    tables = [(t, part) for part, t in parts if len(t)]
+    tables = [(rows_of(t), part) for part, t in parts if len(t)]
     if tables:
         codes = np.concatenate([t.code for t, _ in tables])
         ids = code_keys(codes)

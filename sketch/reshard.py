@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from .hll import RegisterRange, coupon_register
-from .rows import _EMPTY_U32, RowTable, code_keys, make_code, code_nodes, merge
+from .rows import _EMPTY_U32, RowTable, code_keys, code_nodes, make_code, merge, rows_of
 from .store import ShardStore
 from .tiers import Slot, TableNode
 
@@ -83,6 +83,7 @@ def reshard(sources: list[ShardStore], shard: int, shards: int) -> ShardStore:
 
     def lift(s: ShardStore, t: RowTable, keep: bool) -> RowTable:
         # key ids are per store: translate to the new store's ids through the names
+        t = rows_of(t)
         uniq, inv = np.unique(code_keys(t.code), return_inverse=True)
         new_ids = out.keys.ids([s.keys.names[int(i)] for i in uniq]) if len(uniq) else np.zeros(0, np.uint32)
         code = make_code(new_ids[inv.reshape(-1)], code_nodes(t.code))

@@ -114,7 +114,7 @@ def encode(tables: list[tuple[int, RowTable]], R: int, header: dict) -> bytes:
 
 def _encode_table(t: RowTable, R: int) -> tuple[dict, list[pa.RecordBatch]]:
     n = len(t)
-    node_base = int(code_nodes(t.code[:1])[0]) if n else 0
+    node_base = int(code_nodes(t.code).min()) if n else 0  # nodes are stored above the table's lowest
     lengths = np.diff(t.off).astype(np.int64)
     is_dense = t.dense >= 0
     mode = np.where(is_dense, DENSE, RAW).astype(np.uint8)
@@ -233,7 +233,7 @@ class SealedFile:
         if self.reader.schema.remove_metadata() != SCHEMA:
             raise SealedError(f"{self.name} has another schema")
         self.meta, self.R = meta, R
-        self.size = self._src.size()
+        self.size = self._src.size() if callable(self._src.size) else self._src.size
         self.tables = [BlockedTable(self, i, e) for i, e in enumerate(meta["tables"])]
 
     def table(self, part: int, level: int):
@@ -312,6 +312,8 @@ class BlockedTable:
         dmask = mode == DENSE
         dense[dmask] = np.arange(int(dmask.sum()), dtype=np.int32)
         imp = (lengths + extra.astype(np.int64)) if self.level == 0 and len(extra) else np.zeros(n, np.int64)
+        if not n or int(code[0]) != int(self.first[i]) or int(code[-1]) != int(self.last[i]):
+            raise SealedError(f"{self.file.name}: block {i} of table {self.index} does not decode to its index")
         return RowTable(self.level, code, off, dense, coupons, regs.reshape(-1, self.file.R), imp)
 
     # ------------------------------------------------------------ what the cover walk reads

@@ -159,6 +159,20 @@ def test_a_failed_rescale_rolls_back_at_every_step(tmp_path, stream, step):
     _assert_equal(coord, ref)
 
 
+def test_rescale_after_sealing_keeps_every_answer(tmp_path, stream):
+    """Sealed nodes (files) are exported and re-sharded like heap ones."""
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    _ingest(coord, runtime, batch)
+    coord.maintain()
+    assert all(s["sealed_nodes"] > 0 for s in coord.stats()["shards"])
+    coord.rescale(4)
+    _assert_equal(coord, ref)
+    coord.maintain()
+    coord.rescale(1)
+    _assert_equal(coord, ref)
+
+
 def test_a_shard_gone_makes_answers_partial_never_failed(tmp_path, stream):
     batch, ref = stream
     coord, runtime = _cluster(tmp_path, shards=4)

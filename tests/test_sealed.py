@@ -108,3 +108,25 @@ def test_sealed_after_a_split_keeps_every_count(tmp_path):
     for s in c.stores:
         seal_all(s, tmp_path)
     _check_ranges(c, ev, rng, b_lo, b_hi, 20)
+
+
+def test_rows_read_back_whatever_the_order_of_keys_and_nodes():
+    """Nodes are stored above the table's lowest node, whichever key holds it: a
+    first key whose nodes are later than another key's must not wrap around."""
+    from sketch.rows import RowTable, code_keys, code_nodes, make_code
+    R = 8
+    keys = np.array([1, 1, 2, 2, 5, 7], np.int64)
+    nodes = np.array([900, 905, 40, 41, 899, 3], np.int64)  # the first key's nodes are the latest
+    code = make_code(keys, nodes)
+    lengths = np.array([2, 0, 1, 3, 0, 1], np.int64)
+    off = np.r_[0, np.cumsum(lengths)]
+    dense = np.array([-1, 0, -1, -1, 1, -1], np.int32)
+    coupons = np.array([70, 130, 5, 1, 66, 300, 9], np.uint32)
+    regs = np.arange(2 * R, dtype=np.uint8).reshape(2, R)
+    t = RowTable(0, code, off, dense, coupons, regs, lengths + 3)
+    f = SealedFile(encode([(0, t)], R, {"p": 11}), R, {"p": 11}, cache=BlockCache())
+    got = f.table(0, 0).materialize()
+    assert np.array_equal(code_keys(got.code), keys) and np.array_equal(code_nodes(got.code), nodes)
+    assert np.array_equal(got.off, off) and np.array_equal(got.coupons, coupons)
+    assert np.array_equal(got.dense, dense) and np.array_equal(got.regs, regs)
+    assert np.array_equal(got.imp, lengths + 3)
