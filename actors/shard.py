@@ -163,14 +163,21 @@ class ShardActor:
         """A sealed node's file, mapped from this machine (fetched first from a remote store); a
         local copy that does not read as written is dropped and fetched again, once."""
         cache = self.storage.cache_dir
+        journal = self.journal
+
+        def refetch() -> str:  # a damaged block found later: a fresh copy, checked against its name
+            journal.evict(name, cache)
+            return journal.local_path(name, cache)
+
         for attempt in range(2):
-            path = self.journal.local_path(name, cache)
+            path = journal.local_path(name, cache)
             try:
-                return sealed.SealedFile(path, self.store.rr.R, self._sealed_header(), name)
+                return sealed.SealedFile(path, self.store.rr.R, self._sealed_header(), name,
+                                         refetch=None if journal.objects.local else refetch)
             except sealed.SealedError:
-                if attempt or self.journal.objects.local:
+                if attempt or journal.objects.local:
                     raise
-                self.journal.evict(name, cache)
+                journal.evict(name, cache)
         raise AssertionError("unreachable")
 
     def _sealed_header(self) -> dict:
@@ -359,12 +366,15 @@ class ShardActor:
             data = sealed.encode(node.parts(), self.store.rr.R, dict(self._sealed_header(), kind=node.kind,
                                                                           level=node.level, node=node.node))
             name, size = self.journal.write_sealed(data)
+            self.journal.keep_local(name, data, self.storage.cache_dir)
             new = self.store.seal(node, self._open_sealed(name))
             if new is not None:
                 entry = {"role": node.kind, "level": node.level, "node": node.node, "object": None, "bytes": 0,
                          "sealed": name, "sealed_bytes": size}
                 self.written[self._ident(new)] = (new.version, entry)
                 n += 1
+        if n:
+            pa.default_memory_pool().release_unused()  # hand the encoders' buffers back, not kept by the pool
         return n
 
     # ------------------------------------------------------------ re-sharding

@@ -49,6 +49,7 @@ import json
 import os
 import re
 import struct
+import threading
 
 import pyarrow as pa
 
@@ -208,6 +209,23 @@ class ShardJournal:
         """A sealed node's file (``sketch.sealed``): a node object like any other."""
         return self._write_object("nodes", data), len(data)
 
+    def keep_local(self, name: str, data: bytes, cache_dir: str | None) -> None:
+        """Keep a copy of node object ``name`` (just written as ``data``) in
+        ``cache_dir``, so that mapping it does not fetch it back."""
+        if self.objects.local or not cache_dir or sha(data) != _NODE_RE.match(name).group(1):
+            return
+        self._put_local(os.path.join(cache_dir, *self.base.strip("/").split("/")[-2:]), name, data)
+
+    @staticmethod
+    def _put_local(folder: str, name: str, data: bytes) -> str:
+        path = os.path.join(folder, name)
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # a new file: a copy some process maps is never written over
+        return path
+
     def local_path(self, name: str, cache_dir: str | None) -> str:
         """A path on this machine holding node object ``name``, to map: the
         object itself on a local store; else a copy in ``cache_dir``, fetched
@@ -224,12 +242,7 @@ class ShardJournal:
         data = self.objects.read(src)
         if sha(data) != _NODE_RE.match(name).group(1):
             raise CorruptObject(f"checkpoint object {name} does not match its checksum")
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # a new file: a copy some process maps is never written over
-        return path
+        return self._put_local(folder, name, data)
 
     def evict(self, name: str, cache_dir: str | None) -> None:
         """Drop the local copy of a node object (damaged, or no longer needed)."""

@@ -395,9 +395,15 @@ def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np
     if not len(ids):
         return total
     keys = key_set(ids)
+    codes = None
     for slot in tiers.slots_overlapping(b0, b1):
         for t in slot.base_tables():
-            t = _rows(t, keys, b0, b1)
+            if not isinstance(t, RowTable):  # sealed: the block index's running totals, not the rows
+                if codes is None:
+                    codes = np.r_[make_code(ids, b0), make_code(ids, b1)]
+                before = t.imp_before(codes)
+                total += before[len(ids):] - before[:len(ids)]
+                continue
             some = keys.within(t, b0, b1)
             if some:
                 some.impressions_to(total, t)
@@ -414,12 +420,12 @@ def impressions_by_key(tiers: Tiers, memtable, n_keys: int, b0: int, b1: int) ->
     totals = np.zeros(n_keys, np.int64)
     for slot in tiers.slots_overlapping(b0, b1):
         for t in slot.base_tables():
-            if not isinstance(t, RowTable):
-                t = t.view(make_code(0, b0), make_code(n_keys, b1))
-            nodes = t.nodes
-            m = (nodes >= b0) & (nodes < b1) & (t.imp > 0)
-            if m.any():
-                totals += np.bincount(t.keys[m], weights=t.imp[m], minlength=n_keys).astype(np.int64)
+            # a sealed table is read block by block, without filling the cache with a scan
+            for part in ([t] if isinstance(t, RowTable) else t.scan(make_code(0, b0), make_code(n_keys, b1))):
+                nodes = part.nodes
+                m = (nodes >= b0) & (nodes < b1) & (part.imp > 0)
+                if m.any():
+                    totals += np.bincount(part.keys[m], weights=part.imp[m], minlength=n_keys).astype(np.int64)
     k, b, _ = memtable.columns()
     if len(k):
         m = (b >= b0) & (b < b1)

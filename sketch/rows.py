@@ -404,9 +404,10 @@ def split_by_node(t: RowTable, shift: int) -> list[tuple[int, RowTable]]:
     if part.min() == part.max():
         return [(int(part[0]), t)]
     order = np.argsort(part, kind="stable")
-    t, part = t.take_rows(order), part[order]
+    part = part[order]
     cuts = np.r_[0, np.flatnonzero(part[1:] != part[:-1]) + 1, len(part)]
-    return [(int(part[a]), t.slice(int(a), int(b))) for a, b in zip(cuts[:-1], cuts[1:])]
+    # each piece in arrays of its own: a view would keep the whole batch alive while one piece lives
+    return [(int(part[a]), t.take_rows(order[a:b])) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def build_levels(base: RowTable, top: int, rr: RegisterRange, summary: bool = True) -> tuple[list[RowTable], RowTable | None]:

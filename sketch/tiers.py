@@ -190,14 +190,19 @@ class Tiers:
 
     def expire(self, oldest: int) -> int:
         """Drop every node entirely older than bucket ``oldest``; returns how many."""
-        dropped = 0
+        dropped, files = 0, []
         for k in [k for k in self.slots if (k[1] + 1) << k[0] <= oldest]:
+            files.append(self.slots[k].sealed)
             self.drop_slot(k)
             dropped += 1
         for d in (self.upper, self.summaries):
             for k in [k for k in d if (k[1] + 1) << k[0] <= oldest]:
+                files.append(d[k].sealed)
                 del d[k]
                 dropped += 1
+        for f in files:
+            if f is not None:
+                f.close()  # its decoded blocks leave the cache now (its file goes with the next collection)
         if dropped:
             self._keys_above = None
         return dropped
