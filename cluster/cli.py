@@ -43,7 +43,7 @@ def cmd_up(a) -> int:
     import ray
 
     from api.auth import parse_api_keys
-    from cluster.bootstrap import ClusterNotRunning, connect, ensure_actors
+    from cluster.bootstrap import ClusterNotRunning, connect, ensure_actors, local_auth_mode
     from cluster.config import ClusterConfig, placeholder_secrets
     from cluster.serve import start as start_api
     # refused before anything starts: the example file's placeholders, or a public port without keys
@@ -64,6 +64,8 @@ def cmd_up(a) -> int:
     except (ClusterNotRunning, ConnectionError):
         if a.address:
             raise
+        if local_auth_mode() == "token":
+            _ray("get-auth-token", "--generate")  # token mode needs a token before `ray start`
         r = _ray("start", "--head", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
                  f"--num-cpus={os.cpu_count()}")
         if r.returncode:
@@ -74,7 +76,9 @@ def cmd_up(a) -> int:
     coord = ensure_actors(env_cfg)
     cfg = ray.get(coord.cluster_config.remote())
     url = start_api(cfg.namespace, host=a.host, port=a.port, api_keys=env_cfg.api_keys)
-    print(f"Ray: {'started a local cluster' if started else how}")
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    print(f"Ray: {'started a local cluster' if started else how}" +
+          (f" (token auth {'on' if mode == 'token' else 'off'}: RAY_AUTH_MODE={mode or 'unset'})" if started else ""))
     print(f"{cfg.shards} shards in namespace {cfg.namespace!r}; storage {cfg.storage}")
     print(f"REST API: {url}  (OpenAPI: {url}/docs)")
     return 0
@@ -162,7 +166,8 @@ def cmd_ingest(a) -> int:
     for f in s["failed_files"]:
         print(f"  failed: {f}")
     if s.get("skipped_files"):
-        print(f"  skipped {len(s['skipped_files'])} files ingested before (--force counts them again)")
+        n = len(s['skipped_files'])
+        print(f"  skipped {n} file{'s' * (n != 1)} ingested before (--force counts them again)")
     return 0 if not s["failed_files"] else 1
 
 
@@ -212,9 +217,16 @@ def cmd_demo(a) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="impressions", description="Unique visitors in the last n units of time.",
                                  epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, or this machine's cluster)")
-    ap.add_argument("--namespace", default=None, help="Ray namespace of the actors (default: IMPRESSIONS_NAMESPACE)")
+    # --address and --namespace are taken before or after the command (`impressions status --address X`)
+    common = argparse.ArgumentParser(add_help=False)
+    for parser, default in ((ap, None), (common, argparse.SUPPRESS)):
+        parser.add_argument("--address", default=default,
+                            help="Ray address (default: RAY_ADDRESS, or this machine's cluster)")
+        parser.add_argument("--namespace", default=default,
+                            help="Ray namespace of the actors (default: IMPRESSIONS_NAMESPACE)")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda name, **kw: _add_parser(name, parents=[common], **kw)  # every command takes both
     p = sub.add_parser("up", help="start the local default (Ray, the actors, the REST app), or join --address")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -1,7 +1,7 @@
 """The Python client, for applications and notebooks.
 
     from cluster.client import Client
-    c = Client()                       # the running cluster, or an embedded local one
+    c = Client()                       # the running cluster (`impressions up`); Client(start=True): embedded
     c.ingest(table)                    # an Arrow table (or pandas DataFrame) with ts, key, visitor
     c.unique("ad-1", last="15m")       # {"key", "start", "end", "unique_visitors", "impressions", ...}
     c.query(["ad-1", "ad-2"], last="1d")   # many keys, one call
@@ -26,11 +26,14 @@ from sketch.timeindex import BucketRange
 
 
 class Client:
-    def __init__(self, address: str | None = None, config: ClusterConfig | None = None, start: bool = True,
+    def __init__(self, address: str | None = None, config: ClusterConfig | None = None, start: bool = False,
                  namespace: str | None = None, timeout: float = 60.0):
-        """Connect to Ray (``address``, ``RAY_ADDRESS``, a local ``ray start``
-        cluster, or, with ``start``, a new embedded one) and to the actors
-        (created with ``config`` if ``start`` and none exist)."""
+        """Connect to Ray (``address``, ``RAY_ADDRESS``, or a cluster started
+        on this machine by ``impressions up`` or ``ray start``) and to the
+        actors there.  Without a cluster this refuses (``ClusterNotRunning``)
+        rather than answer from an empty one; ``start=True`` asks for an
+        embedded one: a local Ray started for this process if none runs, and
+        the actors created with ``config`` if missing (``self.how`` says which)."""
         self.how = connect(address, start_local=start)
         self.timeout = timeout
         cfg = config or ClusterConfig.from_env(namespace=namespace)

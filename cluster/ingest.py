@@ -75,7 +75,8 @@ class IngestSummary:
         for f in self.failed_files:
             lines.append(f"  failed: {f}")
         if self.skipped_files:
-            lines.append(f"  skipped {len(self.skipped_files)} files ingested before (--force counts them again)")
+            n = len(self.skipped_files)
+            lines.append(f"  skipped {n} file{'s' * (n != 1)} ingested before (--force counts them again)")
         return "\n".join(lines)
 
 

@@ -97,6 +97,7 @@ def clients(ray_cluster, tmp_path_factory):
         config = config or ClusterConfig.from_env()
         if config.storage == ClusterConfig().storage:
             config = config.replace(storage=f"file://{tmp_path_factory.mktemp('store')}")
+        kw.setdefault("start", True)
         c = Client(config=config, **kw)
         made.append(c.config.namespace)
         return c

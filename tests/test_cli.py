@@ -40,6 +40,9 @@ def test_clear_messages(ray_cluster, capsys):
     assert main(["--namespace", "nothing-here", "query", "--last", "1h"]) == 2
     assert "no impressions cluster in Ray namespace 'nothing-here'" in capsys.readouterr().err
     assert main(["--namespace", "nothing-here", "status"]) == 2
+    # the options are also taken after the command
+    assert main(["status", "--namespace", "nothing-here"]) == 2
+    assert "no impressions cluster in Ray namespace 'nothing-here'" in capsys.readouterr().err
 
 
 def test_a_local_folder_store_is_refused_on_a_cluster_of_several_nodes(monkeypatch):

@@ -10,7 +10,8 @@ from benchmarks import compare
 
 def test_side_by_side_smoke(ray_cluster):
     if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed: .ci/run installs it (apt-get install redis-server)")
+        pytest.fail("redis-server is not installed: run the tests with `bash scripts/test.sh`, which installs "
+                    "Debian's redis-server")
     out = compare.main(["--events", "2e4", "--smoke", "--reps", "2", "--no-write"])
     for shape in ("site-wide", "per-ad"):
         d = out[shape]

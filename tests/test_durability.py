@@ -134,7 +134,7 @@ def test_stopping_and_restarting_the_whole_cluster_restores_everything(clients, 
     client = clients(cfg)
     client.ingest_files([str(folder)], now=NOW, progress=False)  # no checkpoint asked for: the log carries it
     restart_ray(ray_cluster)
-    again = Client(config=cfg)
+    again = Client(config=cfg, start=True)
     _assert_equal_to_reference(again, ref, n)
     assert all(s["recovery"]["replayed"] + (s["recovery"]["manifest"] or 0) > 0 for s in again.stats()["shards"])
 

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -15,8 +17,12 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     setup = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
     assert len(blocks) == 2 and all("\n" not in b for b in blocks)
-    assert "impressions demo" in blocks[0] and "pytest" in blocks[1]
+    assert "impressions demo" in blocks[0] and blocks[1] == "bash scripts/test.sh"
     assert blocks[1] in (ROOT / ".ci" / "run").read_text()
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    # it brings what the tests need, sets Ray's auth mode, installs the project and runs pytest
+    assert "redis-server" in script and "chromium-driver" in script and "RAY_AUTH_MODE=disabled" in script
+    assert "pip install -q -e '.[test]'" in script and "python -m pytest" in script
 
 
 def _snippet(marker: str) -> str:
@@ -32,18 +38,17 @@ def test_core_snippet_runs():
 
 
 def test_client_snippet_runs_on_the_cluster(ray_cluster, monkeypatch, tmp_path):
-    import time
-
-    import pyarrow as pa
-
-    from cluster.bootstrap import teardown
+    from cluster.bootstrap import ClusterNotRunning, ensure_actors, teardown
+    from cluster.client import Client
+    from cluster.config import ClusterConfig
 
     monkeypatch.setenv("IMPRESSIONS_NAMESPACE", "readme")
     monkeypatch.setenv("IMPRESSIONS_SHARDS", "2")
     monkeypatch.setenv("IMPRESSIONS_STORAGE", f"file://{tmp_path}/store")
-    now = time.time()
-    table = pa.table({"ts": [now - 60, now - 30, now], "key": ["ad-0", "ad-0", "ad-1"], "visitor": ["a", "b", "a"]})
-    env = {"table": table}
+    with pytest.raises(ClusterNotRunning, match="no impressions cluster in Ray namespace 'readme'"):
+        Client()  # no actors: refused, not an empty cluster started behind the user's back
+    ensure_actors(ClusterConfig.from_env())  # what `impressions up` does
+    env: dict = {}
     try:
         exec(compile(_snippet("from cluster.client"), "README.md", "exec"), env)
         c = env["c"]
