@@ -38,14 +38,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from durable.journal import ShardJournal
-from durable.layout import (Layout, clear_intent, drop_folder, read_intent, read_layout, write_intent,
-                            write_layout)
-from durable.objects import ObjectStore
-from sketch.answer import RangeResult, merge_answers
-from sketch.hll import RegisterRange, check_shards
-from sketch.reshard import sources_of
-from sketch.timeindex import BucketRange
+from impressions.durable.journal import ShardJournal
+from impressions.durable.layout import (
+    Layout,
+    clear_intent,
+    drop_folder,
+    read_intent,
+    read_layout,
+    write_intent,
+    write_layout,
+)
+from impressions.durable.objects import ObjectStore
+from impressions.sketch.answer import RangeResult, merge_answers
+from impressions.sketch.hll import RegisterRange, check_shards
+from impressions.sketch.reshard import sources_of
+from impressions.sketch.timeindex import BucketRange
 
 from .runtime import Runtime, ShardUnavailable, gather
 

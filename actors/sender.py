@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 
-from sketch.events import Batch
+from impressions.sketch.events import Batch
 
 from .runtime import Runtime, ShardUnavailable
 from .shard import ShardMoved

@@ -36,14 +36,20 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from durable.journal import CorruptObject, Fenced, ShardJournal
-from durable.layout import ShardStorage, read_layout
-from sketch import sealed
-from sketch.arrowio import StateError, node_batches, nodes_from_batches, store_from_batches, store_to_batches
-from sketch.events import Batch
-from sketch.reshard import reshard
-from sketch.store import ShardStore, SketchConfig
-from sketch.tiers import Slot, TableNode
+from impressions.durable.journal import CorruptObject, Fenced, ShardJournal
+from impressions.durable.layout import ShardStorage, read_layout
+from impressions.sketch import sealed
+from impressions.sketch.arrowio import (
+    StateError,
+    node_batches,
+    nodes_from_batches,
+    store_from_batches,
+    store_to_batches,
+)
+from impressions.sketch.events import Batch
+from impressions.sketch.reshard import reshard
+from impressions.sketch.store import ShardStore, SketchConfig
+from impressions.sketch.tiers import Slot, TableNode
 
 from .applied import AppliedBatches
 from .runtime import ShardUnavailable

@@ -38,15 +38,26 @@ from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from sketch.config import SketchConfig
-from sketch.timeindex import BucketRange, parse_duration
+from impressions.sketch.config import SketchConfig
+from impressions.sketch.timeindex import BucketRange, parse_duration
 
 from . import errors
 from .auth import READ, WRITE, FailedAuth, parse_api_keys
 from .bodies import ARROW_STREAM, events_table
 from .errors import BadRequest
-from .models import (ERRORS, MAX_KEY_BYTES, MAX_KEYS, Error, Health, IngestResult, Keys, Series, Unique, UniqueMany,
-                     UniqueQuery)
+from .models import (
+    ERRORS,
+    MAX_KEY_BYTES,
+    MAX_KEYS,
+    Error,
+    Health,
+    IngestResult,
+    Keys,
+    Series,
+    Unique,
+    UniqueMany,
+    UniqueQuery,
+)
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",

@@ -25,7 +25,7 @@ import json
 
 import pyarrow as pa
 
-from sketch.formats import canonical, json_lines
+from impressions.sketch.formats import canonical, json_lines
 
 from .errors import BadRequest
 

@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from actors.runtime import ShardUnavailable
-from sketch.formats import MissingColumn
-from sketch.timeindex import RangeError
+from impressions.actors.runtime import ShardUnavailable
+from impressions.sketch.formats import MissingColumn
+from impressions.sketch.timeindex import RangeError
 
 log = logging.getLogger("impressions.api")
 RETRY_AFTER_S = 2

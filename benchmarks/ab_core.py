@@ -29,12 +29,12 @@ import json, sys, time
 import numpy as np
 repo, events, ads = sys.argv[1], int(float(sys.argv[2])), int(sys.argv[3])
 sys.path.insert(0, repo)
-from cluster.workload import generate
+from impressions.cluster.workload import generate
 try:
-    from sketch.counter import LocalCounter as Counter
+    from impressions.sketch.counter import LocalCounter as Counter
 except ImportError:  # checkouts from before the rename
-    from sketch.counter import Counter
-from sketch.store import SketchConfig
+    from impressions.sketch.counter import Counter
+from impressions.sketch.store import SketchConfig
 NOW = %r
 tab = generate(events, days=29.9, visitors=3_000_000, keys=ads, seed=1, end=NOW)
 ts = tab["ts"].combine_chunks().to_numpy(); key = tab["key"].combine_chunks(); vis = tab["visitor"].combine_chunks()

@@ -27,10 +27,10 @@ import pyarrow as pa
 import ray
 
 from benchmarks.report import machine, table, write_section
-from cluster.bootstrap import ensure_actors
-from cluster.config import ClusterConfig
-from cluster.ingest import run_ingest
-from cluster.workload import generate, write_parquet
+from impressions.cluster.bootstrap import ensure_actors
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.ingest import run_ingest
+from impressions.cluster.workload import generate, write_parquet
 
 
 def latencies(fn, n: int) -> list[float]:
@@ -82,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    from cluster.serve import start
+    from impressions.cluster.serve import start
     work = tempfile.mkdtemp(prefix="bench-api-")
     now = float(int(time.time()))
     try:

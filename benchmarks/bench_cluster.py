@@ -23,11 +23,11 @@ import numpy as np
 import ray
 
 from benchmarks.report import machine, table, write_section
-from cluster.bootstrap import ensure_actors, teardown
-from cluster.config import ClusterConfig
-from cluster.ingest import run_ingest
-from cluster.workload import generate, write_parquet
-from sketch.config import SketchConfig
+from impressions.cluster.bootstrap import ensure_actors, teardown
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.ingest import run_ingest
+from impressions.cluster.workload import generate, write_parquet
+from impressions.sketch.config import SketchConfig
 
 
 def timed_queries(coord, keys, n: int, reps: int, now: float, rng) -> tuple[float, float]:

@@ -18,13 +18,13 @@ import numpy as np
 import pyarrow as pa
 
 from benchmarks.report import machine, table, write_section
-from cluster.workload import generate
-from sketch.arrowio import node_batches
-from sketch.counter import LocalCounter
-from sketch.hll import RegisterRange, coupons_from_hashes
-from sketch.rows import RowTable, rows_from_events
-from sketch.store import ShardStore, SketchConfig
-from sketch.tiers import Slot
+from impressions.cluster.workload import generate
+from impressions.sketch.arrowio import node_batches
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.hll import RegisterRange, coupons_from_hashes
+from impressions.sketch.rows import RowTable, rows_from_events
+from impressions.sketch.store import ShardStore, SketchConfig
+from impressions.sketch.tiers import Slot
 
 NOW = 1_800_000_000.0
 QUERY_NS = [1, 60, 1440, 10_080, 43_200]

@@ -26,10 +26,10 @@ import numpy as np
 import ray
 
 from benchmarks.report import machine, table, write_section
-from cluster.bootstrap import ensure_actors, teardown
-from cluster.config import ClusterConfig
-from cluster.ingest import run_ingest
-from cluster.workload import generate, write_parquet
+from impressions.cluster.bootstrap import ensure_actors, teardown
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.ingest import run_ingest
+from impressions.cluster.workload import generate, write_parquet
 
 
 def datasketches_bytes(tab) -> tuple[int, int]:

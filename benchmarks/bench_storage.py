@@ -79,30 +79,30 @@ def mem():
             out[k] = int(v.split()[0]) * 1024
     return out
 
-from cluster.workload import generate
-from sketch.store import SketchConfig
+from impressions.cluster.workload import generate
+from impressions.sketch.store import SketchConfig
 cfg = SketchConfig()
 at_rest = None
 
 
 def engine(mode, folder, tab, slice_events=1_000_000):
     # the engine of ``mode`` with ``tab`` in, maintained (and checkpointed); its query function
-    from sketch.events import prepare
+    from impressions.sketch.events import prepare
     ts = tab["ts"].combine_chunks().to_numpy(); key = tab["key"].combine_chunks(); vis = tab["visitor"].combine_chunks()
     if mode == "before":
         try:
-            from sketch.counter import LocalCounter as Counter
+            from impressions.sketch.counter import LocalCounter as Counter
         except ImportError:
-            from sketch.counter import Counter
+            from impressions.sketch.counter import Counter
         eng = Counter(cfg)
         for s in range(0, len(ts), slice_events):
             eng.ingest(ts[s:s + slice_events], key.slice(s, slice_events), visitors=vis.slice(s, slice_events),
                        now=NOW)
         eng.maintain()
         return eng, (lambda k, b0, b1: eng.query([k], start=b0 * 60, end=b1 * 60, now=NOW))
-    from actors.shard import ShardActor
-    from durable.layout import Layout, ShardStorage, write_layout
-    from durable.objects import ObjectStore
+    from impressions.actors.shard import ShardActor
+    from impressions.durable.layout import Layout, ShardStorage, write_layout
+    from impressions.durable.objects import ObjectStore
     uri = "file://" + folder
     layout = Layout.new(1, cfg)
     write_layout(ObjectStore(uri), layout)
@@ -132,7 +132,7 @@ def warm_up(mode):
     del eng, query
     shutil.rmtree(folder, ignore_errors=True)
     try:
-        from sketch import sealed
+        from impressions.sketch import sealed
         sealed.CACHE.clear()
     except ImportError:
         pass
@@ -153,14 +153,14 @@ if mode in ("before", "sealed"):
     eng, query = engine(mode, os.path.join(store_dir, "store"), tab)
     ingest_s = time.perf_counter() - t0
     if mode == "before":  # its checkpoint: every batch of the state as a zstd Arrow IPC stream
-        from sketch.arrowio import store_to_batches
-        from cluster.journal import batches_to_bytes
+        from impressions.sketch.arrowio import store_to_batches
+        from impressions.cluster.journal import batches_to_bytes
         at_rest = sum(len(batches_to_bytes(store_to_batches(st))) for st in eng.stores)
     del tab, ts, key, vis
 else:  # restart: a fresh process from the store
-    from actors.shard import ShardActor
-    from durable.layout import ShardStorage, read_layout
-    from durable.objects import ObjectStore
+    from impressions.actors.shard import ShardActor
+    from impressions.durable.layout import ShardStorage, read_layout
+    from impressions.durable.objects import ObjectStore
     uri = "file://" + os.path.join(store_dir, "store")
     layout = read_layout(ObjectStore(uri))
     t0 = time.perf_counter()
@@ -179,7 +179,7 @@ for name in ("busy", "quiet", None):
         # a cell: its ranges once with the block cache empty, then again (its blocks decoded, as a dashboard
         # asking the same ranges again finds them); a restarted shard's first pass only
         try:
-            from sketch import sealed
+            from impressions.sketch import sealed
             sealed.CACHE.clear()
         except ImportError:
             pass
@@ -239,7 +239,7 @@ def _peers_at_rest(work: str, events: float, ads: int, days: float, sketches: bo
     """Bytes of the raw events as zstd Parquet, and of Apache DataSketches HLL_4 compact sketches per
     key-minute and site-minute (what a per-key-and-minute store of theirs keeps), on the same stream."""
     from benchmarks.compare import DataSketches
-    from cluster.workload import generate, write_parquet
+    from impressions.cluster.workload import generate, write_parquet
     tab = generate(int(events), days=days, visitors=3_000_000, keys=ads, seed=1, end=NOW)
     files = write_parquet(tab, os.path.join(work, "parquet"), rows_per_file=1_000_000)
     del tab

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.report import machine, table, write_section
-from cluster.workload import generate, write_parquet
+from impressions.cluster.workload import generate, write_parquet
 
 NS = [1, 5, 60, 1440, 10_080, 43_200]
 SITE = None
@@ -187,8 +187,8 @@ class Ours:
     def __init__(self, work: str, per_key: bool, now: float, rest: bool = False):
         import ray
 
-        from cluster.bootstrap import connect, ensure_actors
-        from cluster.config import ClusterConfig
+        from impressions.cluster.bootstrap import connect, ensure_actors
+        from impressions.cluster.config import ClusterConfig
         if not ray.is_initialized():
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
             self.started = True
@@ -206,7 +206,7 @@ class Ours:
     def ingest(self, files):
         import ray
 
-        from cluster.ingest import run_ingest
+        from impressions.cluster.ingest import run_ingest
         run_ingest(files, coordinator=self.coord, progress=False, now=self.now)
         t = time.perf_counter()
         ray.get(self.coord.maintain.remote())
@@ -218,7 +218,8 @@ class Ours:
     def answer(self, key, end_min: int, n: int) -> dict:
         """Minutes ``[end_min - n, end_min)``, as the other peers are asked."""
         import ray
-        from sketch.timeindex import BucketRange
+
+        from impressions.sketch.timeindex import BucketRange
         return ray.get(self.coord.query.remote([key], BucketRange(end_min - n, end_min, 60)))[0]
 
     def bytes(self) -> int:
@@ -231,14 +232,14 @@ class Ours:
         return sum(s["base_bytes"] + s["rollup_bytes"] for s in st["shards"] if s)
 
     def start_rest(self) -> str:
-        from cluster.serve import start
+        from impressions.cluster.serve import start
         self.rest_url = start(self.ns, port=_free_port(), name=f"compare-{self.ns}")
         return self.rest_url
 
     def close(self):
         import ray
 
-        from cluster.bootstrap import teardown
+        from impressions.cluster.bootstrap import teardown
         if self.rest_url:
             from ray import serve
             serve.delete(f"compare-{self.ns}")

@@ -20,12 +20,12 @@ import time
 
 import ray
 
-from actors.coordinator import Coordinator
-from actors.runtime import ShardUnavailable
-from actors.shard import ShardActor
-from cluster.config import ClusterConfig
-from durable.layout import ShardStorage
-from durable.objects import absolute
+from impressions.actors.coordinator import Coordinator
+from impressions.actors.runtime import ShardUnavailable
+from impressions.actors.shard import ShardActor
+from impressions.cluster.config import ClusterConfig
+from impressions.durable.layout import ShardStorage
+from impressions.durable.objects import absolute
 
 COORDINATOR = "coordinator"
 

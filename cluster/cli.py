@@ -24,12 +24,12 @@ import time
 
 
 def _connect(a, start_local: bool = False):
-    from cluster.bootstrap import connect
+    from impressions.cluster.bootstrap import connect
     return connect(a.address, start_local=start_local)
 
 
 def _client(a):
-    from cluster.client import Client
+    from impressions.cluster.client import Client
     _connect(a)
     return Client(start=False, namespace=a.namespace)
 
@@ -42,10 +42,10 @@ def _ray(*args: str) -> subprocess.CompletedProcess:
 def cmd_up(a) -> int:
     import ray
 
-    from api.auth import parse_api_keys
-    from cluster.bootstrap import ClusterNotRunning, connect, ensure_actors, local_auth_mode
-    from cluster.config import ClusterConfig, placeholder_secrets
-    from cluster.serve import start as start_api
+    from impressions.api.auth import parse_api_keys
+    from impressions.cluster.bootstrap import ClusterNotRunning, connect, ensure_actors, local_auth_mode
+    from impressions.cluster.config import ClusterConfig, placeholder_secrets
+    from impressions.cluster.serve import start as start_api
     # refused before anything starts: the example file's placeholders, or a public port without keys
     stale = placeholder_secrets()
     if stale:
@@ -87,8 +87,8 @@ def cmd_up(a) -> int:
 def cmd_down(a) -> int:
     from ray import serve
 
-    from cluster.bootstrap import teardown
-    from cluster.config import ClusterConfig
+    from impressions.cluster.bootstrap import teardown
+    from impressions.cluster.config import ClusterConfig
     try:
         _connect(a)
     except Exception:
@@ -137,8 +137,8 @@ def cmd_status(a) -> int:
 
 
 def cmd_ingest(a) -> int:
-    from cluster.bootstrap import dashboard_url
-    from cluster.demo import submit_ingest
+    from impressions.cluster.bootstrap import dashboard_url
+    from impressions.cluster.demo import submit_ingest
     c = _client(a)  # connects; the cluster's actors must exist
     sources = [s if "://" in s else os.path.abspath(s) for s in a.sources]
     extra = []
@@ -151,7 +151,7 @@ def cmd_ingest(a) -> int:
     if a.no_wait:
         from ray.job_submission import JobSubmissionClient
         job = JobSubmissionClient(dashboard_url()).submit_job(
-            entrypoint=shlex.join([sys.executable, "-m", "cluster.ingest", *sources, *extra, "--no-progress"]),
+            entrypoint=shlex.join([sys.executable, "-m", "impressions.cluster.ingest", *sources, *extra, "--no-progress"]),
             runtime_env={"env_vars": c.config.job_env()})
         print(f"submitted ingest job {job}; follow it with: ray job logs --follow {job}")
         return 0
@@ -209,7 +209,7 @@ def cmd_rescale(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from cluster.demo import run
+    from impressions.cluster.demo import run
     run(a.events, a.ads, a.days)
     return 0
 
@@ -255,8 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--ads", type=int, default=1000)
     p.add_argument("--days", type=float, default=3.0)
     a = ap.parse_args(argv)
-    from cluster.bootstrap import ClusterNotRunning
-    from sketch.timeindex import RangeError
+    from impressions.cluster.bootstrap import ClusterNotRunning
+    from impressions.sketch.timeindex import RangeError
     try:
         return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "ingest": cmd_ingest, "query": cmd_query,
                 "checkpoint": cmd_checkpoint, "rescale": cmd_rescale, "demo": cmd_demo}[a.cmd](a)

@@ -1,6 +1,6 @@
 """The Python client, for applications and notebooks.
 
-    from cluster.client import Client
+    from impressions.cluster.client import Client
     c = Client()                       # the running cluster (`impressions up`); Client(start=True): embedded
     c.ingest(table)                    # an Arrow table (or pandas DataFrame) with ts, key, visitor
     c.unique("ad-1", last="15m")       # {"key", "start", "end", "unique_visitors", "impressions", ...}
@@ -18,11 +18,11 @@ import time
 
 import ray
 
-from cluster.bootstrap import connect, ensure_actors, get_coordinator
-from cluster.config import ClusterConfig
-from cluster.ingest import ingest_table, run_ingest
-from sketch.events import IngestReport
-from sketch.timeindex import BucketRange
+from impressions.cluster.bootstrap import connect, ensure_actors, get_coordinator
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.ingest import ingest_table, run_ingest
+from impressions.sketch.events import IngestReport
+from impressions.sketch.timeindex import BucketRange
 
 
 class Client:
@@ -78,7 +78,7 @@ class Client:
 
     def series(self, key=None, *, step, last=None, start=None, end=None, now=None) -> list[dict]:
         """One answer per ``step`` (a duration like ``1h``, or buckets) over the range."""
-        from sketch.timeindex import parse_duration
+        from impressions.sketch.timeindex import parse_duration
         rng = self.resolve(last=last, start=start, end=end, now=now)
         n = parse_duration(step, self.config.sketch.bucket_seconds)
         return ray.get(self.coordinator.series.remote(key, rng, n), timeout=self.timeout)

@@ -16,8 +16,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from sketch.config import SketchConfig
-from sketch.hll import check_shards
+from impressions.sketch.config import SketchConfig
+from impressions.sketch.hll import check_shards
 
 NAMESPACE = "impressions"
 

@@ -6,7 +6,7 @@
    visitors, a daily cycle, a few days) and write it as Parquet under the
    storage folder;
 3. ingest it with an ingest job submitted through Ray's job API, exactly as
-   ``ray job submit -- python -m cluster.ingest DIR`` does;
+   ``ray job submit -- python -m impressions.cluster.ingest DIR`` does;
 4. print answers for a few keys and ranges next to the exact counts.
 """
 
@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from cluster.bootstrap import connect, dashboard_url, ensure_actors
-from cluster.config import ClusterConfig
-from durable.objects import filesystem
-from cluster.workload import generate, write_parquet
-from sketch.hashing import hash_visitors
+from impressions.cluster.bootstrap import connect, dashboard_url, ensure_actors
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.workload import generate, write_parquet
+from impressions.durable.objects import filesystem
+from impressions.sketch.hashing import hash_visitors
 
 
 def exact(table: pa.Table, key, start: float, end: float) -> tuple[int, int]:
@@ -38,11 +38,11 @@ def exact(table: pa.Table, key, start: float, end: float) -> tuple[int, int]:
 
 
 def submit_ingest(dashboard: str, folder: str, config: ClusterConfig, timeout: float = 900) -> dict:
-    """Run ``python -m cluster.ingest folder`` as a Ray job; return its summary."""
+    """Run ``python -m impressions.cluster.ingest folder`` as a Ray job; return its summary."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(dashboard)
-    job = client.submit_job(entrypoint=f"{sys.executable} -m cluster.ingest {folder} --json --no-progress",
+    job = client.submit_job(entrypoint=f"{sys.executable} -m impressions.cluster.ingest {folder} --json --no-progress",
                             runtime_env={"env_vars": config.job_env()})
     deadline = time.time() + timeout
     status = client.get_job_status(job)

@@ -1,8 +1,8 @@
 """The ingest job: files (or Arrow tables) -> validated, hashed, per-shard
 batches -> the shard actors.
 
-    python -m cluster.ingest SOURCE... [--ts-col ts --key-col key --visitor-col visitor]
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m cluster.ingest s3://bucket/events/
+    python -m impressions.cluster.ingest SOURCE... [--ts-col ts --key-col key --visitor-col visitor]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m impressions.cluster.ingest s3://bucket/events/
 
 SOURCE is a file or folder, local or any ``pyarrow.fs`` URI (``s3://``,
 ``gs://``, ``file://``), holding Parquet, CSV or JSON-lines files.
@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import ray
 
-from actors.sender import JOB_DEADLINE_S, Sender
-from actors.shard import CALL_KEEP_S
-from cluster.bootstrap import RayRuntime, coordinator_route
-from cluster.config import ClusterConfig
-from cluster.readers import Fragment, MissingColumn, fragments, parse_ts, read_fragment
-from cluster.sources import list_sources
-from durable.ledger import SourceLedger, digest
-from durable.objects import ObjectStore
-from sketch.events import REASONS, IngestReport, prepare
+from impressions.actors.sender import JOB_DEADLINE_S, Sender
+from impressions.actors.shard import CALL_KEEP_S
+from impressions.cluster.bootstrap import RayRuntime, coordinator_route
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.readers import Fragment, MissingColumn, fragments, parse_ts, read_fragment
+from impressions.cluster.sources import list_sources
+from impressions.durable.ledger import SourceLedger, digest
+from impressions.durable.objects import ObjectStore
+from impressions.sketch.events import REASONS, IngestReport, prepare
 
 
 @dataclass
@@ -155,7 +155,7 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
     fails (an unreadable file, a task that died for good) is reported in
     ``failed_files``; the others go on, and its file is left out of the
     ledger, so running the job again completes it without counting twice."""
-    from cluster.bootstrap import ensure_actors
+    from impressions.cluster.bootstrap import ensure_actors
 
     coord = coordinator or ensure_actors(config)
     cfg = ray.get(coord.cluster_config.remote())
@@ -255,7 +255,7 @@ def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "ke
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cluster.ingest", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m impressions.cluster.ingest", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sources", nargs="+", help="files or folders (local paths or pyarrow.fs URIs)")
     ap.add_argument("--ts-col", default="ts")
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--force", action="store_true", help="count files ingested before again")
     a = ap.parse_args(argv)
-    from cluster.bootstrap import connect
+    from impressions.cluster.bootstrap import connect
     connect(a.address, start_local=False)
     try:
         summary = run_ingest(a.sources, ts_col=a.ts_col, key_col=a.key_col, visitor_col=a.visitor_col,

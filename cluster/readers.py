@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from cluster.sources import SourceFile
-from durable.objects import filesystem
-from sketch.formats import MissingColumn, check_columns, json_lines, normalise, parse_ts  # noqa: F401 (re-exported)
+from impressions.cluster.sources import SourceFile
+from impressions.durable.objects import filesystem
+from impressions.sketch.formats import MissingColumn, check_columns, json_lines, normalise, parse_ts  # noqa: F401 (re-exported)
 
 # ------------------------------------------------------------------ readers
 

@@ -1,6 +1,6 @@
 """The REST app on Ray Serve: ``api.app`` answered by the cluster's actors.
 
-    serve run cluster.serve:build                 # on a running cluster (the actors must exist)
+    serve run impressions.cluster.serve:build                 # on a running cluster (the actors must exist)
     impressions up                                # starts Ray, the actors and this app
 
 ``RayBackend`` answers the app's questions through the coordinator actor
@@ -15,14 +15,14 @@ import asyncio
 import ray
 from ray import serve
 
-from actors.runtime import ShardUnavailable
-from api.app import MAX_BODY, Metrics, configure, create_app
-from api.errors import Conflict
-from cluster.bootstrap import get_coordinator
-from cluster.config import ClusterConfig
-from cluster.ingest import ingest_table
-from durable.ledger import IdempotencyLedger, digest
-from durable.objects import ObjectStore
+from impressions.actors.runtime import ShardUnavailable
+from impressions.api.app import MAX_BODY, Metrics, configure, create_app
+from impressions.api.errors import Conflict
+from impressions.cluster.bootstrap import get_coordinator
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.ingest import ingest_table
+from impressions.durable.ledger import IdempotencyLedger, digest
+from impressions.durable.objects import ObjectStore
 
 INGEST_DEADLINE_S = 20.0  # a POST waits this long for its shards, then answers 503 (retry with the same key)
 
@@ -134,7 +134,7 @@ class ImpressionsApi:
 
 
 def build(args: dict | None = None):
-    """The Serve application (``serve run cluster.serve:build``); settings from
+    """The Serve application (``serve run impressions.cluster.serve:build``); settings from
     ``args`` (``namespace``, ``api_keys``, ``max_body``), else the environment."""
     args = args or {}
     cfg = ClusterConfig.from_env()

@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sketch.config import SketchConfig
+from impressions.sketch.config import SketchConfig
 
 from .objects import ObjectStore
 

@@ -43,8 +43,7 @@ from .keys import ALL_KEY, KeyTable
 from .memtable import Memtable
 from .rollup import Rollups
 from .rows import merge, rows_from_events, split_by_node, table_keys
-from .tiers import Slot
-from .tiers import Node, Tiers
+from .tiers import Node, Slot, Tiers
 
 __all__ = ["ShardStore", "SketchConfig", "ALL_KEY"]
 

@@ -87,9 +87,9 @@ def clients(ray_cluster, tmp_path_factory):
     """Make clients on the session cluster, each with a storage folder of its
     own (apart from the test's tmp_path) unless the config names one;
     their actors are torn down after the test."""
-    from cluster.bootstrap import teardown
-    from cluster.client import Client
-    from cluster.config import ClusterConfig
+    from impressions.cluster.bootstrap import teardown
+    from impressions.cluster.client import Client
+    from impressions.cluster.config import ClusterConfig
 
     made = []
 
@@ -134,9 +134,9 @@ def s3_server():
 @pytest.fixture(scope="module")
 def stream_small():
     """A day of events on 20 keys as one validated batch, and the in-process reference holding them."""
-    from cluster.workload import generate
-    from sketch.counter import LocalCounter
-    from sketch.events import prepare
+    from impressions.cluster.workload import generate
+    from impressions.sketch.counter import LocalCounter
+    from impressions.sketch.events import prepare
     from tests.test_coordinator import NOW, SK
     t = generate(20_000, days=1, visitors=8_000, keys=20, seed=9, end=NOW)
     batch, _ = prepare(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW, bucket_seconds=60,

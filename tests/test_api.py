@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 import ray
 
-from cluster.config import ClusterConfig
-from sketch.store import SketchConfig
+from impressions.cluster.config import ClusterConfig
+from impressions.sketch.store import SketchConfig
 from tests.conftest import free_port, wait_for
 
 KEYS = "reader:read,writer:write,both:read+write"
@@ -26,8 +26,8 @@ RW = {"Authorization": "Bearer both"}
 def api(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from cluster.serve import start
-    from cluster.bootstrap import ensure_actors, teardown
+    from impressions.cluster.bootstrap import ensure_actors, teardown
+    from impressions.cluster.serve import start
     ns = "api"
     cfg = ClusterConfig(sketch=SketchConfig(), shards=2, namespace=ns,
                         storage=f"file://{tmp_path_factory.mktemp('api-store')}")

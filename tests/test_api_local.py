@@ -12,16 +12,16 @@ import pyarrow as pa
 import pytest
 from fastapi.testclient import TestClient
 
-from actors.coordinator import Coordinator
-from actors.runtime import LocalRuntime
-from actors.sender import Sender
-from actors.shard import ShardActor
-from api.app import configure, create_app
-from api.errors import Conflict
-from cluster.config import ClusterConfig
-from durable.layout import ShardStorage
-from sketch.config import SketchConfig
-from sketch.events import IngestReport, prepare
+from impressions.actors.coordinator import Coordinator
+from impressions.actors.runtime import LocalRuntime
+from impressions.actors.sender import Sender
+from impressions.actors.shard import ShardActor
+from impressions.api.app import configure, create_app
+from impressions.api.errors import Conflict
+from impressions.cluster.config import ClusterConfig
+from impressions.durable.layout import ShardStorage
+from impressions.sketch.config import SketchConfig
+from impressions.sketch.events import IngestReport, prepare
 
 SK = SketchConfig(p=12, leaf_level=4, segment_level=8)
 KEYS = "reader:read,writer:write"
@@ -74,7 +74,7 @@ class LocalBackend:
             if prior is not None:
                 return prior["answer"]
         ts = table.column("ts")
-        from sketch.formats import parse_ts
+        from impressions.sketch.formats import parse_ts
         secs, bad = parse_ts(ts)
         batch, report = prepare(secs, table.column("key"), visitors=table.column("visitor"), now=time.time(),
                                 bucket_seconds=SK.bucket_seconds, retention_buckets=SK.retention_buckets,

@@ -2,11 +2,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sketch.arrowio import StateError, store_from_batches, store_to_batches
-from sketch.counter import LocalCounter
-from sketch.store import SketchConfig
-from tests.test_store import KEYS, NOW, SMALL, _ingest, _stream
+from impressions.sketch.arrowio import StateError, store_from_batches, store_to_batches
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.store import SketchConfig
 from tests.reference import Events
+from tests.test_store import KEYS, NOW, SMALL, _ingest, _stream
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import time
 
 import pyarrow.parquet as pq
 
-from cluster.cli import main
-from cluster.config import ClusterConfig
-from cluster.workload import generate
-from sketch.store import SketchConfig
+from impressions.cluster.cli import main
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.workload import generate
+from impressions.sketch.store import SketchConfig
 
 
 def test_ingest_query_status_checkpoint_rescale(clients, tmp_path, capsys):
@@ -48,8 +48,8 @@ def test_clear_messages(ray_cluster, capsys):
 def test_a_local_folder_store_is_refused_on_a_cluster_of_several_nodes(monkeypatch):
     import ray
 
-    from cluster.bootstrap import ClusterNotRunning, check_storage_reach
-    from cluster.config import ClusterConfig
+    from impressions.cluster.bootstrap import ClusterNotRunning, check_storage_reach
+    from impressions.cluster.config import ClusterConfig
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
     import pytest
     with pytest.raises(ClusterNotRunning, match="2 nodes but the storage file:///data is a local folder"):
@@ -60,7 +60,7 @@ def test_a_local_folder_store_is_refused_on_a_cluster_of_several_nodes(monkeypat
 
 
 def test_up_beyond_loopback_needs_keys_and_refuses_placeholders(monkeypatch, capsys):
-    from cluster.cli import main
+    from impressions.cluster.cli import main
     monkeypatch.delenv("IMPRESSIONS_API_KEYS", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     assert main(["up", "--host", "0.0.0.0"]) == 2

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.client import Client
-from cluster.config import ClusterConfig
-from cluster.workload import generate
-from sketch.counter import LocalCounter
-from sketch.store import SketchConfig
+from impressions.cluster.client import Client
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.workload import generate
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.store import SketchConfig
 
 NOW = 1_800_000_000.0
 SMALL = SketchConfig(p=12, leaf_level=4, segment_level=8, memtable_rows=20_000)
@@ -134,13 +134,14 @@ def test_ingest_job_with_ray_job_submit_then_query_from_another_driver(ray_clust
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     runtime_env = json.dumps({"env_vars": {"IMPRESSIONS_NAMESPACE": ns, "RAY_AUTH_MODE": "disabled"}})
     out = subprocess.run([ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--runtime-env-json",
-                          runtime_env, "--", sys.executable, "-m", "cluster.ingest", str(tmp_path), "--json",
+                          runtime_env, "--", sys.executable, "-m", "impressions.cluster.ingest", str(tmp_path),
+                          "--json",
                           "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     summary = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith('{"files"')))
     assert summary["accepted"] == stream.num_rows and summary["rejected"] == 0
     # another driver, in its own process, reads the answers
-    code = ("import json; from cluster.client import Client; "
+    code = ("import json; from impressions.cluster.client import Client; "
             f"c = Client(start=False, namespace={ns!r}); "
             f"print(json.dumps(c.query([None, 'ad-0', 'ad-3'], last='2d', now={end})))")
     q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

@@ -23,7 +23,7 @@ def test_valid_against_rays_schema():
 
 
 def test_the_commands_it_runs_exist_here():
-    from cluster.cli import main as cli_main  # noqa: F401 - importable
+    from impressions.cluster.cli import main as cli_main  # noqa: F401 - importable
     cfg = _config()
     commands = cfg["setup_commands"] + cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     cli = (ROOT / "cluster" / "cli.py").read_text()
@@ -62,11 +62,11 @@ def test_safe_by_default():
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0:8265" not in head
     example = (ROOT / "impressions.env.example").read_text()
     assert "RAY_AUTH_MODE=token" in example and "RAY_AUTH_TOKEN=" in example
-    from cluster.config import placeholder_secrets
+    from impressions.cluster.config import placeholder_secrets
     env = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
     assert placeholder_secrets(env) == ["IMPRESSIONS_API_KEYS", "RAY_AUTH_TOKEN"]  # refused until replaced
     import pytest
 
-    from api.auth import parse_api_keys
+    from impressions.api.auth import parse_api_keys
     with pytest.raises(ValueError, match="placeholder"):
         parse_api_keys(env["IMPRESSIONS_API_KEYS"])

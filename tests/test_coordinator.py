@@ -11,16 +11,16 @@ import json
 import numpy as np
 import pytest
 
-from actors.coordinator import Coordinator, RescaleFailed
-from actors.runtime import LocalRuntime
-from actors.sender import Sender
-from actors.shard import ShardActor
-from cluster.config import ClusterConfig
-from cluster.workload import generate
-from durable.layout import ShardStorage
-from sketch.counter import LocalCounter
-from sketch.events import prepare
-from sketch.store import SketchConfig
+from impressions.actors.coordinator import Coordinator, RescaleFailed
+from impressions.actors.runtime import LocalRuntime
+from impressions.actors.sender import Sender
+from impressions.actors.shard import ShardActor
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.workload import generate
+from impressions.durable.layout import ShardStorage
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.events import prepare
+from impressions.sketch.store import SketchConfig
 
 NOW = 1_800_000_000.0
 SK = SketchConfig(p=12, leaf_level=4, segment_level=8, memtable_rows=5_000)

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.config import ClusterConfig
-from sketch.store import SketchConfig
+from impressions.cluster.config import ClusterConfig
+from impressions.sketch.store import SketchConfig
 from tests.conftest import free_port, wait_for
 
 OUT = Path(__file__).resolve().parent / "output"
@@ -26,14 +26,14 @@ def app(ray_cluster, tmp_path_factory):
                     "chromium and chromium-driver")
     from ray import serve
 
-    from cluster.serve import start
-    from cluster.bootstrap import ensure_actors, teardown
-    from cluster.client import Client
+    from impressions.cluster.bootstrap import ensure_actors, teardown
+    from impressions.cluster.client import Client
+    from impressions.cluster.serve import start
     ns = "dash"
     cfg = ClusterConfig(sketch=SketchConfig(), shards=2, namespace=ns,
                         storage=f"file://{tmp_path_factory.mktemp('dash-store')}")
     ensure_actors(cfg)
-    from cluster.workload import generate
+    from impressions.cluster.workload import generate
     now = time.time()
     Client(start=False, namespace=ns).ingest(generate(60_000, days=1, visitors=20_000, keys=30, seed=2, end=now - 60),
                                              now=now)

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from cluster.config import ClusterConfig
-from cluster.workload import generate
-from sketch.counter import LocalCounter
-from sketch.store import SketchConfig
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.workload import generate
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.store import SketchConfig
 from tests.conftest import restart_ray, wait_for
 
 NOW = 1_800_000_000.0
@@ -107,7 +107,7 @@ def test_the_same_on_an_s3_protocol_server(clients, events, s3_server):
     objects = [f.path for f in fs.get_file_info(pafs.FileSelector("impressions-test/cluster", recursive=True))]
     assert any("/manifest-" in p for p in objects) and any("/nodes/" in p for p in objects)
     # every actor gone, then back: everything restored from the S3 store
-    from cluster.bootstrap import teardown
+    from impressions.cluster.bootstrap import teardown
     teardown(cfg.namespace)
     again = clients(cfg)
     _assert_equal_to_reference(again, ref, n)
@@ -128,7 +128,7 @@ def test_killing_the_coordinator_loses_nothing(clients, events, tmp_path):
 
 
 def test_stopping_and_restarting_the_whole_cluster_restores_everything(clients, ray_cluster, events, tmp_path):
-    from cluster.client import Client
+    from impressions.cluster.client import Client
     folder, ref, n = events
     cfg = _config("restart", f"file://{tmp_path}/store")
     client = clients(cfg)

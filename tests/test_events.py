@@ -2,9 +2,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sketch.counter import LocalCounter
-from sketch.events import MAX_KEY_BYTES
-from sketch.store import SketchConfig
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.events import MAX_KEY_BYTES
+from impressions.sketch.store import SketchConfig
 
 NOW = 1_800_000_000.0
 
@@ -39,7 +39,7 @@ def test_rejections_never_touch_accepted_data():
 
 
 def test_hashes_and_arrow_inputs_equal_strings():
-    from sketch.hashing import hash_visitors
+    from impressions.sketch.hashing import hash_visitors
     vis = [f"u{i}" for i in range(500)]
     keys = [f"k{i % 7}" for i in range(500)]
     ts = np.full(500, NOW)

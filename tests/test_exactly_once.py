@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from actors.applied import AppliedBatches
-from actors.sender import Sender
-from sketch.events import Batch, prepare
+from impressions.actors.applied import AppliedBatches
+from impressions.actors.sender import Sender
+from impressions.sketch.events import Batch, prepare
 from tests.test_coordinator import NOW, SK, _assert_equal, _cluster
 from tests.test_journal import _storage
 
@@ -47,7 +47,7 @@ def _batch(n=3000, seed=1, key="ad-1"):
 
 
 def test_a_shard_counts_a_batch_once_across_retries_restarts_and_checkpoints(tmp_path):
-    from actors.shard import ShardActor
+    from impressions.actors.shard import ShardActor
     uri = f"file://{tmp_path}/store"
     a = ShardActor(SK, 0, 1, _storage(uri))
     b1, b2 = _batch(seed=1), _batch(seed=2)
@@ -101,7 +101,7 @@ def test_a_batch_cut_again_after_a_rescale_keeps_its_id(tmp_path, stream_small):
 
 def test_within_keeps_the_events_of_the_ranges():
     b = _batch(2000)
-    from sketch.hll import coupon_register
+    from impressions.sketch.hll import coupon_register
     reg = coupon_register(b.coupon, SK.p)
     part = b.within(SK.p, [(0, 1000), (3000, 4000)])
     r2 = coupon_register(part.coupon, SK.p)
@@ -112,7 +112,7 @@ def test_within_keeps_the_events_of_the_ranges():
 
 def test_a_part_records_only_the_registers_it_stands_for():
     """A piece cut for a finer shard map claims its share of the registers, not the shard's whole range."""
-    from actors.shard import ShardActor
+    from impressions.actors.shard import ShardActor
     a = ShardActor(SK, 0, 1, None)
     quarters = _batch(3000).split(SK.p, 4)
     m = 1 << SK.p

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from cluster.config import ClusterConfig
-from cluster.workload import generate
-from sketch.store import SketchConfig
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.workload import generate
+from impressions.sketch.store import SketchConfig
 from tests.conftest import wait_for
 
 SMALL = SketchConfig(p=12, leaf_level=4, segment_level=8, memtable_rows=20_000)
@@ -45,9 +45,9 @@ def test_a_rerun_job_counts_nothing_twice_and_force_counts_again(clients, tmp_pa
 def test_a_retried_ingest_task_counts_once(clients, tmp_path):
     """Ray retries a task that died (a node lost, the memory monitor): the same
     fragment is read and sent again, under the same batch ids."""
-    from cluster.ingest import ingest_fragment
-    from cluster.readers import fragments
-    from cluster.sources import list_sources
+    from impressions.cluster.ingest import ingest_fragment
+    from impressions.cluster.readers import fragments
+    from impressions.cluster.sources import list_sources
     folder, n, end = _events(tmp_path, files=1)
     c = clients(ClusterConfig(sketch=SMALL, shards=2, namespace="retry", batch_rows=3_000))
     cfg = c.config
@@ -89,7 +89,7 @@ def test_retention_is_enforced_in_the_running_cluster(clients, tmp_path):
     st = c.stats()["shards"]
     assert all(s["keys"] == 11 for s in st)  # ten ads and the site-wide key
     # the same cluster, its upkeep's clock 31 days ahead: everything is past the retention
-    from cluster.bootstrap import teardown
+    from impressions.cluster.bootstrap import teardown
     teardown(cfg.namespace)
     later = clients(cfg.replace(clock_offset_s=31 * 86400.0, storage=c.config.storage))
     wait_for(lambda: all(s is not None and s["base_rows"] == 0 and s["keys"] == 1

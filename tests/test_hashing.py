@@ -1,7 +1,7 @@
 import numpy as np
 import pyarrow as pa
 
-from sketch.hashing import hash_visitor, hash_visitors
+from impressions.sketch.hashing import hash_visitor, hash_visitors
 
 # MurmurHash3_x64_128(utf8(id), seed 0), first 8 bytes little-endian: pinned so
 # that any other implementation (or a pre-hashing service) can check itself.

@@ -3,10 +3,17 @@ import math
 import numpy as np
 import pytest
 
-from sketch.counter import LocalCounter
-from sketch.hll import (EXACT_MAX, Precision, RegisterRange, coupons_from_hashes, ertl_estimate, estimate_from_parts,
-                        register_of_hash)
-from sketch.store import SketchConfig
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.hll import (
+    EXACT_MAX,
+    Precision,
+    RegisterRange,
+    coupons_from_hashes,
+    ertl_estimate,
+    estimate_from_parts,
+    register_of_hash,
+)
+from impressions.sketch.store import SketchConfig
 from tests.reference import registers
 
 

@@ -5,11 +5,11 @@ import os
 import numpy as np
 import pytest
 
-from actors.shard import ShardActor, ShardMoved
-from durable.journal import ShardJournal
-from durable.layout import Layout, ShardStorage, read_layout, write_layout
-from durable.objects import ObjectStore
-from sketch.events import prepare
+from impressions.actors.shard import ShardActor, ShardMoved
+from impressions.durable.journal import ShardJournal
+from impressions.durable.layout import Layout, ShardStorage, read_layout, write_layout
+from impressions.durable.objects import ObjectStore
+from impressions.sketch.events import prepare
 from tests.test_store import KEYS, NOW, SMALL, _stream
 
 
@@ -146,7 +146,7 @@ def test_a_sealed_shard_refuses_batches_even_after_a_restart(setup):
 
 
 def test_a_shard_refuses_visitors_of_other_registers(tmp_path):
-    from sketch.events import Batch
+    from impressions.sketch.events import Batch
     a = ShardActor(SMALL, 0, 2, _storage(f"file://{tmp_path}/s", 2))
     top = np.array([(1 << 31) | 1], np.uint32)  # a coupon of the upper half: shard 1's
     with pytest.raises(ValueError, match="outside shard 0's range"):

@@ -17,7 +17,7 @@ import httpx
 import pyarrow.parquet as pq
 import ray
 
-from cluster.workload import generate
+from impressions.cluster.workload import generate
 from tests.conftest import ROOT, free_port, restart_ray
 
 
@@ -78,8 +78,8 @@ def _up_ingest_query_down(tmp_path):
     assert down.returncode == 0 and "stopped the local Ray" in down.stdout
     gone = _cli("status", "--namespace", "life", env=env)
     assert gone.returncode == 2 and "no Ray cluster is running here" in gone.stderr
-    refused = subprocess.run([sys.executable, "-c", "from cluster.client import Client; Client()"], env=env,
-                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    refused = subprocess.run([sys.executable, "-c", "from impressions.cluster.client import Client; Client()"],
+                             env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert refused.returncode != 0 and "ClusterNotRunning: no Ray cluster is running here" in refused.stderr
     # and back: the data was on the storage
     port = free_port()

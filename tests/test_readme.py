@@ -31,16 +31,16 @@ def _snippet(marker: str) -> str:
 
 def test_core_snippet_runs():
     env: dict = {}
-    exec(compile(_snippet("from sketch.counter"), "README.md", "exec"), env)
+    exec(compile(_snippet("from impressions.sketch.counter"), "README.md", "exec"), env)
     r = env["c"].unique("ad-1", last="15m", now=1_800_000_000).to_dict()
     assert (r["unique_visitors"], r["impressions"], r["exact"]) == (2, 2, True)
     assert env["c"].unique(None, last="1h", now=1_800_000_000).unique_visitors == 2
 
 
 def test_client_snippet_runs_on_the_cluster(ray_cluster, monkeypatch, tmp_path):
-    from cluster.bootstrap import ClusterNotRunning, ensure_actors, teardown
-    from cluster.client import Client
-    from cluster.config import ClusterConfig
+    from impressions.cluster.bootstrap import ClusterNotRunning, ensure_actors, teardown
+    from impressions.cluster.client import Client
+    from impressions.cluster.config import ClusterConfig
 
     monkeypatch.setenv("IMPRESSIONS_NAMESPACE", "readme")
     monkeypatch.setenv("IMPRESSIONS_SHARDS", "2")
@@ -50,7 +50,7 @@ def test_client_snippet_runs_on_the_cluster(ray_cluster, monkeypatch, tmp_path):
     ensure_actors(ClusterConfig.from_env())  # what `impressions up` does
     env: dict = {}
     try:
-        exec(compile(_snippet("from cluster.client"), "README.md", "exec"), env)
+        exec(compile(_snippet("from impressions.cluster.client"), "README.md", "exec"), env)
         c = env["c"]
         assert c.unique("ad-0", last="15m")["unique_visitors"] == 2
         assert [r["unique_visitors"] for r in c.query(["ad-0", "ad-1", None], last="1d")] == [2, 1, 2]
@@ -60,8 +60,8 @@ def test_client_snippet_runs_on_the_cluster(ray_cluster, monkeypatch, tmp_path):
 
 def test_demo_runs_small(clients, monkeypatch, capsys):
     """The main job on the session cluster: actors, a Parquet sample, a real ingest job, answers."""
-    from cluster.config import ClusterConfig
-    from cluster.demo import run
+    from impressions.cluster.config import ClusterConfig
+    from impressions.cluster.demo import run
 
     c = clients(ClusterConfig(shards=2, namespace="demo"))  # torn down after the test
     lines = []
@@ -79,6 +79,6 @@ def test_demo_runs_small(clients, monkeypatch, capsys):
 def test_docstring_examples_run():
     import doctest
 
-    import sketch.counter
-    failures, tried = doctest.testmod(sketch.counter, raise_on_error=False)
+    import impressions.sketch.counter as counter
+    failures, tried = doctest.testmod(counter, raise_on_error=False)
     assert tried >= 3 and failures == 0

@@ -8,14 +8,14 @@ import threading
 import numpy as np
 import pytest
 
-import actors.coordinator as coordinator_module
-from actors.coordinator import Coordinator
-from actors.runtime import ShardUnavailable
-from actors.sender import Sender
-from actors.shard import ShardActor
-from durable.journal import ShardJournal
-from durable.layout import Layout, ShardStorage, read_layout, write_layout
-from durable.objects import ObjectStore
+import impressions.actors.coordinator as coordinator_module
+from impressions.actors.coordinator import Coordinator
+from impressions.actors.runtime import ShardUnavailable
+from impressions.actors.sender import Sender
+from impressions.actors.shard import ShardActor
+from impressions.durable.journal import ShardJournal
+from impressions.durable.layout import Layout, ShardStorage, read_layout, write_layout
+from impressions.durable.objects import ObjectStore
 from tests.test_coordinator import NOW, SK, _assert_equal, _cluster, _layout
 from tests.test_exactly_once import _batch
 from tests.test_journal import _storage

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sketch.counter import LocalCounter
-from sketch.reshard import reshard, sources_of
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.reshard import reshard, sources_of
 from tests.reference import Events
 from tests.test_store import KEYS, NOW, SMALL, _ingest, _stream
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sketch.hll import RegisterRange, coupons_from_hashes
-from sketch.rows import _build_levels_by_merging, build_levels, level_up, merge, rows_from_events
+from impressions.sketch.hll import RegisterRange, coupons_from_hashes
+from impressions.sketch.rows import _build_levels_by_merging, build_levels, level_up, merge, rows_from_events
 
 
 def _same(a, b):

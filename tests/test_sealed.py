@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sketch import sealed
-from sketch.counter import LocalCounter
-from sketch.sealed import BlockCache, SealedError, SealedFile, encode
+from impressions.sketch import sealed
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.sealed import BlockCache, SealedError, SealedFile, encode
 from tests.reference import Events
 from tests.test_store import KEYS, NOW, SMALL, _check_ranges, _ingest, _stream
 
@@ -126,7 +126,7 @@ def test_sealed_after_a_split_keeps_every_count(tmp_path):
 def test_rows_read_back_whatever_the_order_of_keys_and_nodes():
     """Nodes are stored above the table's lowest node, whichever key holds it: a
     first key whose nodes are later than another key's must not wrap around."""
-    from sketch.rows import RowTable, code_keys, code_nodes, make_code
+    from impressions.sketch.rows import RowTable, code_keys, code_nodes, make_code
     R = 8
     keys = np.array([1, 1, 2, 2, 5, 7], np.int64)
     nodes = np.array([900, 905, 40, 41, 899, 3], np.int64)  # the first key's nodes are the latest
@@ -159,9 +159,9 @@ def _answers(shard, names, now_b):
 def _remote_shard(tmp_path, s3_server, stream_small, bucket):
     import pyarrow.fs as pafs
 
-    from actors.shard import ShardActor
-    from durable.layout import Layout, ShardStorage, write_layout
-    from durable.objects import ObjectStore
+    from impressions.actors.shard import ShardActor
+    from impressions.durable.layout import Layout, ShardStorage, write_layout
+    from impressions.durable.objects import ObjectStore
     from tests.test_coordinator import SK
     fs = pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", region="us-east-1",
                            access_key="test", secret_key="test", allow_bucket_creation=True)
@@ -229,7 +229,7 @@ def test_sealed_files_of_a_remote_store_are_fetched_again_when_missing_truncated
 
 
 def test_a_damaged_block_on_a_local_store_is_refused_never_read(tmp_path, stream_small):
-    from actors.shard import ShardActor
+    from impressions.actors.shard import ShardActor
     from tests.test_coordinator import SK
     from tests.test_journal import _storage
     uri = f"file://{tmp_path}/store"

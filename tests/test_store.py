@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from sketch.counter import LocalCounter
-from sketch import cover
-from sketch.hll import Precision, RegisterRange
-from sketch.store import ShardStore, SketchConfig
+from impressions.sketch import cover
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.hll import Precision, RegisterRange
+from impressions.sketch.store import ShardStore, SketchConfig
 from tests.reference import Events
 
 NOW = 1_800_000_000.0
@@ -132,7 +132,7 @@ def test_a_long_range_merges_logarithmically_many_sketches():
     b = np.repeat(np.arange(now_b - n_b + 1, now_b + 1), per)
     pool = rng.integers(0, 2**64, 20_000, dtype=np.uint64)
     h = pool[rng.integers(0, len(pool), len(b))]
-    from sketch.hll import coupons_from_hashes
+    from impressions.sketch.hll import coupons_from_hashes
     for chunk in np.array_split(np.arange(len(b)), 20):
         st.apply(["busy"], np.zeros(len(chunk), np.int32), b[chunk], coupons_from_hashes(h[chunk]))
         st.maintain()
@@ -213,7 +213,7 @@ def test_answers_come_back_in_the_order_asked_whatever_the_key_ids():
     """Key ids are per store and follow arrival order; answers follow the question's order."""
     st = ShardStore(SMALL)
     now_b = int(NOW // 60)
-    from sketch.hll import coupons_from_hashes
+    from impressions.sketch.hll import coupons_from_hashes
     rng = np.random.default_rng(8)
     for name, n in (("late", 5), ("early", 50), ("mid", 20)):
         h = rng.integers(0, 2**64, n, dtype=np.uint64)

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from sketch.timeindex import RangeError, dyadic, parse_duration, resolve_range
+from impressions.sketch.timeindex import RangeError, dyadic, parse_duration, resolve_range
 
 
 def test_dyadic_covers_exactly_with_few_aligned_nodes():
@@ -50,7 +50,7 @@ def test_resolve_range_last_and_explicit():
 
 
 def test_instants_in_every_accepted_form_and_refusals_that_say_why():
-    from sketch.timeindex import parse_instant
+    from impressions.sketch.timeindex import parse_instant
     t = 1_795_910_400.0  # 2026-11-29T00:00:00Z
     for v in (t, int(t), str(int(t)), "1.7959104e9", "2026-11-29T00:00:00Z", "2026-11-29 00:00:00",
               "2026-11-29", "2026-11-29T01:00:00+01:00", "2026-11-29T00:00:00.000z"):
