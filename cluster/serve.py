@@ -1,7 +1,13 @@
 """The REST app on Ray Serve: ``api.app`` answered by the cluster's actors.
 
-    serve run impressions.cluster.serve:build                 # on a running cluster (the actors must exist)
+    serve run deploy/serve.yaml                   # the Serve config: this app, its autoscaling and resources
+    serve deploy deploy/serve.yaml                # the same, to a running cluster's dashboard address
+    serve run impressions.cluster.serve:build     # the app alone, with Serve's defaults
     impressions up                                # starts Ray, the actors and this app
+
+Built from a config or an import path, the app creates the coordinator and
+shards when they are missing (settings from ``IMPRESSIONS_*`` variables), so
+it works on a fresh cluster; ``impressions up`` creates them itself.
 
 ``RayBackend`` answers the app's questions through the coordinator actor
 and ingests through the same ``Sender`` the ingest job uses; ``RayMetrics``
@@ -17,9 +23,10 @@ from ray import serve
 
 from impressions.actors.runtime import ShardUnavailable
 from impressions.api.app import MAX_BODY, Metrics, configure, create_app
+from impressions.api.auth import parse_api_keys
 from impressions.api.errors import Conflict
-from impressions.cluster.bootstrap import get_coordinator
-from impressions.cluster.config import ClusterConfig
+from impressions.cluster.bootstrap import ensure_actors, get_coordinator
+from impressions.cluster.config import ClusterConfig, placeholder_secrets
 from impressions.cluster.ingest import ingest_table
 from impressions.durable.ledger import IdempotencyLedger, digest
 from impressions.durable.objects import ObjectStore
@@ -33,8 +40,11 @@ class RayBackend:
     coordinator answers partial sooner), a POST by ``INGEST_DEADLINE_S``
     (then 503, and the client retries with its ``Idempotency-Key``)."""
 
-    def __init__(self, namespace: str):
-        self.coordinator = get_coordinator(namespace)
+    def __init__(self, namespace: str, create_actors: bool = False):
+        if create_actors:  # from a Serve config on a fresh cluster: the actors, if missing (race-free: named)
+            self.coordinator = ensure_actors(ClusterConfig.from_env(namespace=namespace))
+        else:
+            self.coordinator = get_coordinator(namespace)
         self.config: ClusterConfig = ray.get(self.coordinator.cluster_config.remote(), timeout=60)
         self.sketch = self.config.sketch
         self.ask_s = self.config.query_timeout_s * 5 + 5
@@ -125,8 +135,9 @@ class ImpressionsApi:
     """One replica: the app built here, in the replica, around the Ray backend."""
 
     def __init__(self, namespace: str, api_keys: str | None = None, max_body: int = MAX_BODY,
-                 failed_auth_per_minute: int = 20):
-        self._rest_app = configure(create_app(), RayBackend(namespace), api_keys=api_keys, max_body=max_body,
+                 failed_auth_per_minute: int = 20, create_actors: bool = False):
+        backend = RayBackend(namespace, create_actors=create_actors)
+        self._rest_app = configure(create_app(), backend, api_keys=api_keys, max_body=max_body,
                                    failed_auth_per_minute=failed_auth_per_minute, metrics=RayMetrics())
 
     def __serve_build_asgi_app__(self):
@@ -134,12 +145,24 @@ class ImpressionsApi:
 
 
 def build(args: dict | None = None):
-    """The Serve application (``serve run impressions.cluster.serve:build``); settings from
-    ``args`` (``namespace``, ``api_keys``, ``max_body``), else the environment."""
-    args = args or {}
+    """The Serve application (``import_path`` of ``deploy/serve.yaml``, or
+    ``serve run impressions.cluster.serve:build``); settings from ``args``
+    (``namespace``, ``max_body``, ``failed_auth_per_minute``), else the
+    environment.  API keys come from ``IMPRESSIONS_API_KEYS`` only, never from
+    a config file.  The replicas create the actors if they are missing."""
+    args = dict(args or {})
+    unknown = set(args) - {"namespace", "max_body", "failed_auth_per_minute"}
+    if unknown:
+        raise ValueError(f"unknown args {sorted(unknown)} for the impressions app: it takes namespace, max_body "
+                         f"and failed_auth_per_minute (API keys from IMPRESSIONS_API_KEYS)")
+    stale = placeholder_secrets()
+    if stale:
+        raise ValueError(f"{' and '.join(stale)} still hold the example file's placeholders; set real secrets")
     cfg = ClusterConfig.from_env()
-    return ImpressionsApi.bind(args.get("namespace", cfg.namespace), args.get("api_keys", cfg.api_keys),
-                               int(args.get("max_body", MAX_BODY)))
+    parse_api_keys(cfg.api_keys)  # a malformed key list is refused here, not in every replica
+    return ImpressionsApi.bind(args.get("namespace", cfg.namespace), cfg.api_keys,
+                               int(args.get("max_body", MAX_BODY)), int(args.get("failed_auth_per_minute", 20)),
+                               True)
 
 
 def start(namespace: str, *, host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
