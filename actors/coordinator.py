@@ -55,6 +55,7 @@ from impressions.sketch.reshard import sources_of
 from impressions.sketch.timeindex import BucketRange
 
 from .runtime import Runtime, ShardUnavailable, gather
+from .telemetry import Telemetry
 
 log = logging.getLogger("impressions.coordinator")
 
@@ -87,9 +88,11 @@ class RescaleFailed(RuntimeError):
 
 
 class Coordinator:
-    def __init__(self, config, runtime: Runtime):
+    def __init__(self, config, runtime: Runtime, telemetry: Telemetry | None = None):
         self.config = config
         self.runtime = runtime
+        self.telemetry = telemetry or Telemetry()
+        self._asking: set = set()  # the questions being answered (set.add and discard are atomic)
         self.map: ShardMap | None = None
         self.layout: Layout | None = None
         self._maint: threading.Thread | None = None
@@ -222,8 +225,18 @@ class Coordinator:
         the register ranges that answered, with the wider error that implies."""
         m = self._ensure()
         keys = list(keys)
-        answers = self._fan_out(m, "query", keys, rng.b0, rng.b1, timeout=self.config.query_timeout_s)
+        t0 = time.perf_counter()
+        token = object()
+        self._asking.add(token)
+        self.telemetry.in_flight(len(self._asking))
+        try:
+            answers = self._fan_out(m, "query", keys, rng.b0, rng.b1, time.time(),
+                                    timeout=self.config.query_timeout_s)
+        finally:
+            self._asking.discard(token)
         self.queries += 1
+        missing = [i for i, a in enumerate(answers) if a is None]
+        self.telemetry.answer(time.perf_counter() - t0, bool(missing), missing)
         return self._merge(m, keys, answers, rng.start, rng.end)
 
     def series(self, key, rng: BucketRange, step: int) -> list[dict]:

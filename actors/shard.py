@@ -53,11 +53,13 @@ from impressions.sketch.tiers import Slot, TableNode
 
 from .applied import AppliedBatches
 from .runtime import ShardUnavailable
+from .telemetry import Telemetry, process_memory
 
 log = logging.getLogger("impressions.shard")
 
 CALL_KEEP_S = 600.0  # how long a batch id with no lasting meaning is remembered (the runtime's own retries)
 RETRY_START_S = 10.0  # how often an unavailable shard tries to start again
+REPORT_EVERY_S = 5.0  # how often a shard reports its gauges (after an upkeep slice)
 
 
 class ShardMoved(RuntimeError):
@@ -70,9 +72,11 @@ class ShardActor:
     (old index, old count), ``seed_states`` holds each one's ``export()``."""
 
     def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage: ShardStorage | None = None,
-                 block_cache_mb: float = 32.0, seed_from=(), *seed_states):
+                 block_cache_mb: float = 32.0, seed_from=(), *seed_states, telemetry: Telemetry | None = None):
         self.sketch, self.shard_index, self.shards = sketch, shard, shards
         self.storage = storage
+        self.telemetry = telemetry or Telemetry()
+        self._reported = 0.0
         sealed.CACHE.budget = int(block_cache_mb * (1 << 20))
         self.started = time.time()
         self.applied_batches = 0
@@ -88,6 +92,7 @@ class ShardActor:
         stay unavailable saying why (never start empty over an unreadable past)."""
         t0 = time.perf_counter()
         self._tried = time.time()
+        self.telemetry.shard_state(self.shard_index, {"recovering": 1})
         self.store = ShardStore(self.sketch, self.shard_index, self.shards)
         self.applied = AppliedBatches()
         self.seq = 0  # last log entry applied
@@ -116,6 +121,8 @@ class ShardActor:
             log.error("shard %d of %d cannot start: %s", self.shard_index, self.shards, self.unavailable,
                       exc_info=True)
         self.recovery["seconds"] = round(time.perf_counter() - t0, 3)
+        self.recovery["at"] = time.time()
+        self._report(force=True)
 
     def _check_store(self) -> None:
         layout = read_layout(self.storage.objects())
@@ -258,8 +265,10 @@ class ShardActor:
                 rb = rb.replace_schema_metadata({b"batch_id": batch_id.encode(), b"at": repr(now).encode(),
                                                  b"expires": repr(expires).encode(), b"lo": str(lo).encode(),
                                                  b"hi": str(hi).encode()})
+            t_log = time.perf_counter()
             try:
                 self.journal.append(self.seq + 1, rb)
+                self.telemetry.log_write(self.shard_index, time.perf_counter() - t_log)
             except Fenced as e:
                 self.unavailable = str(e)
                 raise ShardUnavailable(str(e)) from None
@@ -268,6 +277,7 @@ class ShardActor:
         if batch_id is not None:
             self.applied.record(batch_id, lo, hi, now, expires)
         self.applied_batches += 1
+        self.telemetry.applied(self.shard_index, len(batch))
         return n
 
     # ------------------------------------------------------------ checkpoints
@@ -353,6 +363,7 @@ class ShardActor:
         self.manifest = number
         self.checkpointed_at = time.time()
         deleted = self.journal.collect_garbage(self.storage.cache_dir)
+        self.telemetry.checkpoint(self.shard_index, time.perf_counter() - t0, wbytes)
         return {"shard": self.shard_index, "manifest": number, "log_seq": self.seq, "nodes": len(nodes),
                 "nodes_written": n_written, "bytes_written": wbytes,
                 "bytes_total": sum(n["bytes"] + n.get("sealed_bytes", 0) for n in nodes), "deleted": deleted,
@@ -408,15 +419,25 @@ class ShardActor:
         return store_to_batches(self.store), [self.applied.group_table(g) for g in self.applied.groups()]
 
     # ------------------------------------------------------------ queries and upkeep
-    def query(self, keys: list, b0: int, b1: int):
-        """``(hist, sparse, impressions)`` for each key over buckets ``[b0, b1)``."""
+    def query(self, keys: list, b0: int, b1: int, sent: float | None = None):
+        """``(hist, sparse, impressions)`` for each key over buckets ``[b0, b1)``.
+        ``sent``: when the caller sent it (epoch seconds), to report the time
+        it waited behind this shard's other calls."""
         self._usable()
-        return self.store.query(keys, b0, b1)
+        if sent is not None:
+            self.telemetry.shard_wait(self.shard_index, max(0.0, time.time() - float(sent)))
+        t0 = time.perf_counter()
+        out = self.store.query(keys, b0, b1)
+        self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
+        return out
 
     def query_ranges(self, keys: list, ranges: list[tuple[int, int]]) -> list:
         """``query`` for several ranges in one call (a chart's points)."""
         self._usable()
-        return [self.store.query(keys, b0, b1) for b0, b1 in ranges]
+        t0 = time.perf_counter()
+        out = [self.store.query(keys, b0, b1) for b0, b1 in ranges]
+        self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
+        return out
 
     def key_impressions(self, b0: int, b1: int, prefix: str = "", limit: int | None = None) -> tuple[list, np.ndarray]:
         self._usable()
@@ -438,6 +459,7 @@ class ShardActor:
         if self.unavailable is not None:
             if time.time() - self._tried >= RETRY_START_S:
                 self._start()
+            self._report()
             return False
         if now is not None:
             self.applied.expire(now)
@@ -449,6 +471,7 @@ class ShardActor:
                 self.seal_nodes(left)
             except (OSError, CorruptObject) as e:  # the store is away: the nodes stay on the heap until next time
                 log.warning("shard %d could not seal: %s", self.shard_index, e)
+        self._report()
         return done and not self.store.sealable() if self.journal is not None else done
 
     def flush(self) -> None:
@@ -459,14 +482,29 @@ class ShardActor:
         """A cheap summary: whether this shard serves, and if not why."""
         return {"shard": self.shard_index, "shards": self.shards, "available": self.unavailable is None,
                 "reason": self.unavailable, "sealed": self.sealed,
-                "checkpoint_age_s": None if self.checkpointed_at is None else round(time.time() - self.checkpointed_at, 1)}
+                "checkpoint_age_s": self._checkpoint_age()}
+
+    def _checkpoint_age(self) -> float | None:
+        return None if self.checkpointed_at is None else round(time.time() - self.checkpointed_at, 1)
+
+    def _report(self, force: bool = False) -> None:
+        """Gauges for the watchers, at most every ``REPORT_EVERY_S``."""
+        if not force and time.monotonic() - self._reported < REPORT_EVERY_S:
+            return
+        self._reported = time.monotonic()
+        st = self.store.stats()
+        self.telemetry.shard_state(self.shard_index, {
+            "recovering": int(self.unavailable is not None), "checkpoint_age_s": self._checkpoint_age(),
+            "rows": st["base_rows"] + st["rollup_rows"], "keys": st["keys"], "events": st["events"],
+            **process_memory()})
 
     def stats(self) -> dict:
         out = {"shard": self.shard_index, "shards": self.shards, "pid": os.getpid(), "host": socket.gethostname(),
+               "node": self.telemetry.node() or socket.gethostname(), **process_memory(),
                "available": self.unavailable is None, "reason": self.unavailable,
                "applied_batches": self.applied_batches, "log_seq": self.seq, "manifest": self.manifest,
                "sealed": self.sealed, "recovery": self.recovery, "batch_ids": len(self.applied),
-               "checkpoint_age_s": None if self.checkpointed_at is None else round(time.time() - self.checkpointed_at, 1),
+               "checkpoint_age_s": self._checkpoint_age(),
                "uptime_s": round(time.time() - self.started, 1)}
         return {**out, **self.store.stats()}
 

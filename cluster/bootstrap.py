@@ -24,6 +24,7 @@ from impressions.actors.coordinator import Coordinator
 from impressions.actors.runtime import ShardUnavailable
 from impressions.actors.shard import ShardActor
 from impressions.cluster.config import ClusterConfig
+from impressions.cluster.metrics import RayTelemetry
 from impressions.durable.layout import ShardStorage
 from impressions.durable.objects import absolute
 
@@ -115,7 +116,8 @@ class RayRuntime:
             name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
             num_cpus=cfg.shard_cpus, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
             max_concurrency=1).remote(layout.sketch, index, layout.shards, storage, cfg.block_cache_mb,
-                                      [(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds])
+                                      [(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds],
+                                      telemetry=RayTelemetry(cfg.namespace))
 
     def find_shard(self, index: int, layout):
         try:
@@ -180,7 +182,8 @@ def ensure_actors(config: ClusterConfig | None = None):
     check_storage_reach(config)
     coord = ray.remote(Coordinator).options(
         name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=32).remote(config, RayRuntime(config))
+        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=32).remote(
+            config, RayRuntime(config), RayTelemetry(config.namespace))
     ray.get(coord.start.remote(), timeout=300)
     return coord
 

@@ -108,28 +108,52 @@ def cmd_down(a) -> int:
     return 0
 
 
+def _ago(t: float | None) -> str:
+    return "-" if t is None else f"{time.time() - t:.0f} s ago"
+
+
 def cmd_status(a) -> int:
+    import dataclasses
+
     c = _client(a)
     st = c.stats()
     cfg = st["config"]
-    print(f"{len(st['shards'])} shards (layout epoch {st['epoch']}), namespace {cfg.namespace!r}, "
-          f"storage {cfg.storage}; {st['queries']:,} queries answered by the coordinator")
-    print(f"{'shard':>5} {'events':>12} {'keys':>8} {'slots':>6} {'log':>7} {'checkpoint':>11} {'ckpt age s':>10} "
-          f"{'memory MB':>10}  host")
-    for s in st["shards"]:
-        if s is None:
-            print("    ? (not answering)")
-            continue
-        mem = (s["base_bytes"] + s["rollup_bytes"] + s["summary_bytes"]) / 1e6
-        age = "-" if s.get("checkpoint_age_s") is None else f"{s['checkpoint_age_s']:.0f}"
-        print(f"{s['shard']:>5} {s['events']:>12,} {s['keys']:>8,} {s['slots']:>6} {s['log_seq']:>7} "
-              f"{s['manifest']:>11} {age:>10} {mem:>10.1f}  {s['host']}")
     try:
         from ray import serve
-        apps = serve.status().applications
-        for name, app in apps.items():
-            print(f"REST app {name!r}: {app.status}")
-    except Exception:
+        apps = {name: str(app.status) for name, app in serve.status().applications.items()}
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster
+        apps = {}
+    if a.json:
+        keep = ("shard", "available", "reason", "node", "host", "pid", "heap_bytes", "mapped_bytes", "events",
+                "keys", "base_rows", "rollup_rows", "sealed_nodes", "sealed_bytes", "log_seq", "manifest",
+                "checkpoint_age_s", "recovery", "uptime_s")
+        out = {"epoch": st["epoch"], "queries": st["queries"],
+               "config": dataclasses.asdict(cfg.without_secrets()), "rest_apps": apps, "notes": st.get("events", []),
+               "shards": [{"shard": i, "available": False, "reason": "did not answer in time"} if s is None else
+                          {k: s.get(k) for k in keep} for i, s in enumerate(st["shards"])]}
+        print(json.dumps(out, default=str))
+        return 0
+    print(f"{len(st['shards'])} shards (layout epoch {st['epoch']}), namespace {cfg.namespace!r}, "
+          f"storage {cfg.storage}; {st['queries']:,} queries answered by the coordinator")
+    print(f"{'shard':>5} {'node':>12} {'events':>12} {'keys':>8} {'heap MB':>8} {'mapped MB':>9} {'log':>6} "
+          f"{'checkpoint':>10} {'ckpt age s':>10}  last start")
+    for i, s in enumerate(st["shards"]):
+        if s is None:
+            print(f"{i:>5} ? (not answering)")
+            continue
+        age = "-" if s.get("checkpoint_age_s") is None else f"{s['checkpoint_age_s']:.0f}"
+        r = s.get("recovery") or {}
+        how = (f"recovered {_ago(r.get('at'))} in {r.get('seconds', 0):.2f} s (checkpoint {r.get('manifest')}, "
+               f"{r.get('replayed', 0)} log entries replayed)" if r.get("manifest") or r.get("replayed") else
+               f"started {_ago(r.get('at'))}, nothing to recover")
+        if not s["available"]:
+            how = f"NOT SERVING: {s['reason']}"
+        print(f"{s['shard']:>5} {str(s.get('node'))[:12]:>12} {s['events']:>12,} {s['keys']:>8,} "
+              f"{s.get('heap_bytes', 0) / 1e6:>8.1f} {s.get('mapped_bytes', 0) / 1e6:>9.1f} {s['log_seq']:>6} "
+              f"{s['manifest']:>10} {age:>10}  {how}")
+    for name, status in apps.items():
+        print(f"REST app {name!r}: {status}")
+    if not apps:
         print("REST app: not running")
     for e in st.get("events", []):
         print(f"  {e}")
@@ -232,7 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p = sub.add_parser("down", help="stop the REST app and the actors (data stays), and the local Ray")
     p.add_argument("--keep-ray", action="store_true", help="leave Ray itself running")
-    sub.add_parser("status", help="shards, events, checkpoints, the REST app")
+    p = sub.add_parser("status", help="shards (node, memory, events, checkpoint, last start), the REST app")
+    p.add_argument("--json", action="store_true", help="for scripts")
     p = sub.add_parser("ingest", help="ingest files or folders (Parquet, CSV, JSON lines) as a Ray job")
     p.add_argument("sources", nargs="+")
     p.add_argument("--ts-col")

@@ -34,6 +34,7 @@ from impressions.actors.sender import JOB_DEADLINE_S, Sender
 from impressions.actors.shard import CALL_KEEP_S
 from impressions.cluster.bootstrap import RayRuntime, coordinator_route
 from impressions.cluster.config import ClusterConfig
+from impressions.cluster.metrics import RayTelemetry
 from impressions.cluster.readers import Fragment, MissingColumn, fragments, parse_ts, read_fragment
 from impressions.cluster.sources import list_sources
 from impressions.durable.ledger import SourceLedger, digest
@@ -83,10 +84,24 @@ class IngestSummary:
 def _prepare(table: pa.Table, cfg: ClusterConfig, now: float, row: int, ts_unit: str, malformed=()):
     ts, bad = parse_ts(table.column("ts"), ts_unit)
     sk = cfg.sketch
-    return prepare(ts, table.column("key"), visitors=table.column("visitor"), now=now,
-                   bucket_seconds=sk.bucket_seconds, retention_buckets=sk.retention_buckets,
-                   future_seconds=sk.future_seconds, row_offset=row, ts_bad=bad, ts_raw=table.column("ts"),
-                   malformed=malformed)
+    batch, rep = prepare(ts, table.column("key"), visitors=table.column("visitor"), now=now,
+                         bucket_seconds=sk.bucket_seconds, retention_buckets=sk.retention_buckets,
+                         future_seconds=sk.future_seconds, row_offset=row, ts_bad=bad, ts_raw=table.column("ts"),
+                         malformed=malformed)
+    telemetry = _telemetry(cfg.namespace)
+    for reason, n in rep.rejected.items():
+        telemetry.rejected(reason, n)
+    return batch, rep
+
+
+_TELEMETRY: dict[str, RayTelemetry] = {}
+
+
+def _telemetry(namespace: str) -> RayTelemetry:
+    t = _TELEMETRY.get(namespace)
+    if t is None:
+        t = _TELEMETRY[namespace] = RayTelemetry(namespace)
+    return t
 
 
 def _sender(coordinator, cfg: ClusterConfig, deadline_s: float = JOB_DEADLINE_S) -> Sender:
