@@ -175,7 +175,8 @@ def cmd_ingest(a) -> int:
     if a.no_wait:
         from ray.job_submission import JobSubmissionClient
         job = JobSubmissionClient(dashboard_url()).submit_job(
-            entrypoint=shlex.join([sys.executable, "-m", "impressions.cluster.ingest", *sources, *extra, "--no-progress"]),
+            entrypoint=shlex.join([sys.executable, "-m", "impressions.cluster.ingest", *sources, *extra,
+                                   "--no-progress"]),
             runtime_env={"env_vars": c.config.job_env()})
         print(f"submitted ingest job {job}; follow it with: ray job logs --follow {job}")
         return 0
