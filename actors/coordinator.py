@@ -381,6 +381,7 @@ class Coordinator:
             for i in range(shards):
                 handles.append(rt.create_shard(i, new_layout, [(j, s_old, exports[j])
                                                                for j in sources_of(i, shards, s_old)]))
+            del exports  # the old states: held by the seeding calls until they are done, not by this frame
             for p in [rt.call(h, "checkpoint" if objects is not None else "ping") for h in handles]:
                 rt.result(p, RESCALE_TIMEOUT_S)  # a shard that could not start says why here
         except Exception as e:

@@ -59,6 +59,7 @@ log = logging.getLogger("impressions.shard")
 
 CALL_KEEP_S = 600.0  # how long a batch id with no lasting meaning is remembered (the runtime's own retries)
 RETRY_START_S = 10.0  # how often an unavailable shard tries to start again
+AWAITING_SEED = "waiting for the old shards' registers (a re-sharding)"
 REPORT_EVERY_S = 5.0  # how often a shard reports its gauges (after an upkeep slice)
 
 
@@ -72,7 +73,8 @@ class ShardActor:
     (old index, old count), ``seed_states`` holds each one's ``export()``."""
 
     def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage: ShardStorage | None = None,
-                 block_cache_mb: float = 32.0, seed_from=(), *seed_states, telemetry: Telemetry | None = None):
+                 block_cache_mb: float = 32.0, seed_from=(), *seed_states, telemetry: Telemetry | None = None,
+                 await_seed: bool = False):
         self.sketch, self.shard_index, self.shards = sketch, shard, shards
         self.storage = storage
         self.telemetry = telemetry or Telemetry()
@@ -82,6 +84,7 @@ class ShardActor:
         self.applied_batches = 0
         self.checkpointed_at: float | None = None
         self._seed = (list(seed_from), seed_states)
+        self._await_seed = await_seed  # the seed comes by ``seed()``, not with the constructor
         self.unavailable: str | None = "starting"
         self._tried = 0.0
         self._start()
@@ -110,12 +113,14 @@ class ShardActor:
                 self.recovery["incarnation"] = self.journal.begin()
                 if self.journal.has_past():
                     self._recover()  # this shard has a past on the store: that wins over any seed
+                    self._await_seed = False
                 elif self._seed[0]:
                     self._seed_from(*self._seed)
                 self.sealed = self.journal.is_sealed()
             elif self._seed[0]:
                 self._seed_from(*self._seed)
-            self.unavailable = None
+            self._seed = ([], ())  # the old shards' states are not kept beyond the seeding
+            self.unavailable = AWAITING_SEED if self._await_seed else None
         except Exception as e:  # noqa: BLE001 - whatever stops a start is reported, and retried
             self.unavailable = f"{type(e).__name__}: {e}"
             log.error("shard %d of %d cannot start: %s", self.shard_index, self.shards, self.unavailable,
@@ -226,6 +231,27 @@ class ShardActor:
         # retries of batches the old shards applied are recognised here, for the registers they applied
         self.applied = AppliedBatches.merged([a.restrict(rr.lo, rr.hi) for a in applied])
         self._checkpoint()
+
+    def seed(self, seed_from: list, *seed_states) -> int:
+        """Take over the registers of old shards (a re-sharding) and checkpoint
+        them; returns the events held.  The seed comes by this call rather than
+        with the constructor because Ray keeps a restartable actor's creation
+        arguments for the actor's whole life: whole states of the old layout
+        would stay pinned in the object store (and keep the old nodes busy).
+        A call that comes again (a retry, or a shard that recovered its own
+        checkpoint) changes nothing."""
+        if self.unavailable != AWAITING_SEED:
+            self._usable()
+            return self.store.events
+        try:
+            self._seed_from(list(seed_from), seed_states)
+        except Exception as e:
+            self.unavailable = f"seeding failed: {type(e).__name__}: {e}"
+            raise
+        self._await_seed = False
+        self.unavailable = None
+        self._report(force=True)
+        return self.store.events
 
     def _usable(self) -> None:
         if self.unavailable is not None:
@@ -457,7 +483,7 @@ class ShardActor:
         beyond the retention, seal what will not change again; an unavailable
         shard tries to start again."""
         if self.unavailable is not None:
-            if time.time() - self._tried >= RETRY_START_S:
+            if self.unavailable != AWAITING_SEED and time.time() - self._tried >= RETRY_START_S:
                 self._start()
             self._report()
             return False

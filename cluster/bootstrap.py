@@ -35,6 +35,9 @@ class ClusterNotRunning(RuntimeError):
     """No cluster to connect to, or no actors on it."""
 
 
+HEAD_RESOURCE = "node:__internal_head__"  # a resource Ray gives the head node only
+
+
 def shard_name(i: int, layout) -> str:
     return f"shard-{i}-of-{layout.shards}-{layout.folder}"
 
@@ -111,13 +114,17 @@ class RayRuntime:
         storage = ShardStorage(cfg.storage, cfg.s3_endpoint, layout.cluster_id, layout.folder,
                                cfg.cache_dir or os.path.join(tempfile.gettempdir(), "impressions-cache",
                                                              layout.cluster_id)) if cfg.storage else None
-        # the old shards' exports are top-level arguments, so Ray hands the shard their values
-        return ray.remote(ShardActor).options(
+        handle = ray.remote(ShardActor).options(
             name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
-            num_cpus=cfg.shard_cpus, scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
+            num_cpus=cfg.shard_cpus, resources={cfg.shard_resource: 1} if cfg.shard_resource else None,
+            scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
             max_concurrency=1).remote(layout.sketch, index, layout.shards, storage, cfg.block_cache_mb,
-                                      [(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds],
-                                      telemetry=RayTelemetry(cfg.namespace))
+                                      telemetry=RayTelemetry(cfg.namespace), await_seed=bool(seeds))
+        if seeds:
+            # by a call, not as creation arguments, which Ray would keep (pinned) as long as the actor lives;
+            # top-level arguments, so the shard gets their values; the calls after it wait behind it
+            handle.seed.remote([(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds])
+        return handle
 
     def find_shard(self, index: int, layout):
         try:
@@ -157,9 +164,13 @@ class RayRuntime:
         while time.monotonic() < deadline:  # ray.kill returns at once: wait until the process is gone
             try:
                 ray.get(handle.ping.remote(), timeout=1.0)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                if isinstance(e, ray.exceptions.RayActorError):
-                    return
+            except ray.exceptions.RayActorError as e:
+                # Ray keeps this error with the call's result: without its traceback, so that it does not keep
+                # the callers' frames (and what they hold, such as a re-sharding's exports) alive
+                e.__traceback__ = None
+                return
+            except ray.exceptions.GetTimeoutError:
+                pass
 
 
 def check_storage_reach(config: ClusterConfig) -> None:
@@ -180,9 +191,12 @@ def ensure_actors(config: ClusterConfig | None = None):
     config = (config or ClusterConfig.from_env()).without_secrets()
     config = config.replace(storage=absolute(config.storage))
     check_storage_reach(config)
+    # on the head node (Ray marks it with this resource), which lives as long as the cluster: never on a
+    # worker that the autoscaler would remove, or that a node failure takes, once its shards are elsewhere
     coord = ray.remote(Coordinator).options(
         name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=32).remote(
+        num_cpus=0, resources={HEAD_RESOURCE: 0.001}, max_restarts=-1, max_task_retries=-1,
+        max_concurrency=32).remote(
             config, RayRuntime(config), RayTelemetry(config.namespace))
     ray.get(coord.start.remote(), timeout=300)
     return coord

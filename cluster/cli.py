@@ -148,7 +148,7 @@ def cmd_status(a) -> int:
                f"started {_ago(r.get('at'))}, nothing to recover")
         if not s["available"]:
             how = f"NOT SERVING: {s['reason']}"
-        print(f"{s['shard']:>5} {str(s.get('node'))[:12]:>12} {s['events']:>12,} {s['keys']:>8,} "
+        print(f"{s['shard']:>5} {str(s.get('node'))[-12:]:>12} {s['events']:>12,} {s['keys']:>8,} "
               f"{s.get('heap_bytes', 0) / 1e6:>8.1f} {s.get('mapped_bytes', 0) / 1e6:>9.1f} {s['log_seq']:>6} "
               f"{s['manifest']:>10} {age:>10}  {how}")
     for name, status in apps.items():

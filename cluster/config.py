@@ -46,6 +46,9 @@ class ClusterConfig:
     storage: str = "file://./data"  # a pyarrow.fs URI: file:// (default), s3://bucket/prefix, gs://...
     s3_endpoint: str | None = None  # for S3-compatible stores (MinIO, moto, ...)
     shard_cpus: float = 0.25  # logical CPUs each shard actor reserves (they are busy only when called)
+    # a custom resource each shard takes one of (unset: none): only nodes that declare it, the ones set up with
+    # the store's access and a local cache disk, receive shards, and the autoscaler adds such nodes for them
+    shard_resource: str | None = None
     query_timeout_s: float = 2.0  # a shard slower than this leaves the answer partial
     batch_rows: int = 262_144  # rows per batch read by an ingest task
     max_inflight: int = 4  # apply calls in flight per ingest task (backpressure)

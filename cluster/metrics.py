@@ -79,7 +79,7 @@ class RayTelemetry(Telemetry):
     def node(self) -> str | None:
         try:
             import ray
-            return ray.get_runtime_context().get_node_id()[:12]
+            return ray.get_runtime_context().get_node_id()
         except Exception:  # noqa: BLE001 - not in a Ray worker
             return None
 
