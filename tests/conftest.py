@@ -41,8 +41,9 @@ def _ray_bin() -> str:
 
 
 def _other_ray_running() -> bool:
-    out = subprocess.run(["pgrep", "-f", "gcs_server"], capture_output=True, text=True)
-    return bool(out.stdout.strip())
+    """A live GCS server on this machine (a zombie left by a killed parent does not count)."""
+    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True)
+    return any("gcs_server" in line and not line.lstrip().startswith("Z") for line in out.stdout.splitlines())
 
 
 @pytest.fixture(scope="session")
