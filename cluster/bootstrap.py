@@ -45,17 +45,6 @@ def shard_name(i: int, layout) -> str:
 _dashboard: str | None = None
 
 
-def local_auth_mode() -> str:
-    """Ray's token auth for a cluster started here for the user, chosen
-    explicitly so that the commands of the README work in the order written:
-    ``RAY_AUTH_MODE`` if set, else ``disabled`` (a cluster on this machine,
-    its dashboard on loopback).  Left to Ray, the first ``ray.init()`` writes
-    ``~/.ray/auth_token``, a later ``ray start`` turns token mode on because
-    the file exists, and ``ray job submit`` from a shell without
-    ``RAY_AUTH_MODE=token`` is refused with 401."""
-    return os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
 def connect(address: str | None = None, *, start_local: bool = True, num_cpus: int | None = None,
             namespace: str | None = None, include_dashboard: bool = False) -> str:
     """Connect this process to Ray: ``address`` (or ``RAY_ADDRESS``, or a
@@ -76,7 +65,7 @@ def connect(address: str | None = None, *, start_local: bool = True, num_cpus: i
                 raise ClusterNotRunning("no Ray cluster is running here; start one with `impressions up`, "
                                         "or give its address (--address, RAY_ADDRESS); from Python, "
                                         "Client(start=True) starts an embedded one") from None
-            local_auth_mode()
+            # Ray's default for a cluster that ray.init starts: token auth on, a token made if none exists
             ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=include_dashboard, **kw)
             how = "started a local Ray"
     _dashboard = ctx.dashboard_url or None

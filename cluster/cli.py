@@ -28,6 +28,29 @@ def _connect(a, start_local: bool = False):
     return connect(a.address, start_local=start_local)
 
 
+def _auth_mode(starts_ray: bool) -> None:
+    """Ray's token auth, settled before Ray is imported (it reads the mode then).
+
+    For a command that may start Ray here (``up``, ``demo``): ``RAY_AUTH_MODE``
+    if set, else ``token``, with a token made if none exists (Ray's GCS
+    listens on every interface of the machine, so a cluster without one would
+    run code for anyone who reaches it).  For the others: with the mode unset
+    and a token on this machine, send it (a cluster `impressions up` started
+    wants it; one without auth ignores it)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    have = bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.exists(path)
+    if "RAY_AUTH_MODE" in os.environ:
+        mode = os.environ["RAY_AUTH_MODE"]
+    elif starts_ray or have:
+        mode = os.environ["RAY_AUTH_MODE"] = "token"
+    else:
+        return
+    if starts_ray and mode == "token" and not have:
+        r = _ray("get-auth-token", "--generate")
+        if r.returncode:
+            raise RuntimeError(f"could not make a Ray token: {r.stderr[-500:]}")
+
+
 def _client(a):
     from impressions.cluster.client import Client
     _connect(a)
@@ -43,7 +66,7 @@ def cmd_up(a) -> int:
     import ray
 
     from impressions.api.auth import parse_api_keys
-    from impressions.cluster.bootstrap import ClusterNotRunning, connect, ensure_actors, local_auth_mode
+    from impressions.cluster.bootstrap import ClusterNotRunning, connect, ensure_actors
     from impressions.cluster.config import ClusterConfig, placeholder_secrets
     from impressions.cluster.serve import start as start_api
     # refused before anything starts: the example file's placeholders, or a public port without keys
@@ -64,8 +87,6 @@ def cmd_up(a) -> int:
     except (ClusterNotRunning, ConnectionError):
         if a.address:
             raise
-        if local_auth_mode() == "token":
-            _ray("get-auth-token", "--generate")  # token mode needs a token before `ray start`
         r = _ray("start", "--head", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
                  f"--num-cpus={os.cpu_count()}")
         if r.returncode:
@@ -79,6 +100,9 @@ def cmd_up(a) -> int:
     mode = os.environ.get("RAY_AUTH_MODE", "")
     print(f"Ray: {'started a local cluster' if started else how}" +
           (f" (token auth {'on' if mode == 'token' else 'off'}: RAY_AUTH_MODE={mode or 'unset'})" if started else ""))
+    if started and mode == "token":
+        print("  `ray job submit` and `ray status` from a shell need `export RAY_AUTH_MODE=token` there "
+              "(the token is ~/.ray/auth_token)")
     print(f"{cfg.shards} shards in namespace {cfg.namespace!r}; storage {cfg.storage}")
     print(f"REST API: {url}  (OpenAPI: {url}/docs)")
     return 0
@@ -281,6 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--ads", type=int, default=1000)
     p.add_argument("--days", type=float, default=3.0)
     a = ap.parse_args(argv)
+    _auth_mode(starts_ray=a.cmd in ("up", "demo"))
     from impressions.cluster.bootstrap import ClusterNotRunning
     from impressions.sketch.timeindex import RangeError
     try:

@@ -90,4 +90,4 @@ def run(events: int = 2_000_000, ads: int = 1000, days: float = 3.0, config: Clu
             lo, hi = r["interval"]
             out(f"{key or 'site-wide':>10} {last:>6} {r['unique_visitors']:>18,} {f'[{lo:,}, {hi:,}]':>22} "
                 f"{true:>13,} {r['impressions']:>12,} {imp:>12,} {ms:>6.2f}")
-    out("\nThe embedded Ray stops with this command; `ray start --head` first keeps a cluster running.")
+    out("\nThe embedded Ray stops with this command; `impressions up` first keeps a cluster running.")

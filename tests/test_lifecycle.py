@@ -41,11 +41,9 @@ def _quickstart() -> str:
 
 def _up_ingest_query_down(tmp_path):
     ray.shutdown()
-    # a user's shell: no RAY_AUTH_MODE, and a token left in ~/.ray by an earlier Ray (which, left to Ray, turns
-    # a later `ray start` to token mode and `ray job submit` to 401)
+    # a new user's shell: no RAY_AUTH_MODE, no Ray token yet (`impressions up` makes one: token auth is on)
     home = tmp_path / "home"
-    (home / ".ray").mkdir(parents=True)
-    (home / ".ray" / "auth_token").write_text("ab" * 32)
+    home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env.update(HOME=str(home), IMPRESSIONS_NAMESPACE="life", IMPRESSIONS_SHARDS="2",
                IMPRESSIONS_STORAGE=f"file://{tmp_path}/store")
@@ -60,15 +58,16 @@ def _up_ingest_query_down(tmp_path):
     quick = subprocess.run(["bash", "-ec", _quickstart()], cwd=work, env=env, capture_output=True, text=True,
                            timeout=600)
     assert quick.returncode == 0, quick.stdout[-3000:] + quick.stderr[-3000:]
-    assert "started a local cluster (token auth off" in quick.stdout, quick.stdout
+    assert "started a local cluster (token auth on" in quick.stdout, quick.stdout
+    assert (home / ".ray" / "auth_token").exists()
     assert "accepted: 5,000   rejected: 0" in quick.stderr + quick.stdout, quick.stderr[-3000:]
     assert "site-wide" in quick.stdout and "5,000" in quick.stdout.split("site-wide")[-1], quick.stdout
     r = httpx.get("http://127.0.0.1:8000/v1/unique", params={"last": "2d"}, timeout=30).json()
     assert r["impressions"] == 5_000
     # the same job again: every file was counted, none is counted twice
-    activate, _, submit = _quickstart().splitlines()[:3]
-    again = subprocess.run(["bash", "-ec", f"{activate}\n{submit}"], cwd=work, env=env, capture_output=True,
-                           text=True, timeout=600)
+    activate, auth, _, submit = _quickstart().splitlines()[:4]
+    again = subprocess.run(["bash", "-ec", f"{activate}\n{auth}\n{submit}"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "accepted: 0" in again.stderr + again.stdout and "skipped 1 file ingested before" in again.stderr + again.stdout
     q = _cli("query", "--last", "2d", "--json", env=env)
