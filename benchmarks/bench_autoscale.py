@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.report import machine, table, write_section
+from benchmarks.report import free_port, machine, table, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESOURCE = "impressions_shard"
@@ -214,7 +214,6 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     from moto.server import ThreadedMotoServer
 
-    from tests.conftest import free_port
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_REGION", "us-east-1")

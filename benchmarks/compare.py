@@ -29,7 +29,6 @@ import argparse
 import math
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,17 +37,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.report import machine, table, write_section
+from benchmarks.report import free_port, machine, table, write_section
 from impressions.cluster.workload import generate, write_parquet
 
 NS = [1, 5, 60, 1440, 10_080, 43_200]
 SITE = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(files: list[str], rows: int = 1_000_000):
@@ -83,7 +76,7 @@ class Redis:
 
     def __init__(self, work: str, per_key: bool):
         import redis
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                                       "--appendonly", "no", "--dir", work], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
@@ -233,7 +226,7 @@ class Ours:
 
     def start_rest(self) -> str:
         from impressions.cluster.serve import start
-        self.rest_url = start(self.ns, port=_free_port(), name=f"compare-{self.ns}")
+        self.rest_url = start(self.ns, port=free_port(), name=f"compare-{self.ns}")
         return self.rest_url
 
     def close(self):

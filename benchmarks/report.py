@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import socket
 import sys
 from importlib import metadata
 
@@ -76,3 +77,10 @@ def write_section(name: str, body: str, doc: str = DOC) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     with open(doc, "w") as f:
         f.write(text)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

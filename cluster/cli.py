@@ -137,8 +137,6 @@ def _ago(t: float | None) -> str:
 
 
 def cmd_status(a) -> int:
-    import dataclasses
-
     c = _client(a)
     st = c.stats()
     cfg = st["config"]
@@ -152,7 +150,7 @@ def cmd_status(a) -> int:
                 "keys", "base_rows", "rollup_rows", "sealed_nodes", "sealed_bytes", "log_seq", "manifest",
                 "checkpoint_age_s", "recovery", "uptime_s")
         out = {"epoch": st["epoch"], "queries": st["queries"],
-               "config": dataclasses.asdict(cfg.without_secrets()), "rest_apps": apps, "notes": st.get("events", []),
+               "config": json.loads(cfg.to_json()), "rest_apps": apps, "notes": st.get("events", []),
                "shards": [{"shard": i, "available": False, "reason": "did not answer in time"} if s is None else
                           {k: s.get(k) for k in keep} for i, s in enumerate(st["shards"])]}
         print(json.dumps(out, default=str))

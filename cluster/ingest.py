@@ -94,14 +94,15 @@ def _prepare(table: pa.Table, cfg: ClusterConfig, now: float, row: int, ts_unit:
     return batch, rep
 
 
-_TELEMETRY: dict[str, RayTelemetry] = {}
+_TELEMETRY: dict[str, RayTelemetry] = {}  # one a process: its metrics are made once
 
 
 def _telemetry(namespace: str) -> RayTelemetry:
-    t = _TELEMETRY.get(namespace)
-    if t is None:
-        t = _TELEMETRY[namespace] = RayTelemetry(namespace)
-    return t
+    # a plain dict, not functools.cache: run as a job this module is __main__, and Ray pickles its functions
+    # by value with their globals, which a cache wrapper does not survive
+    if namespace not in _TELEMETRY:
+        _TELEMETRY[namespace] = RayTelemetry(namespace)
+    return _TELEMETRY[namespace]
 
 
 def _sender(coordinator, cfg: ClusterConfig, deadline_s: float = JOB_DEADLINE_S) -> Sender:

@@ -121,3 +121,27 @@ def test_a_part_records_only_the_registers_it_stands_for():
     assert a.apply(quarters[3], "x", KEEP, 3 * m // 4, m) == 0  # now a retry
     with pytest.raises(ValueError, match="outside"):
         a.apply(quarters[1], "y", KEEP, m // 2, m)  # events outside the registers the part claims
+
+
+def test_a_new_shard_awaits_its_seed_and_takes_it_once():
+    """A re-sharding's new shard is seeded by a call (not creation arguments, which Ray keeps pinned for the
+    actor's life): until then it serves nothing, upkeep does not start it empty, and a retried seed is a no-op."""
+    from impressions.actors.runtime import ShardUnavailable
+    from impressions.actors.shard import ShardActor
+    old = ShardActor(SK, 0, 1, None)
+    old.apply(_batch(3000), "x", KEEP)
+    state = old.export()
+    new = ShardActor(SK, 1, 2, None, await_seed=True)
+    b1 = int(NOW // 60) + 1
+    with pytest.raises(ShardUnavailable, match="waiting for the old shards"):
+        new.query(["ad-1"], b1 - 100, b1)
+    assert new.maintain() is False
+    with pytest.raises(ShardUnavailable, match="waiting for the old shards"):
+        new.checkpoint()
+    n = new.seed([(0, 1)], state)
+    ref = ShardActor(SK, 1, 2, None, 32.0, [(0, 1)], state)  # seeded through its constructor
+    assert n == ref.store.events
+    got = new.registers("ad-1", b1 - 100, b1)
+    assert got.any() and np.array_equal(got, ref.registers("ad-1", b1 - 100, b1))
+    assert new.seed([(0, 1)], state) == n  # a retried call changes nothing
+    assert np.array_equal(new.registers("ad-1", b1 - 100, b1), ref.registers("ad-1", b1 - 100, b1))

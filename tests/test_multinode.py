@@ -8,9 +8,7 @@ default of about 18 s (which a production cluster may keep: it only delays the s
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,7 +22,7 @@ from impressions.cluster.config import ClusterConfig
 from impressions.cluster.workload import generate
 from impressions.sketch.counter import LocalCounter
 from impressions.sketch.store import SketchConfig
-from tests.conftest import free_port, restart_ray, wait_for
+from tests.conftest import _ray_bin, free_port, restart_ray, wait_for
 
 HEALTH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
           "health_check_failure_threshold": 3}
@@ -33,8 +31,7 @@ RESOURCE = "impressions_shard"
 
 def _stop_ray() -> None:
     ray.shutdown()
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+    subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
 
 
 @pytest.fixture
