@@ -49,10 +49,18 @@ from impressions.durable.layout import (
     write_layout,
 )
 from impressions.durable.objects import ObjectStore
-from impressions.sketch.answer import RangeResult, merge_answers
+from impressions.sketch.answer import (
+    RangeResult,
+    merge_answers,
+    merge_overlap,
+    merge_reach,
+    series_answer,
+    series_points,
+)
 from impressions.sketch.hll import RegisterRange, check_shards
 from impressions.sketch.reshard import sources_of
 from impressions.sketch.timeindex import BucketRange
+from impressions.sketch.windows import plan_series
 
 from .runtime import Runtime, ShardUnavailable, gather
 from .telemetry import Telemetry
@@ -225,19 +233,65 @@ class Coordinator:
         the register ranges that answered, with the wider error that implies."""
         m = self._ensure()
         keys = list(keys)
+        answers = self._ask(m, "query", keys, rng.b0, rng.b1)
+        return self._merge(m, keys, answers, rng.start, rng.end)
+
+    def _ask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
+        """A question to every shard (``_fan_out``, with the time it was sent
+        last), counted in the questions in flight and the answer metrics."""
         t0 = time.perf_counter()
         token = object()
         self._asking.add(token)
         self.telemetry.in_flight(len(self._asking))
         try:
-            answers = self._fan_out(m, "query", keys, rng.b0, rng.b1, time.time(),
-                                    timeout=self.config.query_timeout_s)
+            answers = self._fan_out(m, method, *args, time.time(), timeout=timeout or self.config.query_timeout_s)
         finally:
             self._asking.discard(token)
         self.queries += 1
         missing = [i for i, a in enumerate(answers) if a is None]
         self.telemetry.answer(time.perf_counter() - t0, bool(missing), missing)
-        return self._merge(m, keys, answers, rng.start, rng.end)
+        if len(missing) == len(answers):
+            raise ShardUnavailable(f"no shard answered within {timeout or self.config.query_timeout_s} s")
+        return answers
+
+    def reach(self, keys: list, prefix: str | None, rng: BucketRange) -> dict:
+        """Unique visitors of the union of a key set (listed ``keys`` and every
+        key starting with ``prefix``) over ``rng``, with summed impressions and
+        the average frequency: one call per shard, which merges the set's
+        registers and answers one histogram."""
+        m = self._ensure()
+        answers = [a for a in self._ask(m, "reach", list(keys), prefix or None, rng.b0, rng.b1) if a is not None]
+        return merge_reach(answers, m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end, prefix)
+
+    def overlap(self, a: tuple, b: tuple, rng: BucketRange) -> dict:
+        """Visitors of both key sets ``a`` and ``b`` (each ``(keys, prefix)``)
+        over ``rng``: the joint estimate with its interval, inclusion-exclusion
+        beside it, Jaccard and each side's share (``sketch.sets``)."""
+        m = self._ensure()
+        a, b = (list(a[0]), a[1] or None), (list(b[0]), b[1] or None)
+        answers = [x for x in self._ask(m, "overlap", a, b, rng.b0, rng.b1) if x is not None]
+        return merge_overlap(answers, m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end)
+
+    def rolling(self, keys: list, prefix: str | None, rng: BucketRange, step: int, window: int | None) -> dict:
+        """A series over ``rng``: with ``window``, the trailing ``window`` buckets
+        every ``step`` buckets, each window inside the range, the last ending
+        at its end; without, the cumulative unique visitors since the range's
+        start at every step.  Each point is a real range answer (its registers
+        are those of the range query over the same buckets), computed by
+        every shard in one pass over the cells the windows share
+        (``sketch.windows``).  The start is moved forward to a whole number
+        of steps before the end; points report what they cover."""
+        chunks = plan_series(rng.b0, rng.b1, step, window)
+        m = self._ensure()
+        w = rng.bucket_seconds
+        now = time.time()
+        points = []
+        for first, g, n, starts, ends in chunks:
+            answers = self._ask(m, "series", list(keys), prefix or None, first, g, n, starts, ends,
+                                timeout=self.config.query_timeout_s * 2)
+            points += series_points([x for x in answers if x is not None], m.rr.prec.m, m.rr.R, len(m.handles),
+                                    first, g, starts, ends, w, now)
+        return series_answer(keys, prefix, step, window, w, points)
 
     def series(self, key, rng: BucketRange, step: int) -> list[dict]:
         """One answer per ``step`` buckets of ``rng``: a chart's points, each a

@@ -449,19 +449,35 @@ class ShardActor:
         """``(hist, sparse, impressions)`` for each key over buckets ``[b0, b1)``.
         ``sent``: when the caller sent it (epoch seconds), to report the time
         it waited behind this shard's other calls."""
-        self._usable()
-        if sent is not None:
-            self.telemetry.shard_wait(self.shard_index, max(0.0, time.time() - float(sent)))
-        t0 = time.perf_counter()
-        out = self.store.query(keys, b0, b1)
-        self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
-        return out
+        return self._timed(sent, self.store.query, keys, b0, b1)
 
     def query_ranges(self, keys: list, ranges: list[tuple[int, int]]) -> list:
         """``query`` for several ranges in one call (a chart's points)."""
         self._usable()
         t0 = time.perf_counter()
         out = [self.store.query(keys, b0, b1) for b0, b1 in ranges]
+        self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
+        return out
+
+    def reach(self, names: list, prefix: str | None, b0: int, b1: int, sent: float | None = None):
+        """``(hist, sparse, impressions, keys)`` of the union of a key set (``ShardStore.reach``)."""
+        return self._timed(sent, self.store.reach, names, prefix, b0, b1)
+
+    def overlap(self, a: tuple, b: tuple, b0: int, b1: int, sent: float | None = None):
+        """``(joint histogram, counts, impressions)`` of two key sets (``ShardStore.overlap``)."""
+        return self._timed(sent, self.store.overlap, a, b, b0, b1)
+
+    def series(self, names: list, prefix: str | None, b0: int, g: int, n: int, starts, ends,
+               sent: float | None = None):
+        """Windows of a key set's union in one pass (``ShardStore.series``)."""
+        return self._timed(sent, self.store.series, names, prefix, b0, g, n, starts, ends)
+
+    def _timed(self, sent, fn, *args):
+        self._usable()
+        if sent is not None:
+            self.telemetry.shard_wait(self.shard_index, max(0.0, time.time() - float(sent)))
+        t0 = time.perf_counter()
+        out = fn(*args)
         self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
         return out
 

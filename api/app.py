@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 
 from impressions.sketch.config import SketchConfig
 from impressions.sketch.timeindex import BucketRange, parse_duration
+from impressions.sketch.windows import plan_series
 
 from . import errors
 from .auth import READ, WRITE, FailedAuth, parse_api_keys
@@ -53,6 +54,11 @@ from .models import (
     Health,
     IngestResult,
     Keys,
+    Overlap,
+    OverlapQuery,
+    Reach,
+    ReachQuery,
+    Rolling,
     Series,
     Unique,
     UniqueMany,
@@ -61,7 +67,10 @@ from .models import (
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "style.css": "text/css; charset=utf-8"}
+                "style.css": "text/css; charset=utf-8",
+                # uPlot, vendored from the npm registry (api/static/VENDORED.md): no network at run time
+                "uPlot.iife.min.js": "text/javascript; charset=utf-8", "uPlot.min.css": "text/css; charset=utf-8",
+                "uPlot.LICENSE": "text/plain; charset=utf-8"}
 MAX_BODY = 64 * 1024 * 1024  # bytes of a POST /v1/events body
 MAX_ROWS = 1_000_000  # events in one POST /v1/events (a compressed Arrow stream can hold far more than its bytes)
 MAX_QUERY_BODY = 1024 * 1024  # bytes of any other POST body
@@ -80,6 +89,13 @@ class Backend(Protocol):
     async def series(self, key, rng: BucketRange, step: int) -> list[dict]: ...
 
     async def keys(self, rng: BucketRange, prefix: str, limit: int) -> list[dict]: ...
+
+    async def reach(self, keys: list, prefix: str | None, rng: BucketRange) -> dict: ...
+
+    async def overlap(self, a: tuple, b: tuple, rng: BucketRange) -> dict: ...
+
+    async def rolling(self, keys: list, prefix: str | None, rng: BucketRange, step: int,
+                      window: int | None) -> dict: ...
 
     async def ingest(self, table: pa.Table, malformed: list[int], idempotency_key: str | None,
                      body_sha: str) -> dict:
@@ -158,7 +174,8 @@ class _Oversize(HTTPException):
 def create_app() -> FastAPI:
     """The app, its routes and error handling; ``configure`` it before serving."""
     app = FastAPI(title="impressions", version="1", description=__doc__,
-                  openapi_tags=[{"name": "queries"}, {"name": "ingest"}, {"name": "health"}])
+                  openapi_tags=[{"name": "queries"}, {"name": "audiences"}, {"name": "ingest"},
+                                {"name": "health"}])
     errors.install(app)
     app.add_middleware(BodyLimit)
 
@@ -218,6 +235,102 @@ def create_app() -> FastAPI:
         out = await backend(request).series(key, rng, n)
         request.app.state.metrics.latency("series", (time.perf_counter() - t) * 1e3)
         return {"key": key, "step": n * rng.bucket_seconds, "points": out}
+
+    def key_set(keys, prefix, name: str = "") -> tuple[list, str | None]:
+        keys = list(keys or [])
+        check_keys(keys)
+        if any(k is None for k in keys):
+            raise BadRequest(f"a key set{name} holds keys (strings); the site-wide key is not one")
+        if prefix is not None and (not prefix or len(prefix.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES):
+            raise BadRequest(f"a prefix{name} must be 1 to {MAX_KEY_BYTES} bytes")
+        if not keys and not prefix:
+            raise BadRequest(f"a key set{name} needs keys, a prefix, or both")
+        return keys, prefix
+
+    async def timed(request: Request, route: str, call):
+        t = time.perf_counter()
+        out = await call
+        request.app.state.metrics.latency(route, (time.perf_counter() - t) * 1e3)
+        return out
+
+    async def reach_of(request: Request, keys, prefix, last, start, end) -> dict:
+        keys, prefix = key_set(keys, prefix)
+        rng = resolve(request, last, start, end)
+        return await timed(request, "reach", backend(request).reach(keys, prefix, rng))
+
+    @app.get("/v1/reach", tags=["audiences"], response_model=Reach, responses=ERRORS, dependencies=READ,
+             summary="unique visitors of a set of keys together (a campaign's reach), deduplicated")
+    async def reach(request: Request,
+                    key: Annotated[list[str] | None, Query(description="repeat for each key of the set")] = None,
+                    prefix: Annotated[str | None, Query(description="and every key starting with this")] = None,
+                    last: Annotated[str | None, Query()] = None, start: Annotated[str | None, Query()] = None,
+                    end: Annotated[str | None, Query()] = None):
+        """A visitor who saw several keys of the set counts once.  Impressions
+        are summed over the set; ``frequency`` is impressions per unique visitor."""
+        return await reach_of(request, key, prefix, last, start, end)
+
+    @app.post("/v1/reach", tags=["audiences"], response_model=Reach, responses=ERRORS, dependencies=READ,
+              summary="reach of up to 1,000 listed keys (and a prefix)")
+    async def reach_post(request: Request, q: ReachQuery):
+        return await reach_of(request, q.keys, q.prefix, q.last, q.start, q.end)
+
+    async def overlap_of(request: Request, a: tuple, b: tuple, last, start, end) -> dict:
+        a, b = key_set(*a, name=" (a)"), key_set(*b, name=" (b)")
+        rng = resolve(request, last, start, end)
+        return await timed(request, "overlap", backend(request).overlap(a, b, rng))
+
+    overlap_doc = """Visitors who saw both A and B (each a key, a list of keys, or a prefix).
+
+        HyperLogLog answers an intersection through the union's registers, so
+        its error is of the order of the *union's* error (about 0.8 % of it at
+        p = 14), whatever the overlap: a small overlap is a noisy one.  The
+        estimate is Ertl's joint maximum likelihood on the two sketches (more
+        precise than inclusion-exclusion, which is reported beside it), with a
+        95 % interval from its observed information; ``distinguishable`` is
+        false, and ``note`` says so, when that interval reaches 0.  While every
+        part is sparse the coupons are counted instead (near-exact)."""
+
+    @app.get("/v1/overlap", tags=["audiences"], response_model=Overlap, responses=ERRORS, dependencies=READ,
+             summary="visitors of both A and B, Jaccard and shares, with honest error bars", description=overlap_doc)
+    async def overlap(request: Request,
+                      a: Annotated[list[str] | None, Query(description="a key of A (repeat)")] = None,
+                      b: Annotated[list[str] | None, Query(description="a key of B (repeat)")] = None,
+                      a_prefix: Annotated[str | None, Query(description="and every key starting with this in A")] = None,
+                      b_prefix: Annotated[str | None, Query(description="and every key starting with this in B")] = None,
+                      last: Annotated[str | None, Query()] = None, start: Annotated[str | None, Query()] = None,
+                      end: Annotated[str | None, Query()] = None):
+        return await overlap_of(request, (a, a_prefix), (b, b_prefix), last, start, end)
+
+    @app.post("/v1/overlap", tags=["audiences"], response_model=Overlap, responses=ERRORS, dependencies=READ,
+              summary="overlap of two key sets", description=overlap_doc)
+    async def overlap_post(request: Request, q: OverlapQuery):
+        return await overlap_of(request, (q.a.keys, q.a.prefix), (q.b.keys, q.b.prefix), q.last, q.start, q.end)
+
+    @app.get("/v1/rolling", tags=["audiences"], response_model=Rolling, responses=ERRORS, dependencies=READ,
+             summary="trailing-window or cumulative unique visitors at every step of a range")
+    async def rolling(request: Request,
+                      key: Annotated[list[str] | None, Query(description="repeat for a set; omit (and no prefix) for site-wide")] = None,
+                      prefix: Annotated[str | None, Query(description="and every key starting with this")] = None,
+                      window: Annotated[str | None, Query(description="trailing window, e.g. 24h (omit with cumulative=true)")] = None,
+                      step: Annotated[str, Query(description="between points, e.g. 1h")] = "1h",
+                      cumulative: Annotated[bool, Query(description="unique visitors since the range's start, at every step")] = False,
+                      last: Annotated[str | None, Query()] = None, start: Annotated[str | None, Query()] = None,
+                      end: Annotated[str | None, Query()] = None):
+        """Each point is the answer of a range query over its window (the same
+        registers, interval and flags), all computed in one pass per shard that
+        shares the nodes neighbouring windows have in common.  Windows lie
+        inside the range, the last ending at its end."""
+        if key or prefix is not None:
+            keys, prefix = key_set(key, prefix)
+        else:
+            keys, prefix = [None], None
+        if cumulative == (window is not None):
+            raise BadRequest("give a window (trailing series) or cumulative=true, not both and not neither")
+        rng = resolve(request, last, start, end)
+        n = parse_duration(step, rng.bucket_seconds, "step")
+        w = None if cumulative else parse_duration(window, rng.bucket_seconds, "window")
+        plan_series(rng.b0, rng.b1, n, w)  # refuses a series it cannot answer (400), before asking the cluster
+        return await timed(request, "rolling", backend(request).rolling(keys, prefix, rng, n, w))
 
     @app.get("/v1/keys", tags=["queries"], response_model=Keys, responses=ERRORS, dependencies=READ,
              summary="keys with impressions in a range (default: the retention), the most impressions first")

@@ -5,6 +5,10 @@
     impressions ingest ./events/ s3://bucket/more/    # an ingest job; waits and prints its summary
     impressions query ad-1 ad-2 --last 15m            # a table; --json for the REST API's JSON
     impressions query --start 2026-11-29T00:00:00Z    # no key: site-wide
+    impressions query ad-1 --rolling 24h --step 1h --last 7d   # trailing 24 h, every hour
+    impressions query ad-1 --cumulative --step 1d --last 30d   # unique visitors since the start, daily
+    impressions reach ad-1 ad-2 --prefix campaign-12/ --last 30d   # a set of keys' visitors, each once
+    impressions overlap ad-1,ad-2 ad-3 --last 7d      # visitors of both sets (comma-separated keys)
     impressions checkpoint | rescale 4 | down | demo
 
 Every command but ``up`` and ``demo`` needs a running cluster (this
@@ -218,21 +222,92 @@ def cmd_ingest(a) -> int:
     return 0 if not s["failed_files"] else 1
 
 
+def _range(a, default: str = "15m") -> dict:
+    return {"last": a.last if a.last is not None or a.start is not None else default, "start": a.start, "end": a.end}
+
+
+def _interval(r: dict) -> str:
+    lo, hi = r["interval"]
+    return f"[{lo:,}, {hi:,}]" if hi is not None else f"[{lo:,}, ...]"
+
+
+def _flag(r: dict) -> str:
+    return " exact" if r["exact"] else " partial" if r["partial"] else ""
+
+
 def cmd_query(a) -> int:
     c = _client(a)
     keys = [None if k in ("*", "site-wide") else k for k in (a.keys or [None])]
-    out = c.query(keys, last=a.last if a.last is not None or a.start is not None else "15m", start=a.start,
-                  end=a.end)
+    if a.rolling or a.cumulative:
+        return _rolling(a, c, keys)
+    if a.step:
+        raise ValueError("--step goes with --rolling or --cumulative")
+    out = c.query(keys, **_range(a))
     if a.json:
         print(json.dumps(out[0] if len(out) == 1 else out))
         return 0
     print(f"{'key':>16} {'start (UTC)':>20} {'end (UTC)':>20} {'unique visitors':>16} {'95% interval':>24} "
           f"{'impressions':>12}")
     for r in out:
-        lo, hi = r["interval"]
-        flag = " exact" if r["exact"] else " partial" if r["partial"] else ""
         print(f"{r['key'] or 'site-wide':>16} {_utc(r['start']):>20} {_utc(r['end']):>20} {r['unique_visitors']:>16,} "
-              f"{f'[{lo:,}, {hi:,}]' if hi is not None else f'[{lo:,}, ...]':>24} {r['impressions']:>12,}{flag}")
+              f"{_interval(r):>24} {r['impressions']:>12,}{_flag(r)}")
+    return 0
+
+
+def _rolling(a, c, keys: list) -> int:
+    if a.rolling and a.cumulative:
+        raise ValueError("--rolling WINDOW or --cumulative, not both")
+    if not a.step:
+        raise ValueError("--step is needed with --rolling or --cumulative (e.g. --step 1h)")
+    if None in keys and len(keys) > 1:
+        raise ValueError("a series is of one key, a set of keys, or site-wide: not site-wide and keys together")
+    out = c.rolling(None if keys == [None] else keys, step=a.step, window=a.rolling, cumulative=a.cumulative,
+                    **_range(a, "24h" if a.cumulative else "7d"))
+    if a.json:
+        print(json.dumps(out))
+        return 0
+    what = "site-wide" if keys == [None] else " | ".join(keys)
+    how = "cumulative since the start" if out["cumulative"] else f"trailing {out['window']}s"
+    print(f"{what}: {how}, every {out['step']}s")
+    print(f"{'window start (UTC)':>20} {'end (UTC)':>20} {'unique visitors':>16} {'95% interval':>24} {'impressions':>12}")
+    for r in out["points"]:
+        print(f"{_utc(r['start']):>20} {_utc(r['end']):>20} {r['unique_visitors']:>16,} {_interval(r):>24} "
+              f"{r['impressions']:>12,}{_flag(r)}{'' if r['complete'] else ' (in progress)'}")
+    return 0
+
+
+def cmd_reach(a) -> int:
+    r = _client(a).reach(a.keys, prefix=a.prefix, **_range(a, "1d"))
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    what = ", ".join(a.keys) + (f" and {a.prefix}*" if a.prefix else "") if a.keys else f"{a.prefix}*"
+    print(f"reach of {what} ({r['keys']} keys with data), {_utc(r['start'])} to {_utc(r['end'])} UTC")
+    print(f"  unique visitors {r['unique_visitors']:,} {_interval(r)}{_flag(r)}")
+    print(f"  impressions     {r['impressions']:,}" + (f" (frequency {r['frequency']:.2f} a visitor)"
+                                                       if r["frequency"] is not None else ""))
+    return 0
+
+
+def cmd_overlap(a) -> int:
+    sets = []
+    for keys, prefix in ((a.a, a.a_prefix), (a.b, a.b_prefix)):
+        sets.append(([k for k in (keys or "").split(",") if k], prefix))
+    r = _client(a).overlap(sets[0][0], sets[1][0], a_prefix=sets[0][1], b_prefix=sets[1][1], **_range(a, "1d"))
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    both = r["both"]
+    print(f"{_utc(r['start'])} to {_utc(r['end'])} UTC")
+    for name in ("a", "b", "union"):
+        print(f"  {name:>6} {r[name]['unique_visitors']:>14,} {_interval(r[name]):>26}")
+    print(f"  {'both':>6} {both['unique_visitors']:>14,} {_interval(both):>26}  ({both['method']}; "
+          f"inclusion-exclusion {both['inclusion_exclusion']:,})")
+    print(f"  jaccard {r['jaccard']:.4f} [{r['jaccard_interval'][0]:.4f}, {r['jaccard_interval'][1]:.4f}]"
+          + (f", share of a {r['share_of_a']:.2%}" if r["share_of_a"] is not None else "")
+          + (f", share of b {r['share_of_b']:.2%}" if r["share_of_b"] is not None else ""))
+    if r["note"]:
+        print(f"  note: {r['note']}")
     return 0
 
 
@@ -295,6 +370,25 @@ def main(argv=None) -> int:
     p.add_argument("--start", help="epoch seconds or ISO-8601")
     p.add_argument("--end", help="epoch seconds or ISO-8601 (default: now)")
     p.add_argument("--json", action="store_true", help="the REST API's JSON")
+    p.add_argument("--rolling", metavar="WINDOW", help="a trailing window (e.g. 24h) at every --step over the range")
+    p.add_argument("--cumulative", action="store_true", help="unique visitors since the range's start at every --step")
+    p.add_argument("--step", help="between points of a --rolling or --cumulative series (e.g. 1h)")
+    p = sub.add_parser("reach", help="unique visitors of a set of keys together (each visitor once)")
+    p.add_argument("keys", nargs="*")
+    p.add_argument("--prefix", help="and every key whose name starts with this")
+    for name, h in (("--last", "15m, 24h, 30d, or a number of buckets (default 1d)"),
+                    ("--start", "epoch seconds or ISO-8601"), ("--end", "epoch seconds or ISO-8601 (default: now)")):
+        p.add_argument(name, help=h)
+    p.add_argument("--json", action="store_true", help="the REST API's JSON")
+    p = sub.add_parser("overlap", help="visitors of both of two key sets, Jaccard and shares")
+    p.add_argument("a", nargs="?", help="keys of A, comma-separated")
+    p.add_argument("b", nargs="?", help="keys of B, comma-separated")
+    p.add_argument("--a-prefix", help="and every key starting with this, in A")
+    p.add_argument("--b-prefix", help="and every key starting with this, in B")
+    for name, h in (("--last", "15m, 24h, 30d, or a number of buckets (default 1d)"),
+                    ("--start", "epoch seconds or ISO-8601"), ("--end", "epoch seconds or ISO-8601 (default: now)")):
+        p.add_argument(name, help=h)
+    p.add_argument("--json", action="store_true", help="the REST API's JSON")
     sub.add_parser("checkpoint", help="checkpoint every shard now")
     p = sub.add_parser("rescale", help="change the number of shards of the live cluster")
     p.add_argument("shards", type=int)
@@ -308,7 +402,8 @@ def main(argv=None) -> int:
     from impressions.sketch.timeindex import RangeError
     try:
         return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "ingest": cmd_ingest, "query": cmd_query,
-                "checkpoint": cmd_checkpoint, "rescale": cmd_rescale, "demo": cmd_demo}[a.cmd](a)
+                "reach": cmd_reach, "overlap": cmd_overlap, "checkpoint": cmd_checkpoint, "rescale": cmd_rescale,
+                "demo": cmd_demo}[a.cmd](a)
     except ClusterNotRunning as e:
         print(f"impressions: {e}", file=sys.stderr)
         return 2

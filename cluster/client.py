@@ -83,6 +83,41 @@ class Client:
         n = parse_duration(step, self.config.sketch.bucket_seconds)
         return ray.get(self.coordinator.series.remote(key, rng, n), timeout=self.timeout)
 
+    def reach(self, keys=(), *, prefix: str | None = None, last=None, start=None, end=None, now=None) -> dict:
+        """Unique visitors of a set of keys together (each visitor once), impressions summed and
+        the average frequency: ``keys`` listed (up to 1,000), every key starting with ``prefix``, or both."""
+        a = _key_set(keys, prefix)
+        rng = self.resolve(last=last, start=start, end=end, now=now)
+        return ray.get(self.coordinator.reach.remote(a[0], a[1], rng), timeout=self.timeout)
+
+    def overlap(self, a, b, *, a_prefix: str | None = None, b_prefix: str | None = None, last=None, start=None,
+                end=None, now=None) -> dict:
+        """Visitors who saw both ``a`` and ``b`` (a key or a list of keys each, and/or a prefix):
+        the joint estimate with its 95 % interval, Jaccard, each side's share (``sketch.sets``)."""
+        sa, sb = _key_set(a, a_prefix), _key_set(b, b_prefix)
+        rng = self.resolve(last=last, start=start, end=end, now=now)
+        return ray.get(self.coordinator.overlap.remote(sa, sb, rng), timeout=self.timeout)
+
+    def rolling(self, keys=None, *, step, window=None, cumulative: bool = False, prefix: str | None = None,
+                last=None, start=None, end=None, now=None) -> dict:
+        """Trailing ``window`` (e.g. ``24h``) every ``step`` (e.g. ``1h``) over the range, or with
+        ``cumulative=True`` the unique visitors since its start at every step; ``keys`` a key, a
+        list (their union) or None for site-wide.  Each point is a range answer."""
+        from impressions.sketch.timeindex import parse_duration
+        from impressions.sketch.windows import plan_series
+        if cumulative == (window is not None):
+            raise ValueError("give a window, or cumulative=True")
+        if keys is None and prefix is None:
+            names = [None]
+        else:
+            names, prefix = _key_set([] if keys is None else keys, prefix)
+        rng = self.resolve(last=last, start=start, end=end, now=now)
+        w = self.config.sketch.bucket_seconds
+        n = parse_duration(step, w, "step")
+        win = None if cumulative else parse_duration(window, w, "window")
+        plan_series(rng.b0, rng.b1, n, win)  # a series that cannot be answered is refused here, saying why
+        return ray.get(self.coordinator.rolling.remote(names, prefix, rng, n, win), timeout=self.timeout)
+
     def registers(self, key, b0: int, b1: int):
         """The whole dense sketch of ``key`` over buckets ``[b0, b1)``."""
         rng = BucketRange(b0, b1, self.config.sketch.bucket_seconds)
@@ -103,3 +138,15 @@ class Client:
 
     def stats(self) -> dict:
         return ray.get(self.coordinator.stats.remote(), timeout=self.timeout)
+
+
+def _key_set(keys, prefix: str | None) -> tuple[list, str | None]:
+    """``(keys, prefix)`` of a key set: a key or a list of keys, and/or a prefix."""
+    keys = [keys] if isinstance(keys, str) else list(keys or [])
+    if any(not isinstance(k, str) or not k for k in keys):
+        raise ValueError("a key set holds keys (non-empty strings); the site-wide key is not one")
+    if prefix is not None and not prefix:
+        raise ValueError("an empty prefix would be every key: give keys or a prefix")
+    if not keys and not prefix:
+        raise ValueError("a key set needs keys, a prefix, or both")
+    return keys, prefix

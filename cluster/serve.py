@@ -72,6 +72,15 @@ class RayBackend:
     async def keys(self, rng, prefix, limit):
         return await self._ask(self.coordinator.keys.remote(rng, prefix, limit))
 
+    async def reach(self, keys, prefix, rng):
+        return await self._ask(self.coordinator.reach.remote(keys, prefix, rng))
+
+    async def overlap(self, a, b, rng):
+        return await self._ask(self.coordinator.overlap.remote(a, b, rng))
+
+    async def rolling(self, keys, prefix, rng, step, window):
+        return await self._ask(self.coordinator.rolling.remote(keys, prefix, rng, step, window))
+
     async def health(self):
         return await self._ask(self.coordinator.health.remote())
 

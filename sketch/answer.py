@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .hll import Estimate, estimate_from_parts
+from .sets import estimate_overlap
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,52 @@ def merge_answers(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], m: i
         # shards that answered saw a uniform sample of them
         out.append((est, int(round(imp[i] * m / seen)) if partial else int(imp[i])))
     return out
+
+
+def merge_reach(answers: list, m: int, registers_per_shard: int, shards_total: int, start: int, end: int,
+                prefix: str | None) -> dict:
+    """The reach answer from shard answers ``(hist, sparse, impressions, keys)``
+    of one key set's union."""
+    (est, imp), = merge_answers([a[:3] for a in answers], m, registers_per_shard, shards_total)
+    out = RangeResult(None, start, end, est, imp).to_dict()
+    del out["key"]
+    out.update(keys=max(int(a[3]) for a in answers), prefix=prefix or None,
+               frequency=round(float(imp / est.value), 4) if est.value > 0 else None)
+    return out
+
+
+def merge_overlap(answers: list, m: int, registers_per_shard: int, shards_total: int, start: int, end: int) -> dict:
+    """The overlap answer from shard answers ``(joint histogram, counts, impressions)``."""
+    joint = sum(a[0] for a in answers)
+    counts = np.where(np.all([a[1] >= 0 for a in answers], axis=0), sum(a[1] for a in answers), -1)
+    seen = registers_per_shard * len(answers)
+    partial = len(answers) < shards_total
+    o = estimate_overlap(joint, counts, m, seen if partial else None)
+    imp = sum(a[2] for a in answers)
+    if partial:
+        imp = np.round(imp * m / seen).astype(np.int64)
+    out = {"start": start, "end": end, **o.to_dict()}
+    out["a"]["impressions"], out["b"]["impressions"] = int(imp[0]), int(imp[1])
+    out["partial"] = partial
+    return out
+
+
+def series_points(answers: list, m: int, registers_per_shard: int, shards_total: int, first: int, g: int,
+                  starts, ends, bucket_seconds: int, now: float) -> list[dict]:
+    """The points of one series call: window i covers cells ``[starts[i], ends[i])``
+    of ``g`` buckets from bucket ``first``; ``complete`` false for a window ending after ``now``."""
+    out = []
+    for (est, imp), a, e in zip(merge_answers(answers, m, registers_per_shard, shards_total), starts, ends):
+        p = RangeResult(None, (first + int(a) * g) * bucket_seconds, (first + int(e) * g) * bucket_seconds,
+                        est, imp).to_dict()
+        del p["key"]
+        p["complete"] = p["end"] <= now
+        out.append(p)
+    return out
+
+
+def series_answer(keys: list, prefix: str | None, step: int, window: int | None, bucket_seconds: int,
+                  points: list[dict]) -> dict:
+    return {"keys": list(keys), "prefix": prefix or None, "step": step * bucket_seconds,
+            "window": None if window is None else window * bucket_seconds, "cumulative": window is None,
+            "start": points[0]["start"], "end": points[-1]["end"], "points": points}

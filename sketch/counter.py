@@ -21,10 +21,11 @@ import time
 
 import numpy as np
 
-from .answer import RangeResult, merge_answers
+from .answer import RangeResult, merge_answers, merge_overlap, merge_reach, series_answer, series_points
 from .events import IngestReport, prepare
 from .store import ShardStore, SketchConfig
 from .timeindex import BucketRange
+from .windows import plan_series
 
 
 class LocalCounter:
@@ -62,6 +63,32 @@ class LocalCounter:
         answers = [store.query(keys, rng.b0, rng.b1) for store in self.stores]
         merged = merge_answers(answers, self.rr.prec.m, self.rr.R, self.shards)
         return [RangeResult(k, rng.start, rng.end, est, imp) for k, (est, imp) in zip(keys, merged)]
+
+    def _merge_args(self):
+        return self.rr.prec.m, self.rr.R, self.shards
+
+    def reach(self, keys=(), prefix: str | None = None, *, now: float | None = None, **rng) -> dict:
+        """Unique visitors of the union of a key set (``keys``, and every key starting with ``prefix``)."""
+        r = self.config.resolve(now=time.time() if now is None else now, **rng)
+        answers = [s.reach(list(keys), prefix, r.b0, r.b1) for s in self.stores]
+        return merge_reach(answers, *self._merge_args(), r.start, r.end, prefix)
+
+    def overlap(self, a: tuple, b: tuple, *, now: float | None = None, **rng) -> dict:
+        """Visitors of both key sets, each ``(keys, prefix)``."""
+        r = self.config.resolve(now=time.time() if now is None else now, **rng)
+        answers = [s.overlap(a, b, r.b0, r.b1) for s in self.stores]
+        return merge_overlap(answers, *self._merge_args(), r.start, r.end)
+
+    def rolling(self, keys=(None,), prefix: str | None = None, *, step: int, window: int | None,
+                now: float | None = None, **rng) -> dict:
+        """Trailing ``window`` (buckets) every ``step`` buckets, or cumulative (``window=None``)."""
+        now = time.time() if now is None else now
+        r = self.config.resolve(now=now, **rng)
+        points = []
+        for first, g, n, starts, ends in plan_series(r.b0, r.b1, step, window):
+            answers = [s.series(list(keys), prefix, first, g, n, starts, ends) for s in self.stores]
+            points += series_points(answers, *self._merge_args(), first, g, starts, ends, r.bucket_seconds, now)
+        return series_answer(list(keys), prefix, step, window, r.bucket_seconds, points)
 
     def unique(self, key=None, **kw) -> RangeResult:
         return self.query([key], **kw)[0]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .hll import RANK_BITS, RegisterRange
+from .hll import RANK_BITS, SPARSE_P, RegisterRange
 from .rows import RowTable, make_code
 from .tiers import Tiers
 from .timeindex import dyadic
@@ -138,25 +138,41 @@ class Pieces:
             np.maximum.at(regs.reshape(-1), reg, rank)
         return regs
 
-    def finish(self, rr: RegisterRange) -> tuple[np.ndarray, np.ndarray]:
-        """(K, hist_len) register-value histograms and, per key, its distinct
-        coupon count, or -1 when the merged slice would be stored dense.
+    def coupon_array(self) -> np.ndarray:
+        return np.concatenate(self.cv) if len(self.cv) > 1 else (self.cv[0] if self.cv else np.zeros(0, np.uint32))
 
-        The count is given exactly when the merged slice would be stored
-        sparse (at most ``dense_threshold`` coupons), so the answer depends on
-        the data alone, never on which pieces happened to be stored dense: a
-        dense piece always holds more than the threshold itself.
+    def dense_positions(self) -> np.ndarray:
+        """Positions fed by at least one dense piece (a bool per position)."""
+        dense = np.zeros(self.K, bool)
+        if self.dv:
+            dense[np.concatenate(self.dk) if self.K > 1 else 0] = True
+        return dense
+
+    def finish(self, rr: RegisterRange, limit: int | None = -1, regs: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(K, hist_len) register-value histograms and, per key, its distinct
+        coupon count, or -1.
+
+        With the default ``limit`` the count is given exactly when the merged
+        slice would be stored sparse (at most ``dense_threshold`` coupons), so
+        the answer depends on the data alone, never on which pieces happened
+        to be stored dense: a dense piece always holds more than the threshold
+        itself.  ``limit=None`` counts every key no dense piece fed (the
+        near-exact path: pieces gathered from level-0 rows only, see
+        ``gather_base``).
         """
         K, H = self.K, rr.prec.hist_len
-        regs = self.registers(rr)
+        if limit == -1:
+            limit = rr.dense_threshold
+        if regs is None:
+            regs = self.registers(rr)
         hist = np.empty((K, H), np.int64)
         for i in range(K):  # K small bincounts beat one over a K x R int64 copy
             hist[i] = np.bincount(regs[i], minlength=H)
-        # a key is dense if a dense piece fed it, or if more registers are set
-        # than the threshold (each needs a distinct coupon): no need to count those
-        dense = (rr.R - hist[:, 0]) > rr.dense_threshold
-        if self.dv:
-            dense[np.concatenate(self.dk) if K > 1 else 0] = True
+        dense = self.dense_positions()
+        if limit is not None:
+            # more registers set than the limit (each needs a distinct coupon): no need to count those
+            dense |= (rr.R - hist[:, 0]) > limit
         sparse = np.zeros(K, np.int64)
         if self.cv and not dense.all():
             index = (np.concatenate(self.cv) if len(self.cv) > 1 else self.cv[0]) >> np.uint32(RANK_BITS)
@@ -172,7 +188,9 @@ class Pieces:
                 sparse = np.bincount((index[new] >> np.uint64(32)).astype(np.int64), minlength=K)
             else:
                 sparse[0] = np.count_nonzero(new)
-        sparse[dense | (sparse > rr.dense_threshold)] = -1
+        sparse[dense] = -1
+        if limit is not None:
+            sparse[sparse > limit] = -1
         return hist, sparse
 
 
@@ -222,9 +240,6 @@ class OneKey:
     def add_to(self, pc: Pieces, t: RowTable) -> None:
         pc.add_slice(t, self.pos, self.r0, self.r1)
 
-    def impressions_to(self, total: np.ndarray, t: RowTable) -> None:
-        total[self.pos] += t.imp_cs[self.r1] - t.imp_cs[self.r0]
-
     def match(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mask of the entries of key ids ``k`` that are keys of the set, their positions)."""
         m = k == self.id
@@ -271,9 +286,6 @@ class ManyKeys:
     def add_to(self, pc: Pieces, t: RowTable) -> None:
         pc.add_gather(t, self.pos, self.r0, self.r1)
 
-    def impressions_to(self, total: np.ndarray, t: RowTable) -> None:
-        total[self.pos] += t.imp_cs[self.r1] - t.imp_cs[self.r0]
-
     def match(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(self.ids)
         i = order[np.minimum(np.searchsorted(self.ids, k, sorter=order), len(self.ids) - 1)]
@@ -291,19 +303,25 @@ class _NoKeys:
 NO_KEYS = _NoKeys()
 
 
-def key_set(ids: np.ndarray):
-    """The key set of distinct key ids, at positions 0..len(ids)-1."""
-    return OneKey(int(ids[0]), 0) if len(ids) == 1 else ManyKeys(np.asarray(ids, np.int64), np.arange(len(ids)))
+def key_set(ids: np.ndarray, pos: np.ndarray | None = None):
+    """The key set of distinct key ids, at positions ``pos`` (default
+    0..len(ids)-1; several keys at one position make that position their union)."""
+    if pos is None:
+        pos = np.arange(len(ids))
+    return OneKey(int(ids[0]), int(pos[0])) if len(ids) == 1 else ManyKeys(np.asarray(ids, np.int64),
+                                                                          np.asarray(pos, np.int64))
 
 
 # ---------------------------------------------------------------- the walk
 
-def gather(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, b1: int) -> Pieces:
-    """The pieces of keys ``ids`` (distinct; position i = ``ids[i]``) over ``[b0, b1)``."""
-    pc = Pieces(len(ids))
+def gather(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, b1: int,
+           pos: np.ndarray | None = None, K: int | None = None) -> Pieces:
+    """The pieces of keys ``ids`` (distinct) over ``[b0, b1)``, key i at
+    position ``pos[i]`` of ``K`` (default: position i of ``len(ids)``)."""
+    pc = Pieces(len(ids) if K is None else K)
     if not len(ids):
         return pc
-    keys = key_set(ids)
+    keys = key_set(ids, pos)
     for lvl, j in dyadic(b0, b1):
         _node(tiers, rr, keys, lvl, j, pc)
     k, b, c = memtable.columns()
@@ -388,9 +406,52 @@ def _loose(tiers: Tiers, keys, lo: int, hi: int, pc: Pieces) -> None:
                     some.add_to(pc, t)
 
 
-def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np.ndarray:
+def gather_base(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, b1: int,
+                pos: np.ndarray | None = None, K: int | None = None) -> Pieces:
+    """``gather`` from level-0 rows only (base tables, runs, memtable): the
+    near-exact path.  While a key's level-0 coupons over the range are few
+    (``impressions(..., coupons=True)`` counts them from the indexes),
+    reading them costs little more than the rollups, and they, unlike a
+    dense rollup's registers, can be counted.  A minute of the memtable holding more distinct coupons than
+    ``dense_threshold`` counts as a dense piece, as it will be once sorted
+    into a row, so whether an answer is counted does not depend on when
+    the memtable was last flushed."""
+    pc = Pieces(len(ids) if K is None else K)
+    if not len(ids):
+        return pc
+    keys = key_set(ids, pos)
+    for slot in tiers.slots_overlapping(b0, b1):
+        for t in slot.base_tables():
+            t = _rows(t, keys, b0, b1)
+            some = keys.within(t, b0, b1)
+            if some:
+                some.add_to(pc, t)
+    k, b, c = memtable.columns()
+    if len(k):
+        m = (b >= b0) & (b < b1)
+        hit, p = keys.match(k[m])
+        if hit.any():
+            c, b = c[m][hit], b[m][hit]
+            pc.add_coupons(p, c)
+            # distinct coupon indexes per (position, bucket): a crowded minute is a dense piece
+            # (position, bucket, coupon index) in one word
+            bb = np.uint64(max(1, (b1 - b0 - 1).bit_length()))
+            cell = (p.astype(np.uint64) << bb) | (b.astype(np.int64) - b0).astype(np.uint64)
+            pair = np.unique((cell << np.uint64(SPARSE_P)) | (c >> np.uint32(RANK_BITS)).astype(np.uint64))
+            cells, n = np.unique(pair >> np.uint64(SPARSE_P), return_counts=True)
+            crowded = (cells[n > rr.dense_threshold] >> bb).astype(np.int64)
+            if len(crowded):
+                pc.dk.append(crowded)
+                pc.dv.append(np.zeros((len(crowded), rr.R), np.uint8))  # marks only: max with zeros changes nothing
+    return pc
+
+
+def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int, coupons: bool = False) -> np.ndarray:
     """Exact impressions of keys ``ids`` over ``[b0, b1)``: prefix sums over
-    the level-0 rows, where each event is counted exactly once."""
+    the level-0 rows, where each event is counted exactly once.  With
+    ``coupons``: instead, the coupons the near-exact path would read (those
+    of sparse level-0 rows, and the memtable's events), which, unlike
+    impressions, a re-sharding splits with the registers."""
     total = np.zeros(len(ids), np.int64)
     if not len(ids):
         return total
@@ -401,12 +462,13 @@ def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np
             if not isinstance(t, RowTable):  # sealed: the block index's running totals, not the rows
                 if codes is None:
                     codes = np.r_[make_code(ids, b0), make_code(ids, b1)]
-                before = t.imp_before(codes)
+                before = t.coupons_before(codes) if coupons else t.imp_before(codes)
                 total += before[len(ids):] - before[:len(ids)]
                 continue
             some = keys.within(t, b0, b1)
             if some:
-                some.impressions_to(total, t)
+                cs = t.off if coupons else t.imp_cs
+                total[some.pos] += cs[some.r1] - cs[some.r0]
     k, b, _ = memtable.columns()
     if len(k):
         m = (b >= b0) & (b < b1)

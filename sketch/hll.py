@@ -146,6 +146,12 @@ class RegisterRange:
         # dense past R/8 coupons keeps a sparse row at most half a dense one
         # in memory and never much above a dense one at rest.
         self.dense_threshold = max(1, self.R // 8)
+        # the near-exact path (``cover.gather_base``): a range whose level-0
+        # coupons on this slice are at most this is read from its level-0
+        # rows, whose coupons can be counted: at most 2 R coupons (8 R bytes)
+        # a key a shard; over all shards about 2 m coupons (an event is at
+        # most one), whatever the shard count.
+        self.exact_budget = 2 * self.R
 
     def coupon_registers(self, coupons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coupons -> (register index relative to this range, rank)."""

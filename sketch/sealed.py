@@ -440,16 +440,23 @@ class BlockedTable:
         """Impressions of the rows with codes below each of ``codes`` (uint64): the
         block index's running total at the block holding the code, plus that
         block's own prefix (decoded only when the code falls inside it)."""
+        return self._before(codes, self.imp0, "imp_cs")
+
+    def coupons_before(self, codes: np.ndarray) -> np.ndarray:
+        """Coupons of the sparse rows with codes below each of ``codes``, as ``imp_before``."""
+        return self._before(codes, self.off0, "off")
+
+    def _before(self, codes: np.ndarray, totals: np.ndarray, within: str) -> np.ndarray:
         codes = np.asarray(codes, np.uint64)
         blk = np.searchsorted(self.last, codes)  # the first block with a row at or past the code
-        out = self.imp0[blk].copy()
+        out = totals[blk].copy()
         inside = (blk < len(self.first))
         inside[inside] = codes[inside] > self.first[blk[inside]]
         if inside.any():
             for i in np.unique(blk[inside]).tolist():
                 t = self.block(i)
                 sel = inside & (blk == i)
-                out[sel] += t.imp_cs[np.searchsorted(t.code, codes[sel])]
+                out[sel] += getattr(t, within)[np.searchsorted(t.code, codes[sel])]
         return out
 
     def scan(self, lo_code: int, hi_code: int):

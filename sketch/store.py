@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cover
+from . import cover, windows
 from .config import SketchConfig
-from .hll import RegisterRange
+from .hll import RANK_BITS, RegisterRange
 from .keys import ALL_KEY, KeyTable
 from .memtable import Memtable
 from .rollup import Rollups
@@ -139,8 +139,7 @@ class ShardStore:
         exact impression count on this shard.
         """
         ids, where = self.keys.lookup(key_names)
-        hist, sparse = cover.gather(self.tiers, self.memtable, self.rr, ids, b0, b1).finish(self.rr)
-        imp = cover.impressions(self.tiers, self.memtable, ids, b0, b1)
+        hist, sparse, imp = self.answer_sets(ids, None, len(ids), b0, b1)
         if len(ids) == len(where) and (len(where) == 1 or (where[1:] > where[:-1]).all()):
             return hist, sparse, imp  # every key known, each once, in id order
         unknown = np.zeros((1, self.rr.prec.hist_len), np.int64)
@@ -148,6 +147,92 @@ class ShardStore:
         zero = np.zeros(1, np.int64)
         return (np.concatenate([hist, unknown])[where], np.concatenate([sparse, zero])[where],
                 np.concatenate([imp, zero])[where])
+
+    def answer_sets(self, ids: np.ndarray, pos: np.ndarray | None, K: int, b0: int, b1: int):
+        """``(hist, sparse, impressions)`` of K key sets over ``[b0, b1)``: key
+        ``ids[i]`` (distinct ids) belongs to set ``pos[i]`` (default: set i is
+        key i), and a set's answer is the union of its keys' visitors.
+
+        A set whose level-0 coupons on this shard are within ``exact_budget`` is
+        read from its level-0 rows and its coupons counted however many
+        (near-exact, see ``cover.gather_base``); the others take the cover
+        walk, counted only while their union would be stored sparse.  Both
+        give the same registers; which one answers depends on the data alone."""
+        rr = self.rr
+        pos = np.arange(len(ids)) if pos is None else np.asarray(pos, np.int64)
+        hist = np.zeros((K, rr.prec.hist_len), np.int64)
+        hist[:, 0] = rr.R
+        sparse = np.zeros(K, np.int64)
+        imp, cost = (np.bincount(pos, weights=cover.impressions(self.tiers, self.memtable, ids, b0, b1, coupons=c),
+                                 minlength=K).astype(np.int64) if len(ids) else np.zeros(K, np.int64)
+                     for c in (False, True))
+        small = cost <= rr.exact_budget
+        for how, which in ((True, small), (False, ~small)):
+            sel = which[pos]
+            if not sel.any():
+                continue
+            sets = np.flatnonzero(which)
+            sub = np.searchsorted(sets, pos[sel])
+            if how:
+                pc = cover.gather_base(self.tiers, self.memtable, rr, ids[sel], b0, b1, sub, len(sets))
+                h, s = pc.finish(rr, limit=None)
+            else:
+                h, s = cover.gather(self.tiers, self.memtable, rr, ids[sel], b0, b1, sub, len(sets)).finish(rr)
+            hist[sets], sparse[sets] = h, s
+        return hist, sparse, imp
+
+    def key_ids(self, names=(), prefix: str | None = None) -> np.ndarray:
+        """The distinct ids of a key set on this shard: the ``names`` it knows,
+        and every key whose name starts with ``prefix`` (when given)."""
+        ids, _ = self.keys.lookup(list(names))
+        if prefix:
+            names_ = self.keys.names
+            more = [i for i, nm in enumerate(names_) if nm is not None and i != ALL_KEY and nm.startswith(prefix)]
+            ids = np.union1d(ids, np.array(more, np.int64))
+        return ids.astype(np.int64)
+
+    def reach(self, names, prefix: str | None, b0: int, b1: int):
+        """``(hist, sparse, impressions, keys)`` of the union of a key set over
+        ``[b0, b1)``: one row, as ``query`` gives for one key; ``keys`` the
+        number of the set's keys this shard holds."""
+        ids = self.key_ids(names, prefix)
+        hist, sparse, imp = self.answer_sets(ids, np.zeros(len(ids), np.int64), 1, b0, b1)
+        return hist, sparse, imp, len(ids)
+
+    def overlap(self, a: tuple, b: tuple, b0: int, b1: int):
+        """Two key sets ``a`` and ``b`` (each ``(names, prefix)``) over ``[b0, b1)``:
+        ``(joint, counts, impressions)`` where ``joint[i, j]`` counts this
+        shard's registers holding ``i`` in a's union and ``j`` in b's (all
+        the estimators need), ``counts`` the distinct coupons of a, b and
+        a | b (-1 where not counted, as for ``query``) and ``impressions``
+        a's and b's."""
+        rr, H = self.rr, self.rr.prec.hist_len
+        regs, counts, imps, index = [], [], [], []
+        for names, prefix in (a, b):
+            ids = self.key_ids(names, prefix)
+            imp = int(cover.impressions(self.tiers, self.memtable, ids, b0, b1).sum()) if len(ids) else 0
+            cost = int(cover.impressions(self.tiers, self.memtable, ids, b0, b1, coupons=True).sum()) if len(ids) else 0
+            zero = np.zeros(len(ids), np.int64)
+            if cost <= rr.exact_budget:
+                pc, limit = cover.gather_base(self.tiers, self.memtable, rr, ids, b0, b1, zero, 1), None
+            else:
+                pc, limit = cover.gather(self.tiers, self.memtable, rr, ids, b0, b1, zero, 1), -1
+            r = pc.registers(rr)
+            _, count = pc.finish(rr, limit, regs=r)
+            regs.append(r[0])
+            counts.append(int(count[0]))
+            imps.append(imp)
+            index.append(pc.coupon_array() >> np.uint32(RANK_BITS))
+        joint = np.bincount(regs[0].astype(np.int64) * H + regs[1], minlength=H * H).reshape(H, H)
+        union = len(np.unique(np.concatenate(index))) if min(counts) >= 0 else -1
+        return joint, np.array(counts + [union], np.int64), np.array(imps, np.int64)
+
+    def series(self, names, prefix: str | None, b0: int, g: int, n: int, starts, ends):
+        """``(hist, sparse, impressions)`` of windows ``[b0 + starts[i] g, b0 + ends[i] g)``
+        of a key set's union, all in one pass (``windows.series``): each row
+        what ``reach`` answers for that window."""
+        ids = self.key_ids(names, prefix)
+        return windows.series(self.tiers, self.memtable, self.rr, ids, b0, g, n, windows.Windows(starts, ends))
 
     def registers(self, name: str | None, b0: int, b1: int) -> np.ndarray:
         """This shard's dense register slice for ``name`` over ``[b0, b1)``."""

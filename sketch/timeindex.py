@@ -40,29 +40,29 @@ def dyadic(b0: int, b1: int) -> list[tuple[int, int]]:
     return out
 
 
-def parse_duration(text: str | int, bucket_seconds: int) -> int:
+def parse_duration(text: str | int, bucket_seconds: int, what: str = "last") -> int:
     """``"15m"`` -> number of buckets.  A bare integer counts buckets.
 
     Durations must be a whole number of buckets (``"90s"`` with 60 s buckets
     is refused rather than silently rounded).
     """
     if isinstance(text, bool):
-        raise RangeError(f"'last' must be a duration like 15m or a number of buckets, not {text!r}")
+        raise RangeError(f"'{what}' must be a duration like 15m or a number of buckets, not {text!r}")
     if isinstance(text, int):
         n, unit = text, ""
     else:
         m = _LAST_RE.match(str(text))
         if not m:
             raise RangeError(
-                f"'last' must be <integer><s|m|h|d|w> or a number of buckets, not {text!r}")
+                f"'{what}' must be <integer><s|m|h|d|w> or a number of buckets, not {text!r}")
         n, unit = int(m.group(1)), m.group(2)
     if n <= 0:
-        raise RangeError(f"'last' must be positive, got {text!r}")
+        raise RangeError(f"'{what}' must be positive, got {text!r}")
     if not unit:
         return n
     seconds = n * _UNITS[unit]
     if seconds % bucket_seconds:
-        raise RangeError(f"'last' of {text} is not a whole number of {bucket_seconds}-second buckets")
+        raise RangeError(f"'{what}' of {text} is not a whole number of {bucket_seconds}-second buckets")
     return seconds // bucket_seconds
 
 

@@ -63,6 +63,15 @@ class LocalBackend:
     async def keys(self, rng, prefix, limit):
         return await asyncio.to_thread(self.coordinator.keys, rng, prefix, limit)
 
+    async def reach(self, keys, prefix, rng):
+        return await asyncio.to_thread(self.coordinator.reach, keys, prefix, rng)
+
+    async def overlap(self, a, b, rng):
+        return await asyncio.to_thread(self.coordinator.overlap, a, b, rng)
+
+    async def rolling(self, keys, prefix, rng, step, window):
+        return await asyncio.to_thread(self.coordinator.rolling, keys, prefix, rng, step, window)
+
     async def health(self):
         return await asyncio.to_thread(self.coordinator.health)
 
@@ -232,3 +241,51 @@ def test_readyz_says_which_shard_is_down_and_why(api):
     got = api.get("/v1/unique", params={"last": "1h"}, headers=R).json()
     assert got["partial"] is True
     assert np.isfinite(got["relative_error"])
+
+
+def test_audience_routes_answer_and_refuse_bad_sets_saying_why(api):
+    now = time.time()
+    rows = [{"ts": now - 120 - i % 3000, "key": f"camp-1/ad-{i % 3}", "visitor": f"v{i % 400}"} for i in range(450)]
+    assert api.post("/v1/events", json=rows, headers=W).status_code == 200
+    reach = api.get("/v1/reach", params={"prefix": "camp-1/", "last": "2h"}, headers=R).json()
+    assert reach["unique_visitors"] == 400 and reach["impressions"] == 450 and reach["exact"], reach
+    assert reach["keys"] == 3 and reach["frequency"] == pytest.approx(450 / 400, rel=1e-3)
+    posted = api.post("/v1/reach", json={"keys": ["camp-1/ad-0", "camp-1/ad-1", "camp-1/ad-2"], "last": "2h"},
+                      headers=R).json()
+    assert {k: posted[k] for k in ("unique_visitors", "impressions", "interval")} == \
+        {k: reach[k] for k in ("unique_visitors", "impressions", "interval")}
+    ov = api.get("/v1/overlap", params=[("a", "camp-1/ad-0"), ("b", "camp-1/ad-1"), ("last", "2h")], headers=R).json()
+    # visitor v{j} saw ad-(i % 3) for i = j, j + 400: ad-0 and ad-1 share the visitors with j % 3 == 0 and j + 400 ...
+    want_a = {i % 400 for i in range(450) if i % 3 == 0}
+    want_b = {i % 400 for i in range(450) if i % 3 == 1}
+    assert ov["a"]["unique_visitors"] == len(want_a) and ov["b"]["unique_visitors"] == len(want_b)
+    assert ov["both"]["unique_visitors"] == len(want_a & want_b) and ov["both"]["method"] == "coupons"
+    ov2 = api.post("/v1/overlap", json={"a": {"keys": ["camp-1/ad-0"]}, "b": {"prefix": "camp-1/ad-1"},
+                                        "last": "2h"}, headers=R).json()
+    assert ov2["both"] == ov["both"]
+    roll = api.get("/v1/rolling", params={"key": "camp-1/ad-0", "window": "30m", "step": "10m", "last": "2h"},
+                   headers=R).json()
+    assert len(roll["points"]) == (120 - 30) // 10 + 1 and roll["window"] == 1800 and not roll["cumulative"]
+    assert roll["points"][-1]["complete"] is False and roll["points"][0]["complete"] is True
+    cum = api.get("/v1/rolling", params={"cumulative": "true", "step": "30m", "last": "2h"}, headers=R).json()
+    assert cum["points"][-1]["impressions"] == 450 and cum["keys"] == [None]
+    bad = [("/v1/reach", {"last": "1h"}, "needs keys, a prefix"),
+           ("/v1/reach", {"prefix": "", "last": "1h"}, "prefix must be"),
+           ("/v1/reach", {"key": "x" * 300}, "keys are at most"),
+           ("/v1/overlap", {"a": "k", "last": "1h"}, "(b) needs keys"),
+           ("/v1/rolling", {"key": "k", "window": "3h", "step": "1h", "last": "2h"}, "longer than the range"),
+           ("/v1/rolling", {"key": "k", "step": "1h", "last": "2h"}, "give a window"),
+           ("/v1/rolling", {"key": "k", "window": "1h", "cumulative": "true", "last": "2h"}, "not both"),
+           ("/v1/rolling", {"window": "1m", "step": "1m", "last": "30d"}, "points asked for"),
+           ("/v1/rolling", {"window": "bogus", "step": "1h", "last": "1d"}, "'window' must be")]
+    for route, params, words in bad:
+        r = api.get(route, params=params, headers=R)
+        assert r.status_code == 400 and words in r.json()["error"], (route, params, r.status_code, r.text)
+    r = api.post("/v1/reach", json={"keys": ["k"] * 1001}, headers=R)
+    assert r.status_code in (400, 422) and "1000" in r.text
+    assert api.get("/v1/reach", params={"prefix": "camp-1/"}).status_code == 401  # same auth as every read
+    spec = api.get("/openapi.json").json()
+    for path in ("/v1/reach", "/v1/overlap", "/v1/rolling"):
+        assert path in spec["paths"]
+    assert "too small to tell from zero" in json.dumps(spec["paths"]["/v1/overlap"]) or \
+        "noisy" in json.dumps(spec["paths"]["/v1/overlap"])

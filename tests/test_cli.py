@@ -25,6 +25,24 @@ def test_ingest_query_status_checkpoint_rescale(clients, tmp_path, capsys):
     assert [r["key"] for r in got] == ["ad-0", None] and got[1]["impressions"] == 20_000
     assert main(["--namespace", ns, "query", "ad-0", "--last", "2d"]) == 0
     assert "ad-0" in capsys.readouterr().out
+    assert main(["--namespace", ns, "reach", "ad-0", "ad-1", "--last", "2d", "--json"]) == 0
+    reach = json.loads(capsys.readouterr().out)
+    assert reach["keys"] == 2 and 0 < reach["unique_visitors"] <= 5_000
+    assert main(["--namespace", ns, "reach", "--prefix", "ad-", "--last", "2d"]) == 0
+    assert "impressions     20,000" in capsys.readouterr().out
+    assert main(["--namespace", ns, "overlap", "ad-0", "ad-1,ad-2", "--last", "2d", "--json"]) == 0
+    ov = json.loads(capsys.readouterr().out)
+    assert ov["both"]["unique_visitors"] <= min(ov["a"]["unique_visitors"], ov["b"]["unique_visitors"]) + 50
+    assert main(["--namespace", ns, "overlap", "ad-0", "ad-1", "--last", "2d"]) == 0
+    assert "jaccard" in capsys.readouterr().out
+    assert main(["--namespace", ns, "query", "ad-0", "--rolling", "6h", "--step", "1h", "--last", "1d", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["points"]) == 19
+    assert main(["--namespace", ns, "query", "--cumulative", "--step", "6h", "--last", "1d"]) == 0
+    assert "cumulative since the start" in capsys.readouterr().out
+    assert main(["--namespace", ns, "query", "ad-0", "--rolling", "2d", "--step", "1h", "--last", "1d"]) == 2
+    assert "longer than the range" in capsys.readouterr().err
+    assert main(["--namespace", ns, "query", "ad-0", "--rolling", "6h"]) == 2
+    assert "--step is needed" in capsys.readouterr().err
     assert main(["--namespace", ns, "checkpoint"]) == 0
     assert "shard 1: checkpoint" in capsys.readouterr().out
     assert main(["--namespace", ns, "rescale", "4"]) == 0

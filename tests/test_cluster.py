@@ -60,6 +60,42 @@ def test_cluster_equals_the_core_register_for_register(clients, stream, shards):
     _compare(client, ref, ranges, keys)  # after rollups
 
 
+def test_audience_questions_equal_the_core(clients, stream):
+    """Reach, overlap and rolling series through the client (one call a shard each) answer what the
+    in-process reference answers, before and after the rollups, and after a re-sharding."""
+    client = clients(ClusterConfig(sketch=SMALL, shards=2, namespace="audience", maintain_interval_s=3600))
+    client.ingest(stream, now=NOW)
+    ref = _reference(stream)
+    ref_sharded = LocalCounter(SMALL, shards=2)
+    ref_sharded.ingest(stream["ts"].to_numpy(), stream["key"], visitors=stream["visitor"], now=NOW)
+
+    def ask(c, ref_):
+        for rng in ({"last": "2d"}, {"last": "3h"}):
+            got = c.reach(["ad-0", "ad-3"], prefix="ad-1", now=NOW, **rng)
+            assert got == ref_.reach(["ad-0", "ad-3"], "ad-1", now=NOW, **rng)
+            got = c.overlap(["ad-0", "ad-1"], "ad-2", b_prefix="ad-1", now=NOW, **rng)
+            assert got == ref_.overlap((["ad-0", "ad-1"], None), (["ad-2"], "ad-1"), now=NOW, **rng)
+        got = c.rolling("ad-0", step="1h", window="6h", last="2d", now=NOW)
+        want = ref_.rolling(["ad-0"], step=60, window=360, last="2d", now=NOW)
+        assert [{k: v for k, v in p.items() if k != "complete"} for p in got["points"]] == \
+            [{k: v for k, v in p.items() if k != "complete"} for p in want["points"]]
+        assert len(got["points"]) == (2 * 1440 - 360) // 60 + 1
+        got = c.rolling(None, step="2h", cumulative=True, last="2d", now=NOW)
+        assert got["points"][-1]["impressions"] == stream.num_rows  # every event is in the last two days
+    ask(client, ref_sharded)
+    client.maintain()
+    ask(client, ref_sharded)
+    # every answer is a merge of register slices: the same registers whatever the shard count
+    client.rescale(4)
+    a = client.reach(["ad-0", "ad-3"], prefix="ad-1", last="2d", now=NOW)
+    b = ref.reach(["ad-0", "ad-3"], "ad-1", last="2d", now=NOW)
+    assert a["impressions"] == b["impressions"] and abs(a["unique_visitors"] / b["unique_visitors"] - 1) < 0.03
+    with pytest.raises(ValueError, match="longer than the range"):
+        client.rolling("ad-0", step="1h", window="3d", last="2d")
+    with pytest.raises(ValueError, match="needs keys, a prefix"):
+        client.reach([])
+
+
 def test_ingest_files_in_every_format(clients, stream, tmp_path):
     n = stream.num_rows
     parts = [stream.slice(0, n // 3), stream.slice(n // 3, n // 3), stream.slice(2 * (n // 3))]
