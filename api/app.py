@@ -295,8 +295,8 @@ def create_app() -> FastAPI:
     async def overlap(request: Request,
                       a: Annotated[list[str] | None, Query(description="a key of A (repeat)")] = None,
                       b: Annotated[list[str] | None, Query(description="a key of B (repeat)")] = None,
-                      a_prefix: Annotated[str | None, Query(description="and every key starting with this in A")] = None,
-                      b_prefix: Annotated[str | None, Query(description="and every key starting with this in B")] = None,
+                      a_prefix: Annotated[str | None, Query(description="and keys starting so, in A")] = None,
+                      b_prefix: Annotated[str | None, Query(description="and keys starting so, in B")] = None,
                       last: Annotated[str | None, Query()] = None, start: Annotated[str | None, Query()] = None,
                       end: Annotated[str | None, Query()] = None):
         return await overlap_of(request, (a, a_prefix), (b, b_prefix), last, start, end)
@@ -309,11 +309,11 @@ def create_app() -> FastAPI:
     @app.get("/v1/rolling", tags=["audiences"], response_model=Rolling, responses=ERRORS, dependencies=READ,
              summary="trailing-window or cumulative unique visitors at every step of a range")
     async def rolling(request: Request,
-                      key: Annotated[list[str] | None, Query(description="repeat for a set; omit (and no prefix) for site-wide")] = None,
+                      key: Annotated[list[str] | None, Query(description="repeat for a set; none: site-wide")] = None,
                       prefix: Annotated[str | None, Query(description="and every key starting with this")] = None,
-                      window: Annotated[str | None, Query(description="trailing window, e.g. 24h (omit with cumulative=true)")] = None,
+                      window: Annotated[str | None, Query(description="e.g. 24h (not with cumulative)")] = None,
                       step: Annotated[str, Query(description="between points, e.g. 1h")] = "1h",
-                      cumulative: Annotated[bool, Query(description="unique visitors since the range's start, at every step")] = False,
+                      cumulative: Annotated[bool, Query(description="since the start, every step")] = False,
                       last: Annotated[str | None, Query()] = None, start: Annotated[str | None, Query()] = None,
                       end: Annotated[str | None, Query()] = None):
         """Each point is the answer of a range query over its window (the same

@@ -269,7 +269,8 @@ def _rolling(a, c, keys: list) -> int:
     what = "site-wide" if keys == [None] else " | ".join(keys)
     how = "cumulative since the start" if out["cumulative"] else f"trailing {out['window']}s"
     print(f"{what}: {how}, every {out['step']}s")
-    print(f"{'window start (UTC)':>20} {'end (UTC)':>20} {'unique visitors':>16} {'95% interval':>24} {'impressions':>12}")
+    print(f"{'window start (UTC)':>20} {'end (UTC)':>20} {'unique visitors':>16} {'95% interval':>24} "
+          f"{'impressions':>12}")
     for r in out["points"]:
         print(f"{_utc(r['start']):>20} {_utc(r['end']):>20} {r['unique_visitors']:>16,} {_interval(r):>24} "
               f"{r['impressions']:>12,}{_flag(r)}{'' if r['complete'] else ' (in progress)'}")

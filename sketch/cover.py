@@ -41,8 +41,9 @@ def _rows(t, keys, n0: int, n1: int) -> RowTable:
     decoded rows of ``keys`` with nodes in ``[n0, n1)``."""
     if isinstance(t, RowTable):
         return t
-    lo, hi = keys.id_span()
-    return t.view(make_code(lo, n0), make_code(hi, max(n1 - 1, n0)))
+    if isinstance(keys, ManyKeys):
+        return t.view_keys(np.sort(keys.ids), n0, n1)
+    return t.view(make_code(keys.id, n0), make_code(keys.id, max(n1 - 1, n0)))
 
 
 def _gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -211,9 +212,6 @@ class OneKey:
     def __bool__(self) -> bool:
         return True
 
-    def id_span(self) -> tuple[int, int]:
-        return self.id, self.id
-
     def find(self, t: RowTable, node: int):
         """(keys with a row for ``node`` in ``t``, holding that row; the others)."""
         r = t.find(self.id, node)
@@ -256,9 +254,6 @@ class ManyKeys:
 
     def __bool__(self) -> bool:
         return len(self.ids) > 0
-
-    def id_span(self) -> tuple[int, int]:
-        return int(self.ids.min()), int(self.ids.max())
 
     def find(self, t: RowTable, node: int):
         rows = t.find_many(self.ids, node)
@@ -458,7 +453,11 @@ def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int, coupo
     keys = key_set(ids)
     codes = None
     for slot in tiers.slots_overlapping(b0, b1):
+        inside = b0 <= slot.start and slot.end <= b1
         for t in slot.base_tables():
+            if not isinstance(t, RowTable) and inside:  # sealed and wholly in range: the index's per-key totals
+                total += t.key_totals(ids)[1 if coupons else 0]
+                continue
             if not isinstance(t, RowTable):  # sealed: the block index's running totals, not the rows
                 if codes is None:
                     codes = np.r_[make_code(ids, b0), make_code(ids, b1)]

@@ -225,6 +225,58 @@ def ertl_estimate(hist: np.ndarray) -> float:
     return ALPHA_INF * m * m / z if z != math.inf else 0.0
 
 
+def _sigma_vec(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64).copy()
+    z, y = x.copy(), np.ones_like(x)
+    one = x == 1.0
+    x[one] = 0.0
+    while True:
+        x *= x
+        z_old = z.copy()
+        z += x * y
+        y += y
+        if (z == z_old).all():
+            break
+    z[one] = np.inf
+    return z
+
+
+def _tau_vec(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64).copy()
+    edge = (x == 0.0) | (x == 1.0)
+    x[edge] = 0.5
+    y, z = np.ones_like(x), 1.0 - x
+    while True:
+        x = np.sqrt(x)
+        z_old = z.copy()
+        y *= 0.5
+        z -= (1.0 - x) ** 2 * y
+        if (z == z_old).all():
+            break
+    z = z / 3.0
+    z[edge] = 0.0
+    return z
+
+
+def ertl_estimates(hists: np.ndarray) -> np.ndarray:
+    """``ertl_estimate`` of every row of ``hists`` at once (a series' points)."""
+    c = np.asarray(hists, dtype=np.float64)
+    m = c.sum(axis=1)
+    out = np.zeros(len(c))
+    ok = m > 0
+    if not ok.any():
+        return out
+    c, m = c[ok], m[ok]
+    q = c.shape[1] - 2
+    z = m * _tau_vec(1.0 - c[:, q + 1] / m)
+    for k in range(q, 0, -1):
+        z = 0.5 * (z + c[:, k])
+    z = z + m * _sigma_vec(c[:, 0] / m)
+    with np.errstate(divide="ignore"):
+        out[ok] = np.where(np.isfinite(z), ALPHA_INF * m * m / z, 0.0)
+    return out
+
+
 def linear_count(k: int, m: int = SPARSE_M) -> float:
     """Linear counting: distinct items given ``k`` of ``m`` buckets occupied."""
     if k >= m:
@@ -264,7 +316,8 @@ class Estimate:
         return int(round(self.value))
 
 
-def estimate_from_parts(hist: np.ndarray, sparse_count: int | None, m: int, registers_seen: int | None = None) -> Estimate:
+def estimate_from_parts(hist: np.ndarray, sparse_count: int | None, m: int, registers_seen: int | None = None,
+                        raw: float | None = None) -> Estimate:
     """Combine a summed histogram (and, when every part was sparse, the summed
     distinct-coupon count) into an ``Estimate``.
 
@@ -288,7 +341,7 @@ def estimate_from_parts(hist: np.ndarray, sparse_count: int | None, m: int, regi
         rse = linear_count_rse(n_seen, m_sparse)
         floor = float(k)  # at least one visitor per occupied coupon index
     else:
-        n_seen = ertl_estimate(hist)
+        n_seen = ertl_estimate(hist) if raw is None else float(raw)  # raw: computed with ertl_estimates
         rse = 1.04 / math.sqrt(seen)
         floor = float(seen - hist[0])  # at least one visitor per non-empty register
     n = n_seen / f

@@ -147,10 +147,15 @@ def _encode_table(t: RowTable, R: int) -> tuple[dict, list[bytes]]:
         blocks.append(frame)
         entries.append([int(t.code[a]), int(t.code[b - 1]), a, int(t.off[a]), int(dense_cs[a]), int(imp_cs[a]),
                         zlib.crc32(frame), len(raw)])
-    return {"level": t.level, "rows": n, "node_base": node_base, "coupons": int(t.off[-1]),
-            "dense": int(dense_cs[-1]), "impressions": int(imp_cs[-1]),
-            "keys": _b64(np.unique(code_keys(t.code)).astype(np.uint32)),
-            "blocks": entries}, blocks
+    keys, first = np.unique(code_keys(t.code), return_index=True)
+    entry = {"level": t.level, "rows": n, "node_base": node_base, "coupons": int(t.off[-1]),
+             "dense": int(dense_cs[-1]), "impressions": int(imp_cs[-1]),
+             "keys": _b64(keys.astype(np.uint32)), "blocks": entries}
+    if t.level == 0:  # each key's impressions and coupons here: a range holding the whole table reads no block
+        bounds = np.r_[first, n]
+        entry["key_imp"] = _b64(np.diff(imp_cs[bounds]).astype(np.uint32))
+        entry["key_coupons"] = _b64(np.diff(t.off[bounds]).astype(np.uint32))
+    return entry, blocks
 
 
 def _encode_block(t: RowTable, a: int, b: int, node_base: int, lengths, mode, dense_cs) -> list[np.ndarray]:
@@ -184,7 +189,7 @@ def _encode_block(t: RowTable, a: int, b: int, node_base: int, lengths, mode, de
 class BlockCache:
     """Decoded blocks, most recently used kept, within a byte budget (per process)."""
 
-    def __init__(self, budget: int = 32 << 20):
+    def __init__(self, budget: int = 128 << 20):
         self.budget = budget
         self.bytes = 0
         self._items: OrderedDict = OrderedDict()
@@ -332,6 +337,8 @@ class BlockedTable:
         self._keys_b64 = entry["keys"]
         self._key_ids = None
         self._bounds = None
+        self._totals_b64 = (entry.get("key_imp"), entry.get("key_coupons"))
+        self._totals = None
 
     def __len__(self) -> int:
         return self.rows
@@ -347,6 +354,44 @@ class BlockedTable:
     def nbytes(self) -> int:  # what it holds on the heap: its index
         return sum(a.nbytes for a in (self.first, self.last, self.row0, self.off0, self.dense0, self.crc, self.raw,
                                       self.imp0))
+
+    def key_totals(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(impressions, coupons) of each of ``ids`` in this (level-0) table, from the
+        index (a file written before the index held them: counted once from its blocks)."""
+        if self._totals is None:
+            if self._totals_b64[0] is not None:
+                imp = _unb64(self._totals_b64[0], np.uint32).astype(np.int64)
+                cou = _unb64(self._totals_b64[1], np.uint32).astype(np.int64)
+            else:
+                t = self.materialize()
+                bounds = np.r_[np.searchsorted(code_keys(t.code), self.key_ids), len(t)]
+                imp, cou = np.diff(t.imp_cs[bounds]), np.diff(t.off[bounds])
+            if len(imp) != len(self.key_ids):
+                raise SealedError(f"{self.file.name}: table {self.index} has per-key totals for another key list")
+            self._totals = (imp, cou)
+        ids = np.asarray(ids, np.int64)
+        keys = self.key_ids
+        at = np.minimum(np.searchsorted(keys, ids), max(len(keys) - 1, 0))
+        hit = (keys[at] == ids) if len(keys) else np.zeros(len(ids), bool)
+        return np.where(hit, self._totals[0][at], 0), np.where(hit, self._totals[1][at], 0)
+
+    def view_keys(self, ids: np.ndarray, n0: int, n1: int) -> RowTable:
+        """The rows of keys ``ids`` (sorted) with nodes in ``[n0, n1)``: only the blocks
+        holding them are decoded (a few keys far apart do not read the table between them)."""
+        ids = np.asarray(ids, np.int64)
+        lo = np.asarray(make_code(ids, n0), np.uint64)
+        hi = np.asarray(make_code(ids, max(n1 - 1, n0)), np.uint64)
+        a = np.searchsorted(self.last, lo)
+        b = np.searchsorted(self.first, hi, side="right")
+        some = b > a
+        if not some.any():
+            return RowTable.empty(self.level, self.file.R)
+        a, b = a[some], b[some]
+        if (a[1:] <= b[:-1]).all():  # the blocks run on without a gap: one cached view
+            return self.view(int(self.first[a[0]]), int(self.last[b[-1] - 1]))
+        need = np.unique(np.concatenate([np.arange(x, y) for x, y in zip(a.tolist(), b.tolist())]))
+        from .rows import concat
+        return concat([self.block(i) for i in need.tolist()], self.level)
 
     def block(self, i: int) -> RowTable:
         key = (self.file.token, self.index, i)
@@ -432,7 +477,9 @@ class BlockedTable:
         t = self.file.cache.get(key)
         if t is None:
             from .rows import concat
-            t = concat([self.block(i) for i in blocks], self.level)
+            # blocks decoded for the join are not kept beside it: the join holds them once
+            t = concat([self.file.cache.get((self.file.token, self.index, i)) or self._decode(i) for i in blocks],
+                       self.level)
             self.file.cache.put(key, t)
         return t
 

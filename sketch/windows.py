@@ -130,23 +130,24 @@ def cell_impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, g: int, n
     """Exact impressions of the union of keys ``ids`` in each of the ``n`` cells
     (impressions add up across keys: each event belongs to one key), and the
     level-0 coupons there (``cover.impressions(..., coupons=True)``)."""
-    edges = b0 + g * np.arange(n + 1, dtype=np.int64)
+    b1 = b0 + g * n
     imp, cost = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for kid in np.asarray(ids, np.int64).tolist():
-        for slot in tiers.slots_overlapping(b0, edges[-1]):
-            e = np.clip(edges, slot.start, slot.end)
+        for slot in tiers.slots_overlapping(b0, b1):
+            c0, c1 = max(0, (slot.start - b0) // g), min(n, -(-(slot.end - b0) // g))  # cells it touches
+            e = np.clip(b0 + g * np.arange(c0, c1 + 1, dtype=np.int64), slot.start, slot.end)
             codes = make_code(kid, e).astype(np.uint64)
             for t in slot.base_tables():
                 if isinstance(t, cover.RowTable):
                     r = np.searchsorted(t.code, codes)
-                    imp += np.diff(t.imp_cs[r])
-                    cost += np.diff(t.off[r])
+                    imp[c0:c1] += np.diff(t.imp_cs[r])
+                    cost[c0:c1] += np.diff(t.off[r])
                 else:
-                    imp += np.diff(t.imp_before(codes))
-                    cost += np.diff(t.coupons_before(codes))
+                    imp[c0:c1] += np.diff(t.imp_before(codes))
+                    cost[c0:c1] += np.diff(t.coupons_before(codes))
     k, b, _ = memtable.columns()
     if len(k):
-        m = (b >= b0) & (b < edges[-1]) & np.isin(k, ids)
+        m = (b >= b0) & (b < b1) & np.isin(k, ids)
         if m.any():
             events = np.bincount((b[m].astype(np.int64) - b0) // g, minlength=n)
             imp += events
@@ -166,6 +167,8 @@ class Windows:
         if not self.cumulative and len(set(widths.tolist())) > 1:
             raise ValueError("windows must all have one width, or all start at cell 0")
         self.w = int(widths[0]) if len(widths) else 1
+        d = np.diff(self.starts)
+        self.regular_step = int(d[0]) if len(d) and d[0] > 0 and (d == d[0]).all() else 0
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -197,7 +200,7 @@ class Windows:
         out = np.zeros(len(self) + 1, np.int64)
         if not len(index):
             return out[:-1]
-        key = np.unique((index.astype(np.uint64) << np.uint64(32)) | cells.astype(np.uint64))
+        key = np.sort((index.astype(np.uint64) << np.uint64(32)) | cells.astype(np.uint64))
         idx, c = key >> np.uint64(32), (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
         first = np.r_[True, idx[1:] != idx[:-1]]
         if self.cumulative:  # a value counts from the first window that reaches its first cell
@@ -205,8 +208,14 @@ class Windows:
         prev = np.where(first, -(1 << 40), np.r_[0, c[:-1]])
         # the windows [a, a + w) with a in (max(prev, c - w), c] see c and not prev
         a_lo, a_hi = np.maximum(prev + 1, c - self.w + 1), c
-        i_lo = np.searchsorted(self.starts, a_lo, side="left")
-        i_hi = np.searchsorted(self.starts, a_hi, side="right")
+        s = self.regular_step
+        if s:  # starts a0 + i s: the windows' indices by arithmetic
+            a0, K = int(self.starts[0]), len(self)
+            i_lo = np.clip(-(-(a_lo - a0) // s), 0, K)
+            i_hi = np.clip((a_hi - a0) // s + 1, 0, K)
+        else:
+            i_lo = np.searchsorted(self.starts, a_lo, side="left")
+            i_hi = np.searchsorted(self.starts, a_hi, side="right")
         keep = i_hi > i_lo
         np.add.at(out, i_lo[keep], 1)
         np.add.at(out, i_hi[keep], -1)
@@ -214,9 +223,36 @@ class Windows:
 
 
 def histograms(regs: np.ndarray, H: int) -> np.ndarray:
-    hist = np.empty((len(regs), H), np.int64)
-    for i in range(len(regs)):
-        hist[i] = np.bincount(regs[i], minlength=H)
+    """(n, H) register-value histograms of the rows of ``regs``.  Neighbouring
+    windows share most registers, so after the first row only the registers
+    that changed are counted: one pass of comparisons, then bincounts over
+    the changes (old values out, new values in) and a running sum."""
+    n = len(regs)
+    hist = np.empty((n, H), np.int64)
+    if not n:
+        return hist
+    hist[0] = np.bincount(regs[0], minlength=H)
+    if n == 1:
+        return hist
+    if regs.shape[1] % 8 == 0 and regs.flags.c_contiguous:  # compare 8 registers a word, then the changed words' bytes
+        words = regs.view(np.uint64)
+        at = np.flatnonzero(words[1:] != words[:-1])  # flat index into words[1:]: row * W + column
+        old = words.reshape(-1)[at].view(np.uint8)
+        new = words.reshape(-1)[at + words.shape[1]].view(np.uint8)
+        moved = np.flatnonzero(old != new)
+        rows = at[moved >> 3] // words.shape[1]
+        old, new = old[moved], new[moved]
+    else:
+        rows, cols = np.nonzero(regs[1:] != regs[:-1])
+        old, new = regs[rows, cols], regs[rows + 1, cols]
+    if len(rows) > regs.size // 4:  # most registers move: plain counts are cheaper
+        for i in range(1, n):
+            hist[i] = np.bincount(regs[i], minlength=H)
+        return hist
+    base = rows * H
+    delta = np.bincount(base + new, minlength=(n - 1) * H) - np.bincount(base + old, minlength=(n - 1) * H)
+    np.cumsum(delta.reshape(n - 1, H), axis=0, out=hist[1:])
+    hist[1:] += hist[0]
     return hist
 
 
