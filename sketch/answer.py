@@ -40,6 +40,17 @@ class RangeResult:
                 "exact": e.exact, "partial": e.partial}
 
 
+def counted(answers: list, imp: np.ndarray, count: np.ndarray, m: int) -> np.ndarray:
+    """Which answers are counted from their coupons, decided on the whole sketch
+    (sums over shards, so the shard count never changes an answer): every
+    shard counted its coupons, and either the impressions of all shards are
+    within the near-exact budget (2 m: each shard then read level-0 rows
+    only, ``cover.gather_base``) or the distinct coupons are at most m / 8
+    (the sparse form of the whole sketch; each shard counts up to that)."""
+    every = np.all([a[1] >= 0 for a in answers], axis=0)
+    return every & ((imp <= 2 * m) | (count <= m // 8))
+
+
 def merge_answers(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], m: int,
                     registers_per_shard: int, shards_total: int) -> list[tuple[Estimate, int]]:
     """Merge shard answers (``hist``, ``sparse``, ``impressions``, one row per
@@ -48,9 +59,9 @@ def merge_answers(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], m: i
     ``shards_total``) make the answers partial: estimates and impressions
     are extrapolated from the register ranges that answered."""
     hist = sum(a[0] for a in answers)
-    sparse_all = np.all([a[1] >= 0 for a in answers], axis=0)
     sparse = sum(np.maximum(a[1], 0) for a in answers)
     imp = sum(a[2] for a in answers)
+    sparse_all = counted(answers, imp, sparse, m)
     seen = registers_per_shard * len(answers)
     partial = len(answers) < shards_total
     raw = ertl_estimates(hist) if hist.shape[0] > 8 else None  # many rows (a series): one vectorized pass
@@ -79,11 +90,15 @@ def merge_reach(answers: list, m: int, registers_per_shard: int, shards_total: i
 def merge_overlap(answers: list, m: int, registers_per_shard: int, shards_total: int, start: int, end: int) -> dict:
     """The overlap answer from shard answers ``(joint histogram, counts, impressions)``."""
     joint = sum(a[0] for a in answers)
-    counts = np.where(np.all([a[1] >= 0 for a in answers], axis=0), sum(a[1] for a in answers), -1)
+    imp = sum(a[2] for a in answers)
+    count = sum(np.maximum(a[1], 0) for a in answers)
+    ok = np.zeros(3, bool)
+    ok[:2] = counted([(None, a[1][:2]) for a in answers], imp, count[:2], m)
+    ok[2] = ok[:2].all() and all(a[1][2] >= 0 for a in answers)  # both sides counted: their union is too
+    counts = np.where(ok, count, -1)
     seen = registers_per_shard * len(answers)
     partial = len(answers) < shards_total
     o = estimate_overlap(joint, counts, m, seen if partial else None)
-    imp = sum(a[2] for a in answers)
     if partial:
         imp = np.round(imp * m / seen).astype(np.int64)
     out = {"start": start, "end": end, **o.to_dict()}

@@ -154,17 +154,15 @@ class Pieces:
         """(K, hist_len) register-value histograms and, per key, its distinct
         coupon count, or -1.
 
-        With the default ``limit`` the count is given exactly when the merged
-        slice would be stored sparse (at most ``dense_threshold`` coupons), so
-        the answer depends on the data alone, never on which pieces happened
-        to be stored dense: a dense piece always holds more than the threshold
-        itself.  ``limit=None`` counts every key no dense piece fed (the
-        near-exact path: pieces gathered from level-0 rows only, see
-        ``gather_base``).
+        With the default ``limit`` (``count_limit``) a key no dense piece fed
+        is counted up to that many coupons, for the merge to decide on the
+        sum (``answer.merge_answers``); ``limit=None`` counts every key no
+        dense piece fed (the near-exact path: pieces gathered from level-0
+        rows only, see ``gather_base``).
         """
         K, H = self.K, rr.prec.hist_len
         if limit == -1:
-            limit = rr.dense_threshold
+            limit = rr.count_limit
         if regs is None:
             regs = self.registers(rr)
         hist = np.empty((K, H), np.int64)
@@ -404,10 +402,9 @@ def _loose(tiers: Tiers, keys, lo: int, hi: int, pc: Pieces) -> None:
 def gather_base(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, b1: int,
                 pos: np.ndarray | None = None, K: int | None = None) -> Pieces:
     """``gather`` from level-0 rows only (base tables, runs, memtable): the
-    near-exact path.  While a key's level-0 coupons over the range are few
-    (``impressions(..., coupons=True)`` counts them from the indexes),
-    reading them costs little more than the rollups, and they, unlike a
-    dense rollup's registers, can be counted.  A minute of the memtable holding more distinct coupons than
+    near-exact path.  While a key's impressions over the range are few (they
+    bound its level-0 coupons), reading them costs little more than the
+    rollups, and they, unlike a dense rollup's registers, can be counted.  A minute of the memtable holding more distinct coupons than
     ``dense_threshold`` counts as a dense piece, as it will be once sorted
     into a row, so whether an answer is counted does not depend on when
     the memtable was last flushed."""
@@ -421,32 +418,42 @@ def gather_base(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: 
             some = keys.within(t, b0, b1)
             if some:
                 some.add_to(pc, t)
-    k, b, c = memtable.columns()
-    if len(k):
-        m = (b >= b0) & (b < b1)
-        hit, p = keys.match(k[m])
-        if hit.any():
-            c, b = c[m][hit], b[m][hit]
-            pc.add_coupons(p, c)
-            # distinct coupon indexes per (position, bucket): a crowded minute is a dense piece
-            # (position, bucket, coupon index) in one word
-            bb = np.uint64(max(1, (b1 - b0 - 1).bit_length()))
-            cell = (p.astype(np.uint64) << bb) | (b.astype(np.int64) - b0).astype(np.uint64)
-            pair = np.unique((cell << np.uint64(SPARSE_P)) | (c >> np.uint32(RANK_BITS)).astype(np.uint64))
-            cells, n = np.unique(pair >> np.uint64(SPARSE_P), return_counts=True)
-            crowded = (cells[n > rr.dense_threshold] >> bb).astype(np.int64)
-            if len(crowded):
-                pc.dk.append(crowded)
-                pc.dv.append(np.zeros((len(crowded), rr.R), np.uint8))  # marks only: max with zeros changes nothing
+    mem = memtable_part(memtable, keys, rr, b0, b1)
+    if mem is not None:
+        p, c, crowded = mem
+        pc.add_coupons(p, c)
+        if len(crowded):  # a crowded minute is a dense piece (marks only: a max with zeros changes nothing)
+            pc.dk.append(crowded)
+            pc.dv.append(np.zeros((len(crowded), rr.R), np.uint8))
     return pc
 
 
-def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int, coupons: bool = False) -> np.ndarray:
+def memtable_part(memtable, keys, rr: RegisterRange, b0: int, b1: int):
+    """The memtable's events of ``keys`` in ``[b0, b1)``: ``(positions, coupons,
+    crowded)`` where ``crowded`` lists the positions with a key-minute of more
+    distinct coupons than ``dense_threshold`` (a row that will be dense once
+    sorted); None when there are none."""
+    k, b, c = memtable.columns()
+    if not len(k):
+        return None
+    m = (b >= b0) & (b < b1)
+    hit, p = keys.match(k[m])
+    if not hit.any():
+        return None
+    c = c[m][hit]
+    # key-minutes numbered, then (key-minute, coupon index) in one word
+    _, cell = np.unique((k[m][hit].astype(np.uint64) << np.uint64(32)) | b[m][hit].astype(np.uint64),
+                        return_inverse=True)
+    word = (cell.astype(np.uint64) << np.uint64(SPARSE_P)) | (c >> np.uint32(RANK_BITS)).astype(np.uint64)
+    uniq, first = np.unique(word, return_index=True)
+    _, start, n = np.unique(uniq >> np.uint64(SPARSE_P), return_index=True, return_counts=True)
+    return p, c, np.unique(p[first[start[n > rr.dense_threshold]]])
+
+
+def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np.ndarray:
     """Exact impressions of keys ``ids`` over ``[b0, b1)``: prefix sums over
-    the level-0 rows, where each event is counted exactly once.  With
-    ``coupons``: instead, the coupons the near-exact path would read (those
-    of sparse level-0 rows, and the memtable's events), which, unlike
-    impressions, a re-sharding splits with the registers."""
+    the level-0 rows, where each event is counted exactly once (a sealed
+    table wholly inside the range answers from its per-key totals)."""
     total = np.zeros(len(ids), np.int64)
     if not len(ids):
         return total
@@ -456,18 +463,17 @@ def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int, coupo
         inside = b0 <= slot.start and slot.end <= b1
         for t in slot.base_tables():
             if not isinstance(t, RowTable) and inside:  # sealed and wholly in range: the index's per-key totals
-                total += t.key_totals(ids)[1 if coupons else 0]
+                total += t.key_impressions(ids)
                 continue
             if not isinstance(t, RowTable):  # sealed: the block index's running totals, not the rows
                 if codes is None:
                     codes = np.r_[make_code(ids, b0), make_code(ids, b1)]
-                before = t.coupons_before(codes) if coupons else t.imp_before(codes)
+                before = t.imp_before(codes)
                 total += before[len(ids):] - before[:len(ids)]
                 continue
             some = keys.within(t, b0, b1)
             if some:
-                cs = t.off if coupons else t.imp_cs
-                total[some.pos] += cs[some.r1] - cs[some.r0]
+                total[some.pos] += t.imp_cs[some.r1] - t.imp_cs[some.r0]
     k, b, _ = memtable.columns()
     if len(k):
         m = (b >= b0) & (b < b1)

@@ -146,12 +146,17 @@ class RegisterRange:
         # dense past R/8 coupons keeps a sparse row at most half a dense one
         # in memory and never much above a dense one at rest.
         self.dense_threshold = max(1, self.R // 8)
-        # the near-exact path (``cover.gather_base``): a range whose level-0
-        # coupons on this slice are at most this is read from its level-0
-        # rows, whose coupons can be counted: at most 2 R coupons (8 R bytes)
-        # a key a shard; over all shards about 2 m coupons (an event is at
-        # most one), whatever the shard count.
-        self.exact_budget = 2 * self.R
+        # Counted answers are decided on the whole sketch, never on one slice,
+        # so the shard count cannot change an answer (``answer.merge_answers``):
+        # a range is counted from its coupons when its impressions on all shards
+        # together are at most ``exact_budget`` (2 m: the near-exact path,
+        # ``cover.gather_base``), or when its distinct coupons are at most
+        # ``count_limit`` (m / 8, what one sparse row of the whole sketch holds).
+        # A shard reads level-0 rows while its own impressions are within the
+        # budget (a shard's share never exceeds the whole), so the path reads at
+        # most 2 m coupons (an event is at most one) a key a shard.
+        self.exact_budget = 2 * self.prec.m
+        self.count_limit = self.prec.m // 8
 
     def coupon_registers(self, coupons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coupons -> (register index relative to this range, rank)."""

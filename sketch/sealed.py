@@ -151,10 +151,8 @@ def _encode_table(t: RowTable, R: int) -> tuple[dict, list[bytes]]:
     entry = {"level": t.level, "rows": n, "node_base": node_base, "coupons": int(t.off[-1]),
              "dense": int(dense_cs[-1]), "impressions": int(imp_cs[-1]),
              "keys": _b64(keys.astype(np.uint32)), "blocks": entries}
-    if t.level == 0:  # each key's impressions and coupons here: a range holding the whole table reads no block
-        bounds = np.r_[first, n]
-        entry["key_imp"] = _b64(np.diff(imp_cs[bounds]).astype(np.uint32))
-        entry["key_coupons"] = _b64(np.diff(t.off[bounds]).astype(np.uint32))
+    if t.level == 0:  # each key's impressions here: a range holding the whole table reads no block
+        entry["key_imp"] = _b64(np.diff(imp_cs[np.r_[first, n]]).astype(np.uint32))
     return entry, blocks
 
 
@@ -337,7 +335,7 @@ class BlockedTable:
         self._keys_b64 = entry["keys"]
         self._key_ids = None
         self._bounds = None
-        self._totals_b64 = (entry.get("key_imp"), entry.get("key_coupons"))
+        self._totals_b64 = entry.get("key_imp")
         self._totals = None
 
     def __len__(self) -> int:
@@ -355,25 +353,24 @@ class BlockedTable:
         return sum(a.nbytes for a in (self.first, self.last, self.row0, self.off0, self.dense0, self.crc, self.raw,
                                       self.imp0))
 
-    def key_totals(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(impressions, coupons) of each of ``ids`` in this (level-0) table, from the
-        index (a file written before the index held them: counted once from its blocks)."""
+    def key_impressions(self, ids: np.ndarray) -> np.ndarray:
+        """Impressions of each of ``ids`` in this (level-0) table, from the index (a
+        file written before the index held them: counted once from its blocks)."""
         if self._totals is None:
-            if self._totals_b64[0] is not None:
-                imp = _unb64(self._totals_b64[0], np.uint32).astype(np.int64)
-                cou = _unb64(self._totals_b64[1], np.uint32).astype(np.int64)
+            if self._totals_b64 is not None:
+                imp = _unb64(self._totals_b64, np.uint32).astype(np.int64)
             else:
                 t = self.materialize()
-                bounds = np.r_[np.searchsorted(code_keys(t.code), self.key_ids), len(t)]
-                imp, cou = np.diff(t.imp_cs[bounds]), np.diff(t.off[bounds])
+                imp = np.diff(t.imp_cs[np.r_[np.searchsorted(code_keys(t.code), self.key_ids), len(t)]])
             if len(imp) != len(self.key_ids):
                 raise SealedError(f"{self.file.name}: table {self.index} has per-key totals for another key list")
-            self._totals = (imp, cou)
+            self._totals = imp
         ids = np.asarray(ids, np.int64)
         keys = self.key_ids
-        at = np.minimum(np.searchsorted(keys, ids), max(len(keys) - 1, 0))
-        hit = (keys[at] == ids) if len(keys) else np.zeros(len(ids), bool)
-        return np.where(hit, self._totals[0][at], 0), np.where(hit, self._totals[1][at], 0)
+        if not len(keys):
+            return np.zeros(len(ids), np.int64)
+        at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+        return np.where(keys[at] == ids, self._totals[at], 0)
 
     def view_keys(self, ids: np.ndarray, n0: int, n1: int) -> RowTable:
         """The rows of keys ``ids`` (sorted) with nodes in ``[n0, n1)``: only the blocks
@@ -487,23 +484,16 @@ class BlockedTable:
         """Impressions of the rows with codes below each of ``codes`` (uint64): the
         block index's running total at the block holding the code, plus that
         block's own prefix (decoded only when the code falls inside it)."""
-        return self._before(codes, self.imp0, "imp_cs")
-
-    def coupons_before(self, codes: np.ndarray) -> np.ndarray:
-        """Coupons of the sparse rows with codes below each of ``codes``, as ``imp_before``."""
-        return self._before(codes, self.off0, "off")
-
-    def _before(self, codes: np.ndarray, totals: np.ndarray, within: str) -> np.ndarray:
         codes = np.asarray(codes, np.uint64)
         blk = np.searchsorted(self.last, codes)  # the first block with a row at or past the code
-        out = totals[blk].copy()
+        out = self.imp0[blk].copy()
         inside = (blk < len(self.first))
         inside[inside] = codes[inside] > self.first[blk[inside]]
         if inside.any():
             for i in np.unique(blk[inside]).tolist():
                 t = self.block(i)
                 sel = inside & (blk == i)
-                out[sel] += getattr(t, within)[np.searchsorted(t.code, codes[sel])]
+                out[sel] += t.imp_cs[np.searchsorted(t.code, codes[sel])]
         return out
 
     def scan(self, lo_code: int, hi_code: int):

@@ -153,20 +153,20 @@ class ShardStore:
         ``ids[i]`` (distinct ids) belongs to set ``pos[i]`` (default: set i is
         key i), and a set's answer is the union of its keys' visitors.
 
-        A set whose level-0 coupons on this shard are within ``exact_budget`` is
+        A set whose impressions on this shard are within ``exact_budget`` is
         read from its level-0 rows and its coupons counted however many
         (near-exact, see ``cover.gather_base``); the others take the cover
-        walk, counted only while their union would be stored sparse.  Both
-        give the same registers; which one answers depends on the data alone."""
+        walk, counted up to ``count_limit``.  Both give the same registers;
+        whether the count is used is decided on the sums of all shards
+        (``answer.merge_answers``)."""
         rr = self.rr
         pos = np.arange(len(ids)) if pos is None else np.asarray(pos, np.int64)
         hist = np.zeros((K, rr.prec.hist_len), np.int64)
         hist[:, 0] = rr.R
         sparse = np.zeros(K, np.int64)
-        imp, cost = (np.bincount(pos, weights=cover.impressions(self.tiers, self.memtable, ids, b0, b1, coupons=c),
-                                 minlength=K).astype(np.int64) if len(ids) else np.zeros(K, np.int64)
-                     for c in (False, True))
-        small = cost <= rr.exact_budget
+        key_imp = cover.impressions(self.tiers, self.memtable, ids, b0, b1)
+        imp = np.bincount(pos, weights=key_imp, minlength=K).astype(np.int64) if len(ids) else np.zeros(K, np.int64)
+        small = imp <= rr.exact_budget
         for how, which in ((True, small), (False, ~small)):
             sel = which[pos]
             if not sel.any():
@@ -211,9 +211,8 @@ class ShardStore:
         for names, prefix in (a, b):
             ids = self.key_ids(names, prefix)
             imp = int(cover.impressions(self.tiers, self.memtable, ids, b0, b1).sum()) if len(ids) else 0
-            cost = int(cover.impressions(self.tiers, self.memtable, ids, b0, b1, coupons=True).sum()) if len(ids) else 0
             zero = np.zeros(len(ids), np.int64)
-            if cost <= rr.exact_budget:
+            if imp <= rr.exact_budget:
                 pc, limit = cover.gather_base(self.tiers, self.memtable, rr, ids, b0, b1, zero, 1), None
             else:
                 pc, limit = cover.gather(self.tiers, self.memtable, rr, ids, b0, b1, zero, 1), -1

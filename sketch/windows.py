@@ -125,13 +125,11 @@ def _lookup(t, codes: np.ndarray):
     return out
 
 
-def cell_impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, g: int, n: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def cell_impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, g: int, n: int) -> np.ndarray:
     """Exact impressions of the union of keys ``ids`` in each of the ``n`` cells
-    (impressions add up across keys: each event belongs to one key), and the
-    level-0 coupons there (``cover.impressions(..., coupons=True)``)."""
+    (impressions add up across keys: each event belongs to one key)."""
     b1 = b0 + g * n
-    imp, cost = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    imp = np.zeros(n, np.int64)
     for kid in np.asarray(ids, np.int64).tolist():
         for slot in tiers.slots_overlapping(b0, b1):
             c0, c1 = max(0, (slot.start - b0) // g), min(n, -(-(slot.end - b0) // g))  # cells it touches
@@ -139,20 +137,15 @@ def cell_impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, g: int, n
             codes = make_code(kid, e).astype(np.uint64)
             for t in slot.base_tables():
                 if isinstance(t, cover.RowTable):
-                    r = np.searchsorted(t.code, codes)
-                    imp[c0:c1] += np.diff(t.imp_cs[r])
-                    cost[c0:c1] += np.diff(t.off[r])
+                    imp[c0:c1] += np.diff(t.imp_cs[np.searchsorted(t.code, codes)])
                 else:
                     imp[c0:c1] += np.diff(t.imp_before(codes))
-                    cost[c0:c1] += np.diff(t.coupons_before(codes))
     k, b, _ = memtable.columns()
     if len(k):
         m = (b >= b0) & (b < b1) & np.isin(k, ids)
         if m.any():
-            events = np.bincount((b[m].astype(np.int64) - b0) // g, minlength=n)
-            imp += events
-            cost += events
-    return imp, cost
+            imp += np.bincount((b[m].astype(np.int64) - b0) // g, minlength=n)
+    return imp
 
 
 class Windows:
@@ -267,8 +260,8 @@ def series(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, 
         hist = np.zeros((K, H), np.int64)
         hist[:, 0] = rr.R
         return hist, np.zeros(K, np.int64), np.zeros(K, np.int64)
-    imp, cost = (win.sums(x) for x in cell_impressions(tiers, memtable, ids, b0, g, n))
-    small = cost <= rr.exact_budget
+    imp = win.sums(cell_impressions(tiers, memtable, ids, b0, g, n))
+    small = imp <= rr.exact_budget
     base = np.zeros(n, bool)
     if small.any():  # cells of a window within the budget are read base-only, for every window
         d = np.zeros(n + 1, np.int64)
@@ -288,7 +281,7 @@ def series(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, 
     if len(coupons) and base.any():
         dense_cells += _crowded_memtable_cells(memtable, ids, b0, g, n, rr, base)
     # counted: windows without a dense piece, near-exact or with few registers set
-    counted = (win.sums(dense_cells) == 0) & (small | (rr.R - hist[:, 0] <= rr.dense_threshold))
+    counted = (win.sums(dense_cells) == 0) & (small | (rr.R - hist[:, 0] <= rr.count_limit))
     sparse = np.full(K, -1, np.int64)
     if counted.any():
         d = np.zeros(n + 1, np.int64)
@@ -296,13 +289,14 @@ def series(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, 
         np.add.at(d, win.ends[counted], -1)
         need = (np.cumsum(d)[:-1] > 0)[cells]  # only the cells of counted windows are read
         got = win.distinct(coupons[need] >> np.uint32(RANK_BITS), cells[need])
-        got[~small & (got > rr.dense_threshold)] = -1
+        got[~small & (got > rr.count_limit)] = -1
         sparse[counted] = got[counted]
     return hist, sparse, imp
 
 
 def _crowded_memtable_cells(memtable, ids, b0: int, g: int, n: int, rr: RegisterRange, base) -> np.ndarray:
-    """Per cell: memtable minutes (in base-only cells) with more distinct coupons than a sparse row holds."""
+    """Per cell: memtable key-minutes (in base-only cells) with more distinct coupons
+    than a sparse row holds (rows that will be dense once sorted; as ``cover.memtable_part``)."""
     out = np.zeros(n, np.int64)
     k, b, c = memtable.columns()
     if not len(k):
@@ -310,12 +304,14 @@ def _crowded_memtable_cells(memtable, ids, b0: int, g: int, n: int, rr: Register
     m = (b >= b0) & (b < b0 + g * n) & np.isin(k, ids)
     if not m.any():
         return out
-    b, c = b[m].astype(np.uint64), c[m] >> np.uint32(RANK_BITS)
-    pair = np.unique((b << np.uint64(32)) | c.astype(np.uint64))
-    minutes, cnt = np.unique(pair >> np.uint64(32), return_counts=True)
-    crowded = (minutes[cnt > rr.dense_threshold].astype(np.int64) - b0) // g
-    crowded = crowded[base[crowded]]
-    np.add.at(out, crowded, 1)
+    minute = (k[m].astype(np.uint64) << np.uint64(32)) | b[m].astype(np.uint64)
+    uniq, cell = np.unique(minute, return_inverse=True)
+    word = (cell.astype(np.uint64) << np.uint64(32)) | (c[m] >> np.uint32(RANK_BITS)).astype(np.uint64)
+    pairs = np.unique(word) >> np.uint64(32)
+    crowded = uniq[np.bincount(pairs.astype(np.int64), minlength=len(uniq)) > rr.dense_threshold]
+    at = ((crowded & np.uint64(0xFFFFFFFF)).astype(np.int64) - b0) // g
+    at = at[base[at]]
+    np.add.at(out, at, 1)
     return out
 
 

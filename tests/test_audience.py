@@ -184,3 +184,37 @@ def test_overlap_through_the_shards_counts_coupons_while_sparse_and_registers_wh
     assert lo <= 60_000 <= hi and big["distinguishable"]
     assert big["a"]["impressions"] == len(big_a) and big["b"]["impressions"] == len(big_b)
     assert big["jaccard"] == pytest.approx(60_000 / 290_000, rel=0.05)
+
+
+def test_whether_an_answer_is_counted_does_not_depend_on_the_shard_count():
+    """Keys on both sides of the near-exact budget (2 m impressions) and of the count limit (m / 8
+    visitors): 1, 2, 4 and 8 shards give the same answers, fresh and after the rollups."""
+    cfg = SMALL.__class__(p=12, leaf_level=4, segment_level=8)
+    m = 1 << cfg.p
+    rng = np.random.default_rng(8)
+    now_b = int(NOW // 60)
+    parts = []
+    for i, (imps, visitors) in enumerate([(2 * m - 300, 3000), (2 * m + 300, 3000), (2 * m - 5, 5000),
+                                          (3 * m, m // 8 - 40), (3 * m, m // 8 + 40), (20 * m, 200)]):
+        pool = rng.integers(0, 2**64, visitors, dtype=np.uint64)
+        h = np.concatenate([pool, pool[rng.integers(0, visitors, imps - visitors)]])
+        b = rng.integers(now_b - 2000, now_b - 10, imps)
+        parts.append((np.full(imps, i), b, h))
+    k, b, h = (np.concatenate(x) for x in zip(*parts))
+    names = [f"k{i}" for i in range(len(parts))]
+    answers = {}
+    for shards in (1, 2, 4, 8):
+        c = LocalCounter(cfg, shards=shards)
+        c.ingest(b * 60 + 1.0, [names[i] for i in k], hashes=h, now=NOW)
+        got = []
+        for stage in ("fresh", "built"):
+            if stage == "built":
+                c.maintain(NOW)
+            got += [r.to_dict() for r in c.query(names, last=2100, now=NOW)]
+            got.append(c.reach(names[:2], last=2100, now=NOW))
+            got.append(c.reach(names[3:5], last=2100, now=NOW))
+        answers[shards] = got
+    for shards in (2, 4, 8):
+        assert answers[shards] == answers[1], shards
+    exact = [a["relative_error"] < 0.001 for a in answers[1][: len(names)]]
+    assert exact == [True, False, True, True, False, True]  # counted: within the budget, or few visitors
