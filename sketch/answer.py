@@ -112,11 +112,12 @@ def series_points(answers: list, m: int, registers_per_shard: int, shards_total:
     """The points of one series call: window i covers cells ``[starts[i], ends[i])``
     of ``g`` buckets from bucket ``first``; ``complete`` false for a window ending after ``now``."""
     out = []
-    for (est, imp), a, e in zip(merge_answers(answers, m, registers_per_shard, shards_total), starts, ends):
-        p = RangeResult(None, (first + int(a) * g) * bucket_seconds, (first + int(e) * g) * bucket_seconds,
-                        est, imp).to_dict()
+    t0 = ((first + np.asarray(starts, np.int64) * g) * bucket_seconds).tolist()
+    t1 = ((first + np.asarray(ends, np.int64) * g) * bucket_seconds).tolist()
+    for (est, imp), a, e in zip(merge_answers(answers, m, registers_per_shard, shards_total), t0, t1):
+        p = RangeResult(None, a, e, est, imp).to_dict()
         del p["key"]
-        p["complete"] = p["end"] <= now
+        p["complete"] = e <= now
         out.append(p)
     return out
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import npx
 from .hll import RANK_BITS, SPARSE_P, RegisterRange
 from .rows import RowTable, make_code
 from .tiers import Tiers
@@ -441,13 +442,14 @@ def memtable_part(memtable, keys, rr: RegisterRange, b0: int, b1: int):
     if not hit.any():
         return None
     c = c[m][hit]
-    # key-minutes numbered, then (key-minute, coupon index) in one word
-    _, cell = np.unique((k[m][hit].astype(np.uint64) << np.uint64(32)) | b[m][hit].astype(np.uint64),
-                        return_inverse=True)
-    word = (cell.astype(np.uint64) << np.uint64(SPARSE_P)) | (c >> np.uint32(RANK_BITS)).astype(np.uint64)
-    uniq, first = np.unique(word, return_index=True)
-    _, start, n = np.unique(uniq >> np.uint64(SPARSE_P), return_index=True, return_counts=True)
-    return p, c, np.unique(p[first[start[n > rr.dense_threshold]]])
+    # key-minutes numbered, then (key-minute, coupon index) in one word: distinct coupons per key-minute
+    minutes, cell = np.unique((k[m][hit].astype(np.uint64) << np.uint64(32)) | b[m][hit].astype(np.uint64),
+                              return_inverse=True)
+    word = npx.unique((cell.reshape(-1).astype(np.uint64) << np.uint64(SPARSE_P))
+                      | (c >> np.uint32(RANK_BITS)).astype(np.uint64))
+    n = np.bincount((word >> np.uint64(SPARSE_P)).astype(np.int64), minlength=len(minutes))
+    crowded = minutes[n > rr.dense_threshold] >> np.uint64(32)  # their keys
+    return p, c, npx.unique(keys.match(crowded.astype(np.int64))[1]) if len(crowded) else np.zeros(0, np.int64)
 
 
 def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np.ndarray:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import npx
 from .hll import RANK_BITS, RegisterRange
 
 KEY_SHIFT = np.uint64(32)
@@ -192,7 +193,7 @@ def rows_of(t) -> RowTable:
 
 def table_keys(t) -> np.ndarray:
     """The distinct key ids with rows in a table (a sealed one knows them without decoding)."""
-    return t.key_ids if not isinstance(t, RowTable) else np.unique(code_keys(t.code))
+    return t.key_ids if not isinstance(t, RowTable) else npx.unique(code_keys(t.code))
 
 
 def concat(tables: list[RowTable], level: int) -> RowTable:

@@ -386,9 +386,17 @@ class BlockedTable:
         a, b = a[some], b[some]
         if (a[1:] <= b[:-1]).all():  # the blocks run on without a gap: one cached view
             return self.view(int(self.first[a[0]]), int(self.last[b[-1] - 1]))
-        need = np.unique(np.concatenate([np.arange(x, y) for x, y in zip(a.tolist(), b.tolist())]))
-        from .rows import concat
-        return concat([self.block(i) for i in need.tolist()], self.level)
+        need = np.unique(np.concatenate([np.arange(x, y) for x, y in zip(a.tolist(), b.tolist())])).tolist()
+        # joined once and cached as one table (a dashboard asks for the same key set again and again);
+        # the blocks decoded for it are not kept beside it
+        key = (self.file.token, self.index, "keys", hash(tuple(need)), len(need))
+        t = self.file.cache.get(key)
+        if t is None:
+            from .rows import concat
+            t = concat([self.file.cache.get((self.file.token, self.index, i)) or self._decode(i) for i in need],
+                       self.level)
+            self.file.cache.put(key, t)
+        return t
 
     def block(self, i: int) -> RowTable:
         key = (self.file.token, self.index, i)

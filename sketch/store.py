@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cover, windows
+from . import cover, npx, windows
 from .config import SketchConfig
 from .hll import RANK_BITS, RegisterRange
 from .keys import ALL_KEY, KeyTable
@@ -223,7 +223,7 @@ class ShardStore:
             imps.append(imp)
             index.append(pc.coupon_array() >> np.uint32(RANK_BITS))
         joint = np.bincount(regs[0].astype(np.int64) * H + regs[1], minlength=H * H).reshape(H, H)
-        union = len(np.unique(np.concatenate(index))) if min(counts) >= 0 else -1
+        union = len(npx.unique(np.concatenate(index))) if min(counts) >= 0 else -1
         return joint, np.array(counts + [union], np.int64), np.array(imps, np.int64)
 
     def series(self, names, prefix: str | None, b0: int, g: int, n: int, starts, ends):

@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from . import cover
+from . import cover, npx
 from .hll import RANK_BITS, RegisterRange
 from .rows import make_code
 from .tiers import Tiers
@@ -97,6 +97,16 @@ def _slot_levels(tables, kid: int, lo: int, hi: int, b0: int, g: int, base_only,
         if lvl and base_only is not None:
             ok &= ~base_only[cell]
         if not ok.any():
+            continue
+        if lvl == 0 and ok.sum() * 4 > len(ok):  # most of the slot's minutes: its rows in one slice, masked
+            v = cover._rows(t, cover.OneKey(kid, 0), lo, hi)
+            r0, r1 = v.node_range(kid, lo, hi)
+            rows = np.arange(r0, r1)
+            nodes = v.nodes[r0:r1].astype(np.int64)
+            keep = ok[nodes - lo]
+            rows, nodes = rows[keep], nodes[keep]
+            if len(rows):
+                pc.add_gather(v, (nodes - b0) // g, rows, rows + 1)
             continue
         st, cell = st[ok], cell[ok]
         for part, which, r in _lookup(t, make_code(kid, st >> lvl).astype(np.uint64)):
@@ -210,8 +220,7 @@ class Windows:
             i_lo = np.searchsorted(self.starts, a_lo, side="left")
             i_hi = np.searchsorted(self.starts, a_hi, side="right")
         keep = i_hi > i_lo
-        np.add.at(out, i_lo[keep], 1)
-        np.add.at(out, i_hi[keep], -1)
+        out = np.bincount(i_lo[keep], minlength=len(self) + 1) - np.bincount(i_hi[keep], minlength=len(self) + 1)
         return np.cumsum(out)[:-1]
 
 
@@ -307,7 +316,7 @@ def _crowded_memtable_cells(memtable, ids, b0: int, g: int, n: int, rr: Register
     minute = (k[m].astype(np.uint64) << np.uint64(32)) | b[m].astype(np.uint64)
     uniq, cell = np.unique(minute, return_inverse=True)
     word = (cell.astype(np.uint64) << np.uint64(32)) | (c[m] >> np.uint32(RANK_BITS)).astype(np.uint64)
-    pairs = np.unique(word) >> np.uint64(32)
+    pairs = npx.unique(word) >> np.uint64(32)
     crowded = uniq[np.bincount(pairs.astype(np.int64), minlength=len(uniq)) > rr.dense_threshold]
     at = ((crowded & np.uint64(0xFFFFFFFF)).astype(np.int64) - b0) // g
     at = at[base[at]]
