@@ -34,7 +34,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,19 +48,11 @@ from impressions.durable.layout import (
     write_layout,
 )
 from impressions.durable.objects import ObjectStore
-from impressions.sketch.answer import (
-    RangeResult,
-    merge_answers,
-    merge_overlap,
-    merge_reach,
-    series_answer,
-    series_points,
-)
 from impressions.sketch.hll import RegisterRange, check_shards
 from impressions.sketch.reshard import sources_of
 from impressions.sketch.timeindex import BucketRange
-from impressions.sketch.windows import plan_series
 
+from .questions import Questions, ShardMap, range_answers
 from .runtime import Runtime, ShardUnavailable, gather
 from .telemetry import Telemetry
 
@@ -74,28 +65,11 @@ SERIES_CHUNK = 64  # points per shard call of a series: no single call holds a s
 KEYS_FACTOR = 4  # candidates per shard for a top-keys list: KEYS_FACTOR x the keys asked for
 
 
-@dataclass(frozen=True)
-class ShardMap:
-    """Which shard owns which register range (an immutable snapshot)."""
-
-    handles: tuple
-    rr: RegisterRange  # the register range of shard 0; shard i's starts at i * rr.R
-    epoch: int = 0
-
-    @property
-    def registers_per_shard(self) -> int:
-        return self.rr.R
-
-    def ranges(self) -> list[tuple[int, int]]:
-        R = self.rr.R
-        return [(i * R, (i + 1) * R) for i in range(len(self.handles))]
-
-
 class RescaleFailed(RuntimeError):
     """A re-sharding failed and was rolled back: the old shards serve on."""
 
 
-class Coordinator:
+class Coordinator(Questions):
     def __init__(self, config, runtime: Runtime, telemetry: Telemetry | None = None):
         self.config = config
         self.runtime = runtime
@@ -217,24 +191,9 @@ class Coordinator:
         than ``timeout`` (or failing) is None."""
         return gather(self.runtime, [self.runtime.call(h, method, *args) for h in m.handles], timeout)
 
-    def _merge(self, m: ShardMap, keys: list, answers: list, start: int, end: int) -> list[dict]:
-        got = [a for a in answers if a is not None]
-        if not got:
-            raise ShardUnavailable(f"no shard answered within {self.config.query_timeout_s} s")
-        merged = merge_answers(got, m.rr.prec.m, m.rr.R, len(m.handles))
-        return [RangeResult(k, start, end, est, imp).to_dict() for k, (est, imp) in zip(keys, merged)]
-
-    # ------------------------------------------------------------ questions
-    def query(self, keys: list, rng: BucketRange) -> list[dict]:
-        """Unique visitors and impressions of each key (None = site-wide) over ``rng``.
-
-        Shards that do not answer within ``query_timeout_s`` (restarting, or
-        gone) are left out: the answer is then ``partial``, extrapolated from
-        the register ranges that answered, with the wider error that implies."""
-        m = self._ensure()
-        keys = list(keys)
-        answers = self._ask(m, "query", keys, rng.b0, rng.b1)
-        return self._merge(m, keys, answers, rng.start, rng.end)
+    # ------------------------------------------------------------ questions (``Questions``)
+    def _shard_map(self, refresh: bool = False) -> ShardMap:
+        return self._ensure()
 
     def _ask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
         """A question to every shard (``_fan_out``, with the time it was sent
@@ -254,45 +213,6 @@ class Coordinator:
             raise ShardUnavailable(f"no shard answered within {timeout or self.config.query_timeout_s} s")
         return answers
 
-    def reach(self, keys: list, prefix: str | None, rng: BucketRange) -> dict:
-        """Unique visitors of the union of a key set (listed ``keys`` and every
-        key starting with ``prefix``) over ``rng``, with summed impressions and
-        the average frequency: one call per shard, which merges the set's
-        registers and answers one histogram."""
-        m = self._ensure()
-        answers = [a for a in self._ask(m, "reach", list(keys), prefix or None, rng.b0, rng.b1) if a is not None]
-        return merge_reach(answers, m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end, prefix)
-
-    def overlap(self, a: tuple, b: tuple, rng: BucketRange) -> dict:
-        """Visitors of both key sets ``a`` and ``b`` (each ``(keys, prefix)``)
-        over ``rng``: the joint estimate with its interval, inclusion-exclusion
-        beside it, Jaccard and each side's share (``sketch.sets``)."""
-        m = self._ensure()
-        a, b = (list(a[0]), a[1] or None), (list(b[0]), b[1] or None)
-        answers = [x for x in self._ask(m, "overlap", a, b, rng.b0, rng.b1) if x is not None]
-        return merge_overlap(answers, m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end)
-
-    def rolling(self, keys: list, prefix: str | None, rng: BucketRange, step: int, window: int | None) -> dict:
-        """A series over ``rng``: with ``window``, the trailing ``window`` buckets
-        every ``step`` buckets, each window inside the range, the last ending
-        at its end; without, the cumulative unique visitors since the range's
-        start at every step.  Each point is a real range answer (its registers
-        are those of the range query over the same buckets), computed by
-        every shard in one pass over the cells the windows share
-        (``sketch.windows``).  The start is moved forward to a whole number
-        of steps before the end; points report what they cover."""
-        chunks = plan_series(rng.b0, rng.b1, step, window)
-        m = self._ensure()
-        w = rng.bucket_seconds
-        now = time.time()
-        points = []
-        for first, g, n, starts, ends in chunks:
-            answers = self._ask(m, "series", list(keys), prefix or None, first, g, n, starts, ends,
-                                timeout=self.config.query_timeout_s * 2)
-            points += series_points([x for x in answers if x is not None], m.rr.prec.m, m.rr.R, len(m.handles),
-                                    first, g, starts, ends, w, now)
-        return series_answer(keys, prefix, step, window, w, points)
-
     def series(self, key, rng: BucketRange, step: int) -> list[dict]:
         """One answer per ``step`` buckets of ``rng``: a chart's points, each a
         real range query, in calls of at most ``SERIES_CHUNK`` points a shard."""
@@ -304,7 +224,7 @@ class Coordinator:
             chunk = ranges[c:c + SERIES_CHUNK]
             per_shard = self._fan_out(m, "query_ranges", [key], chunk, timeout=self.config.query_timeout_s * 2)
             for i, (a, b) in enumerate(chunk):
-                out += self._merge(m, [key], [None if s is None else s[i] for s in per_shard], a * w, b * w)
+                out += range_answers(m, [key], [None if s is None else s[i] for s in per_shard], a * w, b * w)
         self.queries += 1
         return out
 

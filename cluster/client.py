@@ -18,9 +18,11 @@ import time
 
 import ray
 
-from impressions.cluster.bootstrap import connect, ensure_actors, get_coordinator
+from impressions.actors.questions import DirectQuestions
+from impressions.cluster.bootstrap import RayRuntime, connect, ensure_actors, get_coordinator
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.ingest import ingest_table, run_ingest
+from impressions.cluster.metrics import RayTelemetry
 from impressions.sketch.events import IngestReport
 from impressions.sketch.timeindex import BucketRange
 
@@ -42,6 +44,10 @@ class Client:
         else:
             self.coordinator = get_coordinator(cfg.namespace)
         self.config: ClusterConfig = ray.get(self.coordinator.cluster_config.remote(), timeout=timeout)
+        # questions go straight to the shards (one hop), on a copy of the coordinator's shard map
+        self.questions = DirectQuestions(lambda: ray.get(self.coordinator.route.remote(), timeout=self.timeout),
+                                         RayRuntime(), self.config, self.config.sketch.p,
+                                         RayTelemetry(self.config.namespace))
 
     # ------------------------------------------------------------ ingest
     def ingest(self, data, *, ts: str = "ts", key: str = "key", visitor: str = "visitor",
@@ -68,7 +74,7 @@ class Client:
     def query(self, keys, *, last=None, start=None, end=None, now=None) -> list[dict]:
         """One answer per key (None = site-wide)."""
         rng = self.resolve(last=last, start=start, end=end, now=now)
-        return ray.get(self.coordinator.query.remote(list(keys), rng), timeout=self.timeout)
+        return self.questions.query(list(keys), rng)
 
     def unique(self, key=None, *, last=None, start=None, end=None, now=None) -> dict:
         return self.query([key], last=last, start=start, end=end, now=now)[0]
@@ -88,7 +94,7 @@ class Client:
         the average frequency: ``keys`` listed (up to 1,000), every key starting with ``prefix``, or both."""
         a = _key_set(keys, prefix)
         rng = self.resolve(last=last, start=start, end=end, now=now)
-        return ray.get(self.coordinator.reach.remote(a[0], a[1], rng), timeout=self.timeout)
+        return self.questions.reach(a[0], a[1], rng)
 
     def overlap(self, a, b, *, a_prefix: str | None = None, b_prefix: str | None = None, last=None, start=None,
                 end=None, now=None) -> dict:
@@ -96,7 +102,7 @@ class Client:
         the joint estimate with its 95 % interval, Jaccard, each side's share (``sketch.sets``)."""
         sa, sb = _key_set(a, a_prefix), _key_set(b, b_prefix)
         rng = self.resolve(last=last, start=start, end=end, now=now)
-        return ray.get(self.coordinator.overlap.remote(sa, sb, rng), timeout=self.timeout)
+        return self.questions.overlap(sa, sb, rng)
 
     def rolling(self, keys=None, *, step, window=None, cumulative: bool = False, prefix: str | None = None,
                 last=None, start=None, end=None, now=None) -> dict:
@@ -116,7 +122,7 @@ class Client:
         n = parse_duration(step, w, "step")
         win = None if cumulative else parse_duration(window, w, "window")
         plan_series(rng.b0, rng.b1, n, win)  # a series that cannot be answered is refused here, saying why
-        return ray.get(self.coordinator.rolling.remote(names, prefix, rng, n, win), timeout=self.timeout)
+        return self.questions.rolling(names, prefix, rng, n, win)
 
     def registers(self, key, b0: int, b1: int):
         """The whole dense sketch of ``key`` over buckets ``[b0, b1)``."""

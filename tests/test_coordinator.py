@@ -199,3 +199,32 @@ def test_a_restarted_coordinator_adopts_the_layout_on_the_store(tmp_path, stream
     again, _ = _cluster(tmp_path, shards=2)
     assert again.cluster_config().shards == 4 and again.route()[0] == 1
     _assert_equal(again, ref)
+
+
+def test_direct_questions_answer_as_the_coordinator_and_follow_a_re_sharding(tmp_path, stream):
+    """The one-hop path (a copy of the shard map, the shards asked directly): the same answers as
+    through the coordinator; after a re-sharding its stale copy is noticed (the old shards are
+    stopped) and the question asked again of the new layout; a shard gone leaves it partial."""
+    from impressions.actors.questions import DirectQuestions
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    _ingest(coord, runtime, batch)
+    direct = DirectQuestions(coord.route, runtime, coord.config, SK.p)
+    now_b = int(NOW // 60)
+    rng = SK.resolve(now=NOW, start=(now_b - 700) * 60, end=(now_b + 1) * 60)
+
+    def same():
+        assert direct.query(KEYS, rng) == coord.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+        assert direct.reach(["ad-0", "ad-3"], "ad-1", rng) == coord.reach(["ad-0", "ad-3"], "ad-1", rng)
+        assert direct.overlap((["ad-0"], None), ([], "ad-1"), rng) == coord.overlap((["ad-0"], None), ([], "ad-1"), rng)
+        a, b = (x.rolling(["ad-0"], None, rng, 60, 240) for x in (direct, coord))
+        assert [{k: v for k, v in p.items() if k != "complete"} for p in a["points"]] == \
+            [{k: v for k, v in p.items() if k != "complete"} for p in b["points"]]
+    same()
+    assert direct.refreshes == 1
+    coord.rescale(4)  # the copy still names the two old shards, now stopped
+    same()
+    assert direct.refreshes == 2 and len(direct._shard_map().handles) == 4
+    runtime.kill(coord.map.handles[3])  # a shard gone, no new layout: partial, from the three that answer
+    got = direct.query(["ad-0"], rng)[0]
+    assert got["partial"] and got == coord.query(["ad-0"], rng)[0]

@@ -1,0 +1,196 @@
+"""The questions every shard answers, and how their answers merge.
+
+A question (unique visitors of keys, the reach of a key set, an overlap, a
+rolling series) goes to every shard of one shard map at once; each shard
+answers with small histograms of its register slice, and the merge here
+sums and estimates them (``sketch.answer``).  ``Questions`` is written once
+and asked two ways:
+
+* by the coordinator (``actors.coordinator.Coordinator``), which owns the
+  shard map: the REST app and older clients ask it, two actor hops;
+* by ``DirectQuestions``, which keeps a copy of the shard map and asks the
+  shards itself: one hop (the Python client).  The copy is the
+  coordinator's ``route`` (epoch and handles), kept for ``MAP_TTL_S`` and
+  fetched again at once when a shard does not answer: after a re-sharding
+  the old shards are stopped, so a stale copy shows itself by a missing
+  answer, and the question is asked again of the new layout (answers of two
+  layouts are never merged).  A shard that is restarting, or gone without a
+  new layout, leaves the answer partial, exactly as through the coordinator.
+
+Nothing here holds a lock or waits on anything that waits on it: a question
+is a fan-out with a deadline (``runtime.gather``) and a pure merge.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from impressions.sketch.answer import (
+    RangeResult,
+    merge_answers,
+    merge_overlap,
+    merge_reach,
+    series_answer,
+    series_points,
+)
+from impressions.sketch.hll import RegisterRange
+from impressions.sketch.timeindex import BucketRange
+from impressions.sketch.windows import plan_series
+
+from .runtime import Runtime, ShardUnavailable, gather
+from .telemetry import Telemetry
+
+MAP_TTL_S = 10.0  # how long a direct asker trusts its copy of the shard map without news
+
+
+@dataclass(frozen=True)
+class ShardMap:
+    """Which shard owns which register range (an immutable snapshot)."""
+
+    handles: tuple
+    rr: RegisterRange  # the register range of shard 0; shard i's starts at i * rr.R
+    epoch: int = 0
+
+    @property
+    def registers_per_shard(self) -> int:
+        return self.rr.R
+
+    def ranges(self) -> list[tuple[int, int]]:
+        R = self.rr.R
+        return [(i * R, (i + 1) * R) for i in range(len(self.handles))]
+
+
+def range_answers(m: ShardMap, keys: list, answers: list, start: int, end: int) -> list[dict]:
+    """One answer per key from the shards' answers (None: a shard that did not answer)."""
+    got = [a for a in answers if a is not None]
+    if not got:
+        raise ShardUnavailable("no shard answered in time")
+    merged = merge_answers(got, m.rr.prec.m, m.rr.R, len(m.handles))
+    return [RangeResult(k, start, end, est, imp).to_dict() for k, (est, imp) in zip(keys, merged)]
+
+
+class MapChanged(Exception):
+    """The shard map changed while a question was out: ask again on the new one."""
+
+
+class Questions:
+    """The questions; a subclass says where the shard map comes from
+    (``_shard_map``) and how a question reaches the shards (``_ask``: one
+    answer per shard, None where it did not answer; ``ShardUnavailable`` when
+    none did)."""
+
+    config = None  # anything with ``query_timeout_s``
+
+    def _shard_map(self, refresh: bool = False) -> ShardMap:
+        raise NotImplementedError
+
+    def _ask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
+        raise NotImplementedError
+
+    def _on_map(self, question):
+        """``question(m)`` on the current map; once more on the new one if the map changed meanwhile
+        (``_ask`` fetched it when it saw the change)."""
+        try:
+            return question(self._shard_map())
+        except MapChanged:
+            return question(self._shard_map())
+
+    @staticmethod
+    def _got(answers: list) -> list:
+        return [a for a in answers if a is not None]
+
+    def query(self, keys: list, rng: BucketRange) -> list[dict]:
+        """Unique visitors and impressions of each key (None = site-wide) over ``rng``.
+
+        Shards that do not answer within ``query_timeout_s`` (restarting, or
+        gone) are left out: the answer is then ``partial``, extrapolated from
+        the register ranges that answered, with the wider error that implies."""
+        keys = list(keys)
+
+        def ask(m: ShardMap):
+            return range_answers(m, keys, self._ask(m, "query", keys, rng.b0, rng.b1), rng.start, rng.end)
+        return self._on_map(ask)
+
+    def reach(self, keys: list, prefix: str | None, rng: BucketRange) -> dict:
+        """Unique visitors of the union of a key set (listed ``keys`` and every
+        key starting with ``prefix``) over ``rng``, with summed impressions and
+        the average frequency: one call per shard, which merges the set's
+        registers and answers one histogram."""
+        def ask(m: ShardMap):
+            got = self._got(self._ask(m, "reach", list(keys), prefix or None, rng.b0, rng.b1))
+            return merge_reach(got, m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end, prefix)
+        return self._on_map(ask)
+
+    def overlap(self, a: tuple, b: tuple, rng: BucketRange) -> dict:
+        """Visitors of both key sets ``a`` and ``b`` (each ``(keys, prefix)``)
+        over ``rng``: the joint estimate with its interval, inclusion-exclusion
+        beside it, Jaccard and each side's share (``sketch.sets``)."""
+        a, b = (list(a[0]), a[1] or None), (list(b[0]), b[1] or None)
+
+        def ask(m: ShardMap):
+            got = self._got(self._ask(m, "overlap", a, b, rng.b0, rng.b1))
+            return merge_overlap(got, m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end)
+        return self._on_map(ask)
+
+    def rolling(self, keys: list, prefix: str | None, rng: BucketRange, step: int, window: int | None) -> dict:
+        """A series over ``rng``: with ``window``, the trailing ``window`` buckets
+        every ``step`` buckets, each window inside the range, the last ending
+        at its end; without, the cumulative unique visitors since the range's
+        start at every step.  Each point is a real range answer (its registers
+        are those of the range query over the same buckets), computed by
+        every shard in one pass over the cells the windows share
+        (``sketch.windows``).  The start is moved forward to a whole number
+        of steps before the end; points report what they cover."""
+        chunks = plan_series(rng.b0, rng.b1, step, window)
+        w = rng.bucket_seconds
+
+        def ask(m: ShardMap):
+            now = time.time()
+            points = []
+            for first, g, n, starts, ends in chunks:
+                answers = self._ask(m, "series", list(keys), prefix or None, first, g, n, starts, ends,
+                                    timeout=self.config.query_timeout_s * 2)
+                points += series_points(self._got(answers), m.rr.prec.m, m.rr.R, len(m.handles), first, g, starts,
+                                        ends, w, now)
+            return series_answer(keys, prefix, step, window, w, points)
+        return self._on_map(ask)
+
+
+class DirectQuestions(Questions):
+    """Questions asked of the shards directly, on a copy of the shard map.
+
+    ``route()`` fetches ``(epoch, handles)`` from the coordinator; ``p`` is the
+    sketch precision (the register ranges follow from it and the shard count)."""
+
+    def __init__(self, route: Callable[[], tuple], runtime: Runtime, config, p: int,
+                 telemetry: Telemetry | None = None):
+        self.route, self.runtime, self.config, self.p = route, runtime, config, p
+        self.telemetry = telemetry or Telemetry()
+        self._map: ShardMap | None = None
+        self._fetched = 0.0
+        self.refreshes = 0
+
+    def _shard_map(self, refresh: bool = False) -> ShardMap:
+        m = self._map  # read once: another thread may replace it, never change it
+        if refresh or m is None or time.monotonic() - self._fetched > MAP_TTL_S:
+            epoch, handles = self.route()
+            m = ShardMap(tuple(handles), RegisterRange(self.p, len(handles)), epoch)
+            self._map, self._fetched = m, time.monotonic()
+            self.refreshes += 1
+        return m
+
+    def _ask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
+        timeout = timeout or self.config.query_timeout_s
+        t0 = time.perf_counter()
+        answers = gather(self.runtime, [self.runtime.call(h, method, *args, time.time()) for h in m.handles], timeout)
+        missing = [i for i, a in enumerate(answers) if a is None]
+        self.telemetry.answer(time.perf_counter() - t0, bool(missing), missing)
+        if missing:
+            fresh = self._shard_map(refresh=True)  # a shard re-sharded away, or merely slow or restarting?
+            if fresh.epoch != m.epoch:
+                raise MapChanged()
+        if all(a is None for a in answers):
+            raise ShardUnavailable(f"no shard answered within {timeout} s")
+        return answers
