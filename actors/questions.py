@@ -168,6 +168,7 @@ class DirectQuestions(Questions):
                  telemetry: Telemetry | None = None):
         self.route, self.runtime, self.config, self.p = route, runtime, config, p
         self.telemetry = telemetry or Telemetry()
+        self._asking: set = set()  # the questions out now (set.add and discard are atomic)
         self._map: ShardMap | None = None
         self._fetched = 0.0
         self.refreshes = 0
@@ -184,7 +185,14 @@ class DirectQuestions(Questions):
     def _ask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
         timeout = timeout or self.config.query_timeout_s
         t0 = time.perf_counter()
-        answers = gather(self.runtime, [self.runtime.call(h, method, *args, time.time()) for h in m.handles], timeout)
+        token = object()
+        self._asking.add(token)
+        self.telemetry.in_flight(len(self._asking))
+        try:
+            answers = gather(self.runtime, [self.runtime.call(h, method, *args, time.time()) for h in m.handles],
+                             timeout)
+        finally:
+            self._asking.discard(token)
         missing = [i for i, a in enumerate(answers) if a is None]
         self.telemetry.answer(time.perf_counter() - t0, bool(missing), missing)
         if missing:

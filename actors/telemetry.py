@@ -41,7 +41,7 @@ class Telemetry:
 
     # the coordinator
     def in_flight(self, queries: int) -> None:
-        """Questions the coordinator is answering now."""
+        """Questions out now from this asker (the coordinator, a REST replica, a client)."""
 
     def answer(self, seconds: float, partial: bool, missing: list[int]) -> None:
         """A question answered; ``missing``: the shards left out of it."""

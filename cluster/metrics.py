@@ -36,7 +36,7 @@ METRICS: dict[str, tuple] = {
     "impressions_shard_rows": ("gauge", "sketch rows a shard holds (base and rollups)", ("shard",)),
     "impressions_shard_keys": ("gauge", "keys a shard holds", ("shard",)),
     "impressions_shard_events": ("gauge", "events a shard has counted", ("shard",)),
-    "impressions_queries_in_flight": ("gauge", "questions the coordinator is answering", ()),
+    "impressions_queries_in_flight": ("gauge", "questions out now, per asker (coordinator, REST replica, client)", ()),
     "impressions_answer_ms": ("histogram", "a question's fan-out and merge in the coordinator", ("partial",), MS),
     "impressions_partial_answers": ("counter", "answers missing at least one shard", ()),
     "impressions_shard_missed_answers": ("counter", "questions a shard did not answer in time", ("shard",)),

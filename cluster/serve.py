@@ -9,7 +9,8 @@ Built from a config or an import path, the app creates the coordinator and
 shards when they are missing (settings from ``IMPRESSIONS_*`` variables), so
 it works on a fresh cluster; ``impressions up`` creates them itself.
 
-``RayBackend`` answers the app's questions through the coordinator actor
+``RayBackend`` answers the app's questions by asking the shards directly
+(one hop, on a copy of the coordinator's shard map: ``actors.questions``)
 and ingests through the same ``Sender`` the ingest job uses; ``RayMetrics``
 exports the app's figures through Ray's metrics (Prometheus).
 """
@@ -21,13 +22,15 @@ import asyncio
 import ray
 from ray import serve
 
+from impressions.actors.questions import DirectQuestions
 from impressions.actors.runtime import ShardUnavailable
 from impressions.api.app import MAX_BODY, Metrics, configure, create_app
 from impressions.api.auth import parse_api_keys
 from impressions.api.errors import Conflict
-from impressions.cluster.bootstrap import ensure_actors, get_coordinator
+from impressions.cluster.bootstrap import RayRuntime, ensure_actors, get_coordinator
 from impressions.cluster.config import ClusterConfig, placeholder_secrets
 from impressions.cluster.ingest import ingest_table
+from impressions.cluster.metrics import RayTelemetry
 from impressions.durable.ledger import IdempotencyLedger, digest
 from impressions.durable.objects import ObjectStore
 
@@ -51,6 +54,9 @@ class RayBackend:
         self.ledger = IdempotencyLedger(ObjectStore(self.config.storage, self.config.s3_endpoint),
                                         self.config.dedup_window_s) if self.config.storage else None
         self._answers: dict[str, dict] = {}  # the ledger when there is no storage (this replica only)
+        # questions go straight to the shards (one hop) on this replica's copy of the shard map
+        self.questions = DirectQuestions(lambda: ray.get(self.coordinator.route.remote(), timeout=self.ask_s),
+                                         RayRuntime(), self.config, self.sketch.p, RayTelemetry(namespace))
 
     async def _ask(self, ref, timeout: float | None = None):
         try:
@@ -63,8 +69,17 @@ class RayBackend:
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if isinstance(e.cause, Exception) else e) from None
 
+    async def _direct(self, question, *args):
+        """A question asked of the shards directly, on a worker thread (its waits are Ray's, bounded)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(question, *args), self.ask_s)
+        except asyncio.TimeoutError:
+            raise ShardUnavailable(f"no answer within {self.ask_s:g} s") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            raise ShardUnavailable("the coordinator, which keeps the shard map, is restarting") from None
+
     async def query(self, keys, rng):
-        return await self._ask(self.coordinator.query.remote(keys, rng))
+        return await self._direct(self.questions.query, keys, rng)
 
     async def series(self, key, rng, step):
         return await self._ask(self.coordinator.series.remote(key, rng, step))
@@ -73,13 +88,13 @@ class RayBackend:
         return await self._ask(self.coordinator.keys.remote(rng, prefix, limit))
 
     async def reach(self, keys, prefix, rng):
-        return await self._ask(self.coordinator.reach.remote(keys, prefix, rng))
+        return await self._direct(self.questions.reach, keys, prefix, rng)
 
     async def overlap(self, a, b, rng):
-        return await self._ask(self.coordinator.overlap.remote(a, b, rng))
+        return await self._direct(self.questions.overlap, a, b, rng)
 
     async def rolling(self, keys, prefix, rng, step, window):
-        return await self._ask(self.coordinator.rolling.remote(keys, prefix, rng, step, window))
+        return await self._direct(self.questions.rolling, keys, prefix, rng, step, window)
 
     async def health(self):
         return await self._ask(self.coordinator.health.remote())
