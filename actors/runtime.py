@@ -78,12 +78,23 @@ def gather(runtime: Runtime, pending: list, timeout: float | None) -> list:
     return out
 
 
+# A shard's questions: they read an immutable view of its store (``ShardStore.view``), so they run on
+# threads of their own, beside the one that runs every other call (applies, upkeep, checkpoints) in order:
+# a question never waits behind an apply or a maintenance slice, and writes never wait for questions.
+READ_METHODS = frozenset({"query", "query_ranges", "reach", "overlap", "series", "key_impressions",
+                          "impressions_of", "registers"})
+READ_THREADS = 2
+
+
 class LocalShard:
-    """A shard actor object in this process, its calls run one at a time."""
+    """A shard actor object in this process: its calls run one at a time, in
+    order, and its questions (``READ_METHODS``) on threads of their own, as
+    on Ray."""
 
     def __init__(self, name: str, make):
         self.name = name
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._reads = cf.ThreadPoolExecutor(READ_THREADS, thread_name_prefix=f"{name}-reads")
         self._calls: set[cf.Future] = set()  # submitted and not yet done
         self._ready = self._track(self._pool.submit(make))  # constructed on its own thread, as an actor is
         self.dead = False
@@ -98,7 +109,8 @@ class LocalShard:
             f = cf.Future()
             f.set_exception(ShardUnavailable(f"{self.name} was stopped"))
             return f
-        return self._track(self._pool.submit(self._run, method, args))
+        pool = self._reads if method in READ_METHODS else self._pool
+        return self._track(pool.submit(self._run, method, args))
 
     def _run(self, method: str, args):
         return getattr(self._ready.result(), method)(*args)
@@ -112,6 +124,7 @@ class LocalShard:
         """Refuse new calls, drop queued ones, and wait for the running one."""
         self.dead = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._reads.shutdown(wait=False, cancel_futures=True)
         # a cancelled future never counts as done for cf.wait: wait for the others
         cf.wait([f for f in list(self._calls) if not f.cancelled()], timeout=timeout)
 

@@ -449,28 +449,29 @@ class ShardActor:
         """``(hist, sparse, impressions)`` for each key over buckets ``[b0, b1)``.
         ``sent``: when the caller sent it (epoch seconds), to report the time
         it waited behind this shard's other calls."""
-        return self._timed(sent, self.store.query, keys, b0, b1)
+        return self._timed(sent, self.store.view().query, keys, b0, b1)
 
     def query_ranges(self, keys: list, ranges: list[tuple[int, int]]) -> list:
         """``query`` for several ranges in one call (a chart's points)."""
         self._usable()
         t0 = time.perf_counter()
-        out = [self.store.query(keys, b0, b1) for b0, b1 in ranges]
+        view = self.store.view()
+        out = [view.query(keys, b0, b1) for b0, b1 in ranges]
         self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
         return out
 
     def reach(self, names: list, prefix: str | None, b0: int, b1: int, sent: float | None = None):
         """``(hist, sparse, impressions, keys)`` of the union of a key set (``ShardStore.reach``)."""
-        return self._timed(sent, self.store.reach, names, prefix, b0, b1)
+        return self._timed(sent, self.store.view().reach, names, prefix, b0, b1)
 
     def overlap(self, a: tuple, b: tuple, b0: int, b1: int, sent: float | None = None):
         """``(joint histogram, counts, impressions)`` of two key sets (``ShardStore.overlap``)."""
-        return self._timed(sent, self.store.overlap, a, b, b0, b1)
+        return self._timed(sent, self.store.view().overlap, a, b, b0, b1)
 
     def series(self, names: list, prefix: str | None, b0: int, g: int, n: int, starts, ends,
                sent: float | None = None):
         """Windows of a key set's union in one pass (``ShardStore.series``)."""
-        return self._timed(sent, self.store.series, names, prefix, b0, g, n, starts, ends)
+        return self._timed(sent, self.store.view().series, names, prefix, b0, g, n, starts, ends)
 
     def _timed(self, sent, fn, *args):
         self._usable()
@@ -483,16 +484,16 @@ class ShardActor:
 
     def key_impressions(self, b0: int, b1: int, prefix: str = "", limit: int | None = None) -> tuple[list, np.ndarray]:
         self._usable()
-        return self.store.key_impressions(b0, b1, prefix, limit)
+        return self.store.view().key_impressions(b0, b1, prefix, limit)
 
     def impressions_of(self, keys: list, b0: int, b1: int) -> np.ndarray:
         """Exact impressions on this shard of each of ``keys`` over ``[b0, b1)``."""
         self._usable()
-        return self.store.query(keys, b0, b1)[2]
+        return self.store.view().query(keys, b0, b1)[2]
 
     def registers(self, key, b0: int, b1: int) -> np.ndarray:
         self._usable()
-        return self.store.registers(key, b0, b1)
+        return self.store.view().registers(key, b0, b1)
 
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
         """A slice of upkeep: fold runs, build rollups, drop what ``now`` puts

@@ -21,7 +21,7 @@ import time
 import ray
 
 from impressions.actors.coordinator import Coordinator
-from impressions.actors.runtime import ShardUnavailable
+from impressions.actors.runtime import READ_METHODS, READ_THREADS, ShardUnavailable
 from impressions.actors.shard import ShardActor
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.metrics import RayTelemetry
@@ -103,12 +103,14 @@ class RayRuntime:
         storage = ShardStorage(cfg.storage, cfg.s3_endpoint, layout.cluster_id, layout.folder,
                                cfg.cache_dir or os.path.join(tempfile.gettempdir(), "impressions-cache",
                                                              layout.cluster_id)) if cfg.storage else None
-        handle = ray.remote(ShardActor).options(
+        # questions on a group of threads of their own (``READ_METHODS``), every other call on one thread, in order
+        handle = ray.remote(concurrency_groups={"reads": READ_THREADS})(ShardActor).options(
             name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
             num_cpus=cfg.shard_cpus, resources={cfg.shard_resource: 1} if cfg.shard_resource else None,
             scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
-            max_concurrency=1).remote(layout.sketch, index, layout.shards, storage, cfg.block_cache_mb,
-                                      telemetry=RayTelemetry(cfg.namespace), await_seed=bool(seeds))
+            max_concurrency=1).remote(
+                layout.sketch, index, layout.shards, storage, cfg.block_cache_mb,
+                telemetry=RayTelemetry(cfg.namespace), await_seed=bool(seeds))
         if seeds:
             # by a call, not as creation arguments, which Ray would keep (pinned) as long as the actor lives;
             # top-level arguments, so the shard gets their values; the calls after it wait behind it
@@ -128,6 +130,8 @@ class RayRuntime:
             pass
 
     def call(self, handle, method: str, *args):
+        if method in READ_METHODS:  # questions: on the shard's reading threads, never behind its writes
+            return getattr(handle, method).options(concurrency_group="reads").remote(*args)
         return getattr(handle, method).remote(*args)
 
     def wait(self, pending: list, timeout: float | None = None, num_returns: int | None = None):

@@ -11,6 +11,7 @@ and ``reason`` for rejected events.
 from __future__ import annotations
 
 import logging
+import threading
 
 from impressions.actors.telemetry import Telemetry
 
@@ -46,6 +47,9 @@ _STATE = {"recovering": "impressions_shard_recovering", "checkpoint_age_s": "imp
           "rows": "impressions_shard_rows", "keys": "impressions_shard_keys", "events": "impressions_shard_events"}
 
 
+_MAKING = threading.Lock()
+
+
 class RayTelemetry(Telemetry):
     def __init__(self, cluster: str):
         self.cluster = cluster
@@ -55,6 +59,13 @@ class RayTelemetry(Telemetry):
         return {"cluster": self.cluster, "_made": {}}
 
     def _metric(self, name: str):
+        m = self._made.get(name)
+        if m is None:
+            with _MAKING:  # a shard's reading threads report too: each metric made once a process
+                return self._make(name)
+        return m
+
+    def _make(self, name: str):
         m = self._made.get(name)
         if m is None:
             from ray.util import metrics

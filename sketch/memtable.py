@@ -29,6 +29,12 @@ class Memtable:
         self.rows += len(ids)
         self._cat = None
 
+    def frozen(self) -> "Memtable":
+        """A copy that later appends and takes do not touch (chunks are never changed in place)."""
+        m = Memtable()
+        m._chunks, m.rows, m._cat = list(self._chunks), self.rows, self._cat
+        return m
+
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(key ids, buckets, coupons) of every event held."""
         if self._cat is None:

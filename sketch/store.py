@@ -60,6 +60,19 @@ class ShardStore:
         self._rollups = Rollups(self.tiers, self.config, self.rr)
         self.max_bucket = -1  # newest bucket seen: time before it (less the lateness) is sealed
         self.events = 0  # events applied
+        self._view: StoreView | None = None
+        self.publish()
+
+    def publish(self) -> "StoreView":
+        """Make the current state the one ``view`` gives: called by the writer at the end of
+        every change (the store's own methods do), never in the middle of one."""
+        self._view = StoreView(self)
+        return self._view
+
+    def view(self) -> "StoreView":
+        """The state as last published: immutable, so it can answer on another thread while
+        the writer goes on (applies, flushes, maintenance never show half done)."""
+        return self._view
 
     @property
     def shard(self) -> int:
@@ -91,6 +104,8 @@ class ShardStore:
         self.events += n
         if len(self.memtable) >= self.config.memtable_rows:
             self.flush()
+        else:
+            self.publish()
         return n
 
     def flush(self) -> None:
@@ -107,6 +122,7 @@ class ShardStore:
             if len(runs) > 4 * cfg.max_runs:  # bound what a query reads between maintenance passes
                 runs = (merge(list(runs), self.rr),)
             self.tiers.put_slot(slot.level, slot.node, slot.main, runs, slot.sealed)
+        self.publish()  # the events left the memtable and are in runs: both in one view
 
     # ================================================================ maintenance
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
@@ -116,7 +132,10 @@ class ShardStore:
         self.flush()
         if now is not None:
             self.expire(now)
-        return self._rollups.maintain(self.max_bucket + 1 - self.config.lateness_buckets, max_seconds)
+        try:
+            return self._rollups.maintain(self.max_bucket + 1 - self.config.lateness_buckets, max_seconds)
+        finally:
+            self.publish()
 
     def expire(self, now: float) -> int:
         """Drop every node entirely older than the retention window, and the
@@ -127,6 +146,7 @@ class ShardStore:
             for node in self.tiers.nodes():
                 held += [table_keys(t) for _, t in node.parts()]
             self.keys.drop(np.setdiff1d(np.arange(1, len(self.keys)), np.concatenate(held)))
+            self.publish()
         return dropped
 
     # ================================================================ queries
@@ -246,10 +266,10 @@ class ShardStore:
         excluded): all of them, or the ``limit`` with the most."""
         totals = cover.impressions_by_key(self.tiers, self.memtable, len(self.keys), b0, b1)
         totals[ALL_KEY] = 0  # the site-wide key is not a key to pick
-        ids = np.flatnonzero(totals)
         names = self.keys.names
-        if prefix:
-            ids = np.array([i for i in ids if names[i].startswith(prefix)], np.int64)
+        # a view can hold a key the writer has dropped since (its name is then gone): left out
+        ids = np.array([i for i in np.flatnonzero(totals).tolist() if names[i] is not None
+                        and names[i].startswith(prefix)], np.int64)
         if limit is not None and len(ids) > limit:
             ids = ids[np.argsort(-totals[ids], kind="stable")[:limit]]
         return [names[i] for i in ids], totals[ids]
@@ -275,11 +295,15 @@ class ShardStore:
         if where.get((node.level, node.node)) is not node:
             return None
         if isinstance(node, Slot):
-            return self.tiers.put_slot(node.level, node.node, [sealed.table(0, lvl) for lvl in range(node.level + 1)],
-                                       (), sealed)
-        table = sealed.table(0, node.level)
-        (self.tiers.put_upper if node.kind == "upper" else self.tiers.put_summary)(node.level, node.node, table, sealed)
-        return where[(node.level, node.node)]
+            out = self.tiers.put_slot(node.level, node.node, [sealed.table(0, lvl) for lvl in range(node.level + 1)],
+                                      (), sealed)
+        else:
+            table = sealed.table(0, node.level)
+            (self.tiers.put_upper if node.kind == "upper" else self.tiers.put_summary)(node.level, node.node, table,
+                                                                                      sealed)
+            out = where[(node.level, node.node)]
+        self.publish()
+        return out
 
     def install(self, nodes, *, max_bucket: int | None = None, events: int | None = None) -> None:
         """Put nodes made elsewhere in place (their key ids are this store's:
@@ -290,6 +314,7 @@ class ShardStore:
             self.max_bucket = max(self.max_bucket, int(max_bucket))
         if events is not None:
             self.events = int(events)
+        self.publish()
 
     # ================================================================ introspection
     def stats(self) -> dict:
@@ -313,3 +338,25 @@ class ShardStore:
                 "base_rows": base_rows, "rollup_rows": rollup_rows, "base_bytes": base, "rollup_bytes": rollup,
                 "summary_bytes": sum(n.table.nbytes for n in tiers.summaries.values()),
                 "sealed_nodes": len(sealed), "sealed_bytes": sum(f.size for f in sealed.values())}
+
+
+class StoreView:
+    """An immutable view of a ``ShardStore`` (``ShardStore.view``): the same
+    questions, answered from the nodes and memtable events as they were when
+    it was published.  Nodes are immutable and the maps holding them are
+    copied, so the writer's later changes never reach a view; the key table
+    is shared (it only grows, and a dropped key has no rows in any later view)."""
+
+    def __init__(self, store: ShardStore):
+        self.config, self.rr, self.keys = store.config, store.rr, store.keys
+        self.tiers, self.memtable = store.tiers.frozen(), store.memtable.frozen()
+
+    query = ShardStore.query
+    answer_sets = ShardStore.answer_sets
+    key_ids = ShardStore.key_ids
+    reach = ShardStore.reach
+    overlap = ShardStore.overlap
+    series = ShardStore.series
+    registers = ShardStore.registers
+    key_impressions = ShardStore.key_impressions
+

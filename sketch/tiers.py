@@ -94,6 +94,16 @@ class Tiers:
         self._version = 0
         self._keys_above: dict[int, tuple[frozenset, np.ndarray]] | None = {}
 
+    def frozen(self) -> "Tiers":
+        """A copy that later changes to this one do not touch (nodes are immutable:
+        only the maps are copied), for readers on other threads."""
+        t = Tiers.__new__(Tiers)
+        t.config, t._version = self.config, self._version
+        t.slots, t.upper, t.summaries = dict(self.slots), dict(self.upper), dict(self.summaries)
+        t.loose = set(self.loose)
+        t._keys_above = self._keys_above  # computed whole and never changed, only replaced
+        return t
+
     def _next(self) -> int:
         self._version += 1
         return self._version
