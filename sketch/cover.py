@@ -110,6 +110,22 @@ class Pieces:
             self.dk.append(np.repeat(pos, d1 - d0))
             self.bytes += self.dv[-1].nbytes
 
+    def add_run(self, t: RowTable, r0: int, r1: int, pos: np.ndarray) -> None:
+        """Consecutive rows ``[r0, r1)`` of ``t``, row ``r0 + i`` for position ``pos[i]``:
+        slices of the table and one repeat, no gathers."""
+        self.rows += r1 - r0
+        self.reads += 1
+        c0, c1 = int(t.off[r0]), int(t.off[r1])
+        if c1 > c0:
+            self.cv.append(t.coupons[c0:c1])
+            self.ck.append(np.repeat(pos, np.diff(t.off[r0:r1 + 1])))
+            self.bytes += 4 * (c1 - c0)
+        d0, d1 = int(t.dense_cs[r0]), int(t.dense_cs[r1])
+        if d1 > d0:
+            self.dv.append(t.regs[d0:d1])
+            self.dk.append(pos[np.diff(t.dense_cs[r0:r1 + 1]) > 0])
+            self.bytes += (d1 - d0) * t.regs.shape[1]
+
     def add_coupons(self, pos: np.ndarray, coupons: np.ndarray) -> None:
         """Loose coupons (the memtable's), key position ``pos[i]`` each."""
         if len(coupons):

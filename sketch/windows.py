@@ -43,7 +43,7 @@ import numpy as np
 
 from . import cover, npx
 from .hll import RANK_BITS, RegisterRange
-from .rows import make_code
+from .rows import code_nodes, make_code
 from .tiers import Tiers
 from .timeindex import RangeError
 
@@ -68,7 +68,7 @@ def gather_cells(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0:
                 r0, r1 = t.node_range(kid, lo, hi)
                 if r1 > r0:
                     rows = np.arange(r0, r1)
-                    pc.add_gather(t, (t.nodes[r0:r1].astype(np.int64) - b0) // g, rows, rows + 1)
+                    pc.add_gather(t, (code_nodes(t.code[r0:r1]).astype(np.int64) - b0) // g, rows, rows + 1)
     k, b, c = memtable.columns()
     if len(k):
         m = (b >= b0) & (b < b1) & np.isin(k, ids)
@@ -101,12 +101,15 @@ def _slot_levels(tables, kid: int, lo: int, hi: int, b0: int, g: int, base_only,
         if lvl == 0 and ok.sum() * 4 > len(ok):  # most of the slot's minutes: its rows in one slice, masked
             v = cover._rows(t, cover.OneKey(kid, 0), lo, hi)
             r0, r1 = v.node_range(kid, lo, hi)
-            rows = np.arange(r0, r1)
-            nodes = v.nodes[r0:r1].astype(np.int64)
+            nodes = code_nodes(v.code[r0:r1]).astype(np.int64)
             keep = ok[nodes - lo]
-            rows, nodes = rows[keep], nodes[keep]
+            if keep.all():  # every row wanted (a key with no rollups below the cell): slices, no gathers
+                if r1 > r0:
+                    pc.add_run(v, r0, r1, (nodes - b0) // g)
+                continue
+            rows = np.arange(r0, r1)[keep]
             if len(rows):
-                pc.add_gather(v, (nodes - b0) // g, rows, rows + 1)
+                pc.add_gather(v, (nodes[keep] - b0) // g, rows, rows + 1)
             continue
         st, cell = st[ok], cell[ok]
         for part, which, r in _lookup(t, make_code(kid, st >> lvl).astype(np.uint64)):
