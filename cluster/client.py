@@ -6,6 +6,12 @@
     c.unique("ad-1", last="15m")       # {"key", "start", "end", "unique_visitors", "impressions", ...}
     c.query(["ad-1", "ad-2"], last="1d")   # many keys, one call
     c.impressions(None, start=t0, end=t1)  # site-wide impressions
+    c.reach(["ad-1", "ad-2"], prefix="campaign-12/", last="30d")   # a key set's visitors, each once
+    c.overlap(["ad-1"], ["ad-2", "ad-3"], last="7d")               # visitors of both, Jaccard, shares
+    c.rolling("ad-1", window="24h", step="1h", last="30d")         # trailing 24 h at every hour
+
+Questions go straight to the shards (one hop) on a copy of the coordinator's
+shard map (``actors.questions.DirectQuestions``).
 
 ``last`` is ``<int><s|m|h|d|w>`` or a number of buckets; every answer
 reports the exact ``[start, end)`` (epoch seconds) it covered, aligned to

@@ -421,7 +421,8 @@ def gather_base(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: 
     """``gather`` from level-0 rows only (base tables, runs, memtable): the
     near-exact path.  While a key's impressions over the range are few (they
     bound its level-0 coupons), reading them costs little more than the
-    rollups, and they, unlike a dense rollup's registers, can be counted.  A minute of the memtable holding more distinct coupons than
+    rollups, and they, unlike a dense rollup's registers, can be counted.
+    A key-minute of the memtable holding more distinct coupons than
     ``dense_threshold`` counts as a dense piece, as it will be once sorted
     into a row, so whether an answer is counted does not depend on when
     the memtable was last flushed."""
