@@ -140,10 +140,14 @@ class Pieces:
         K, R = self.K, rr.R
         regs = np.zeros((K, R), np.uint8)
         if self.dv:
-            dv = np.concatenate(self.dv) if len(self.dv) > 1 else self.dv[0]
-            if K == 1:
-                np.max(dv, axis=0, out=regs[0])
+            if K == 1:  # chunk by chunk: no joined copy of every dense row
+                part = np.empty(R, np.uint8)
+                for chunk in self.dv:
+                    if len(chunk):
+                        np.max(chunk, axis=0, out=part)
+                        np.maximum(regs[0], part, out=regs[0])
             else:
+                dv = np.concatenate(self.dv) if len(self.dv) > 1 else self.dv[0]
                 dk = np.concatenate(self.dk)
                 order = np.argsort(dk, kind="stable")
                 dk, dv = dk[order], dv[order]
