@@ -73,7 +73,7 @@ class ShardActor:
     (old index, old count), ``seed_states`` holds each one's ``export()``."""
 
     def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage: ShardStorage | None = None,
-                 block_cache_mb: float = 128.0, seed_from=(), *seed_states, telemetry: Telemetry | None = None,
+                 block_cache_mb: float = 256.0, seed_from=(), *seed_states, telemetry: Telemetry | None = None,
                  await_seed: bool = False):
         self.sketch, self.shard_index, self.shards = sketch, shard, shards
         self.storage = storage

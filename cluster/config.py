@@ -56,7 +56,7 @@ class ClusterConfig:
     checkpoint_interval_s: float = 30.0  # how often shards checkpoint (also on demand)
     dedup_window_s: float = 7 * 86400.0  # how long a job slice or idempotency key is remembered (exactly once)
     cache_dir: str | None = None  # where shards keep copies of a remote store's sealed files (default: a temp folder)
-    block_cache_mb: float = 128.0  # decoded blocks of sealed files a shard keeps (a 100-key 30-day reach: ~40 MB)
+    block_cache_mb: float = 256.0  # decoded blocks of sealed files a shard keeps (100 keys over 30 days: 130-250 MB)
     clock_offset_s: float = 0.0  # added to this machine's clock by the maintenance loop (drills and tests)
     api_keys: str | None = field(default=None, repr=False)  # REST keys and scopes: "k1:read,k2:write"; unset = open
 

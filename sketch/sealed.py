@@ -187,7 +187,7 @@ def _encode_block(t: RowTable, a: int, b: int, node_base: int, lengths, mode, de
 class BlockCache:
     """Decoded blocks, most recently used kept, within a byte budget (per process)."""
 
-    def __init__(self, budget: int = 128 << 20):
+    def __init__(self, budget: int = 256 << 20):
         self.budget = budget
         self.bytes = 0
         self._items: OrderedDict = OrderedDict()
