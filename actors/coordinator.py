@@ -53,7 +53,7 @@ from impressions.sketch.reshard import sources_of
 from impressions.sketch.timeindex import BucketRange
 
 from .questions import Questions, ShardMap, range_answers
-from .runtime import Runtime, ShardUnavailable, gather
+from .runtime import Runtime, gather
 from .telemetry import Telemetry
 
 log = logging.getLogger("impressions.coordinator")
@@ -186,32 +186,9 @@ class Coordinator(Questions):
         m = self._ensure()
         return {"epoch": m.epoch, "shards": [{"shard": i, "registers": list(r)} for i, r in enumerate(m.ranges())]}
 
-    def _fan_out(self, m: ShardMap, method: str, *args, timeout: float | None) -> list:
-        """Call ``method`` on every shard of ``m``; the answer of a shard slower
-        than ``timeout`` (or failing) is None."""
-        return gather(self.runtime, [self.runtime.call(h, method, *args) for h in m.handles], timeout)
-
     # ------------------------------------------------------------ questions (``Questions``)
     def _shard_map(self, refresh: bool = False) -> ShardMap:
         return self._ensure()
-
-    def _ask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
-        """A question to every shard (``_fan_out``, with the time it was sent
-        last), counted in the questions in flight and the answer metrics."""
-        t0 = time.perf_counter()
-        token = object()
-        self._asking.add(token)
-        self.telemetry.in_flight(len(self._asking))
-        try:
-            answers = self._fan_out(m, method, *args, time.time(), timeout=timeout or self.config.query_timeout_s)
-        finally:
-            self._asking.discard(token)
-        self.queries += 1
-        missing = [i for i, a in enumerate(answers) if a is None]
-        self.telemetry.answer(time.perf_counter() - t0, bool(missing), missing)
-        if len(missing) == len(answers):
-            raise ShardUnavailable(f"no shard answered within {timeout or self.config.query_timeout_s} s")
-        return answers
 
     def series(self, key, rng: BucketRange, step: int) -> list[dict]:
         """One answer per ``step`` buckets of ``rng``: a chart's points, each a

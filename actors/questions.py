@@ -77,17 +77,47 @@ class MapChanged(Exception):
 
 class Questions:
     """The questions; a subclass says where the shard map comes from
-    (``_shard_map``) and how a question reaches the shards (``_ask``: one
-    answer per shard, None where it did not answer; ``ShardUnavailable`` when
-    none did)."""
+    (``_shard_map``) and gives ``config`` (``query_timeout_s``), ``runtime``
+    (how shards are called), ``telemetry`` and an empty ``_asking`` set."""
 
-    config = None  # anything with ``query_timeout_s``
+    config = None
+    runtime: Runtime
+    telemetry: Telemetry
+    queries = 0
 
     def _shard_map(self, refresh: bool = False) -> ShardMap:
         raise NotImplementedError
 
+    def _fan_out(self, m: ShardMap, method: str, *args, timeout: float | None) -> list:
+        """Call ``method`` on every shard of ``m``; the answer of a shard slower
+        than ``timeout`` (or failing) is None."""
+        return gather(self.runtime, [self.runtime.call(h, method, *args) for h in m.handles], timeout)
+
     def _ask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
-        raise NotImplementedError
+        """A question to every shard (``_fan_out``, with the time it was sent
+        last), counted in the questions in flight and the answer metrics: one
+        answer per shard, None where it did not answer; ``ShardUnavailable``
+        when none did."""
+        timeout = timeout or self.config.query_timeout_s
+        t0 = time.perf_counter()
+        token = object()
+        self._asking.add(token)
+        self.telemetry.in_flight(len(self._asking))
+        try:
+            answers = self._fan_out(m, method, *args, time.time(), timeout=timeout)
+        finally:
+            self._asking.discard(token)
+        self.queries += 1
+        missing = [i for i, a in enumerate(answers) if a is None]
+        self.telemetry.answer(time.perf_counter() - t0, bool(missing), missing)
+        if missing:
+            self._missed(m)
+        if len(missing) == len(answers):
+            raise ShardUnavailable(f"no shard answered within {timeout} s")
+        return answers
+
+    def _missed(self, m: ShardMap) -> None:
+        """Some shard of ``m`` did not answer (a subclass whose map may be stale raises ``MapChanged``)."""
 
     def _on_map(self, question):
         """``question(m)`` on the current map; once more on the new one if the map changed meanwhile
@@ -182,23 +212,6 @@ class DirectQuestions(Questions):
             self.refreshes += 1
         return m
 
-    def _ask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
-        timeout = timeout or self.config.query_timeout_s
-        t0 = time.perf_counter()
-        token = object()
-        self._asking.add(token)
-        self.telemetry.in_flight(len(self._asking))
-        try:
-            answers = gather(self.runtime, [self.runtime.call(h, method, *args, time.time()) for h in m.handles],
-                             timeout)
-        finally:
-            self._asking.discard(token)
-        missing = [i for i, a in enumerate(answers) if a is None]
-        self.telemetry.answer(time.perf_counter() - t0, bool(missing), missing)
-        if missing:
-            fresh = self._shard_map(refresh=True)  # a shard re-sharded away, or merely slow or restarting?
-            if fresh.epoch != m.epoch:
-                raise MapChanged()
-        if all(a is None for a in answers):
-            raise ShardUnavailable(f"no shard answered within {timeout} s")
-        return answers
+    def _missed(self, m: ShardMap) -> None:
+        if self._shard_map(refresh=True).epoch != m.epoch:  # re-sharded away, or merely slow or restarting?
+            raise MapChanged()

@@ -337,6 +337,14 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _range_args(p, default: str) -> None:
+    """The range and output options of a question command."""
+    p.add_argument("--last", help=f"15m, 24h, 30d, or a number of buckets (default {default})")
+    p.add_argument("--start", help="epoch seconds or ISO-8601")
+    p.add_argument("--end", help="epoch seconds or ISO-8601 (default: now)")
+    p.add_argument("--json", action="store_true", help="the REST API's JSON")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="impressions", description="Unique visitors in the last n units of time.",
                                  epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,29 +375,20 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="count files ingested before again")
     p = sub.add_parser("query", help="unique visitors and impressions of keys (none: site-wide)")
     p.add_argument("keys", nargs="*")
-    p.add_argument("--last", help="15m, 24h, 30d, or a number of buckets (default 15m)")
-    p.add_argument("--start", help="epoch seconds or ISO-8601")
-    p.add_argument("--end", help="epoch seconds or ISO-8601 (default: now)")
-    p.add_argument("--json", action="store_true", help="the REST API's JSON")
+    _range_args(p, "15m")
     p.add_argument("--rolling", metavar="WINDOW", help="a trailing window (e.g. 24h) at every --step over the range")
     p.add_argument("--cumulative", action="store_true", help="unique visitors since the range's start at every --step")
     p.add_argument("--step", help="between points of a --rolling or --cumulative series (e.g. 1h)")
     p = sub.add_parser("reach", help="unique visitors of a set of keys together (each visitor once)")
     p.add_argument("keys", nargs="*")
     p.add_argument("--prefix", help="and every key whose name starts with this")
-    for name, h in (("--last", "15m, 24h, 30d, or a number of buckets (default 1d)"),
-                    ("--start", "epoch seconds or ISO-8601"), ("--end", "epoch seconds or ISO-8601 (default: now)")):
-        p.add_argument(name, help=h)
-    p.add_argument("--json", action="store_true", help="the REST API's JSON")
+    _range_args(p, "1d")
     p = sub.add_parser("overlap", help="visitors of both of two key sets, Jaccard and shares")
     p.add_argument("a", nargs="?", help="keys of A, comma-separated")
     p.add_argument("b", nargs="?", help="keys of B, comma-separated")
     p.add_argument("--a-prefix", help="and every key starting with this, in A")
     p.add_argument("--b-prefix", help="and every key starting with this, in B")
-    for name, h in (("--last", "15m, 24h, 30d, or a number of buckets (default 1d)"),
-                    ("--start", "epoch seconds or ISO-8601"), ("--end", "epoch seconds or ISO-8601 (default: now)")):
-        p.add_argument(name, help=h)
-    p.add_argument("--json", action="store_true", help="the REST API's JSON")
+    _range_args(p, "1d")
     sub.add_parser("checkpoint", help="checkpoint every shard now")
     p = sub.add_parser("rescale", help="change the number of shards of the live cluster")
     p.add_argument("shards", type=int)

@@ -40,14 +40,14 @@ class RangeResult:
                 "exact": e.exact, "partial": e.partial}
 
 
-def counted(answers: list, imp: np.ndarray, count: np.ndarray, m: int) -> np.ndarray:
+def counted(counts: list[np.ndarray], imp: np.ndarray, count: np.ndarray, m: int) -> np.ndarray:
     """Which answers are counted from their coupons, decided on the whole sketch
     (sums over shards, so the shard count never changes an answer): every
     shard counted its coupons, and either the impressions of all shards are
     within the near-exact budget (2 m: each shard then read level-0 rows
     only, ``cover.gather_base``) or the distinct coupons are at most m / 8
     (the sparse form of the whole sketch; each shard counts up to that)."""
-    every = np.all([a[1] >= 0 for a in answers], axis=0)
+    every = np.all([c >= 0 for c in counts], axis=0)
     return every & ((imp <= 2 * m) | (count <= m // 8))
 
 
@@ -61,7 +61,7 @@ def merge_answers(answers: list[tuple[np.ndarray, np.ndarray, np.ndarray]], m: i
     hist = sum(a[0] for a in answers)
     sparse = sum(np.maximum(a[1], 0) for a in answers)
     imp = sum(a[2] for a in answers)
-    sparse_all = counted(answers, imp, sparse, m)
+    sparse_all = counted([a[1] for a in answers], imp, sparse, m)
     seen = registers_per_shard * len(answers)
     partial = len(answers) < shards_total
     raw = ertl_estimates(hist) if hist.shape[0] > 8 else None  # many rows (a series): one vectorized pass
@@ -93,7 +93,7 @@ def merge_overlap(answers: list, m: int, registers_per_shard: int, shards_total:
     imp = sum(a[2] for a in answers)
     count = sum(np.maximum(a[1], 0) for a in answers)
     ok = np.zeros(3, bool)
-    ok[:2] = counted([(None, a[1][:2]) for a in answers], imp, count[:2], m)
+    ok[:2] = counted([a[1][:2] for a in answers], imp, count[:2], m)
     ok[2] = ok[:2].all() and all(a[1][2] >= 0 for a in answers)  # both sides counted: their union is too
     counts = np.where(ok, count, -1)
     seen = registers_per_shard * len(answers)

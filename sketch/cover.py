@@ -463,14 +463,20 @@ def memtable_part(memtable, keys, rr: RegisterRange, b0: int, b1: int):
     if not hit.any():
         return None
     c = c[m][hit]
+    crowded_keys, _ = crowded_minutes(k[m][hit], b[m][hit], c, rr)
+    return p, c, npx.unique(keys.match(crowded_keys)[1]) if len(crowded_keys) else np.zeros(0, np.int64)
+
+
+def crowded_minutes(k: np.ndarray, b: np.ndarray, c: np.ndarray, rr: RegisterRange) -> tuple[np.ndarray, np.ndarray]:
+    """(key ids, buckets) of the key-minutes among events ``(k, b, c)`` holding more
+    distinct coupons than ``dense_threshold``: rows that will be dense once sorted."""
     # key-minutes numbered, then (key-minute, coupon index) in one word: distinct coupons per key-minute
-    minutes, cell = np.unique((k[m][hit].astype(np.uint64) << np.uint64(32)) | b[m][hit].astype(np.uint64),
-                              return_inverse=True)
+    minutes, cell = np.unique((k.astype(np.uint64) << np.uint64(32)) | b.astype(np.uint64), return_inverse=True)
     word = npx.unique((cell.reshape(-1).astype(np.uint64) << np.uint64(SPARSE_P))
                       | (c >> np.uint32(RANK_BITS)).astype(np.uint64))
     n = np.bincount((word >> np.uint64(SPARSE_P)).astype(np.int64), minlength=len(minutes))
-    crowded = minutes[n > rr.dense_threshold] >> np.uint64(32)  # their keys
-    return p, c, npx.unique(keys.match(crowded.astype(np.int64))[1]) if len(crowded) else np.zeros(0, np.int64)
+    crowded = minutes[n > rr.dense_threshold]
+    return (crowded >> np.uint64(32)).astype(np.int64), (crowded & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
 def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np.ndarray:

@@ -43,6 +43,7 @@ gives an unbiased estimate, scaled by ``m / m_seen`` with error
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -104,6 +105,21 @@ def check_shards(shards: int, p: int) -> None:
         raise ValueError(f"shard count {shards} must be a power of two between 1 and {m}")
 
 
+@functools.lru_cache(maxsize=None)
+def _rank_tables(low_bits: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rank a coupon's index bits below the register give when not all zero
+    (``low_rank``), and, for p >= 12, the rank of every value of a coupon's low
+    ``6 + low_bits`` bits (its index's bits below the register and its rank26):
+    one table lookup a coupon (256 KB at p = 14).  Built once per precision."""
+    low = np.arange(1 << low_bits, dtype=np.int64)
+    low_rank = (low_bits - _bit_length(low) + 1).astype(np.uint8)
+    if low_bits > 14:  # p < 12: the table would pass 1 MB
+        return low_rank, None
+    v = np.arange(1 << (RANK_BITS + low_bits), dtype=np.int32)
+    lo = v >> RANK_BITS
+    return low_rank, np.where(lo != 0, low_rank[lo], (v & RANK_MASK) + low_bits).astype(np.uint8)
+
+
 class Precision:
     """Constants derived from the precision ``p`` alone."""
 
@@ -112,16 +128,7 @@ class Precision:
         self.p, self.m, self.q = p, 1 << p, HASH_BITS - p
         self.hist_len = self.q + 2  # register values 0..q+1
         self.low_bits = SPARSE_P - p  # coupon index bits below the register index
-        # rank contributed by the coupon index's low bits when they are not all zero
-        low = np.arange(1 << self.low_bits, dtype=np.int64)
-        self._low_rank = (self.low_bits - _bit_length(low) + 1).astype(np.uint8)
-        # a coupon's low 6 + low_bits bits (its index's bits below the register, and its
-        # rank26) decide its rank at this precision: one table lookup (256 KB at p = 14)
-        self._rank_of_low = None
-        if self.low_bits <= 14:  # p >= 12: at most 1 MB
-            v = np.arange(1 << (RANK_BITS + self.low_bits), dtype=np.int32)
-            lo = v >> RANK_BITS
-            self._rank_of_low = np.where(lo != 0, self._low_rank[lo], (v & RANK_MASK) + self.low_bits).astype(np.uint8)
+        self._low_rank, self._rank_of_low = _rank_tables(self.low_bits)
 
     def coupon_registers(self, coupons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coupons -> (register index, rank) at this precision."""

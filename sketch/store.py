@@ -192,14 +192,16 @@ class ShardStore:
             if not sel.any():
                 continue
             sets = np.flatnonzero(which)
-            sub = np.searchsorted(sets, pos[sel])
-            if how:
-                pc = cover.gather_base(self.tiers, self.memtable, rr, ids[sel], b0, b1, sub, len(sets))
-                h, s = pc.finish(rr, limit=None)
-            else:
-                h, s = cover.gather(self.tiers, self.memtable, rr, ids[sel], b0, b1, sub, len(sets)).finish(rr)
-            hist[sets], sparse[sets] = h, s
+            pc, limit = self._pieces(how, ids[sel], np.searchsorted(sets, pos[sel]), len(sets), b0, b1)
+            hist[sets], sparse[sets] = pc.finish(rr, limit)
         return hist, sparse, imp
+
+    def _pieces(self, near_exact: bool, ids: np.ndarray, pos: np.ndarray, K: int, b0: int, b1: int):
+        """``(pieces, count limit for finish)``: level-0 rows counted however many
+        (near-exact), or the cover walk counted up to ``count_limit``."""
+        if near_exact:
+            return cover.gather_base(self.tiers, self.memtable, self.rr, ids, b0, b1, pos, K), None
+        return cover.gather(self.tiers, self.memtable, self.rr, ids, b0, b1, pos, K), -1
 
     def key_ids(self, names=(), prefix: str | None = None) -> np.ndarray:
         """The distinct ids of a key set on this shard: the ``names`` it knows,
@@ -231,11 +233,7 @@ class ShardStore:
         for names, prefix in (a, b):
             ids = self.key_ids(names, prefix)
             imp = int(cover.impressions(self.tiers, self.memtable, ids, b0, b1).sum()) if len(ids) else 0
-            zero = np.zeros(len(ids), np.int64)
-            if imp <= rr.exact_budget:
-                pc, limit = cover.gather_base(self.tiers, self.memtable, rr, ids, b0, b1, zero, 1), None
-            else:
-                pc, limit = cover.gather(self.tiers, self.memtable, rr, ids, b0, b1, zero, 1), -1
+            pc, limit = self._pieces(imp <= rr.exact_budget, ids, np.zeros(len(ids), np.int64), 1, b0, b1)
             r = pc.registers(rr)
             _, count = pc.finish(rr, limit, regs=r)
             regs.append(r[0])
@@ -353,6 +351,7 @@ class StoreView:
 
     query = ShardStore.query
     answer_sets = ShardStore.answer_sets
+    _pieces = ShardStore._pieces
     key_ids = ShardStore.key_ids
     reach = ShardStore.reach
     overlap = ShardStore.overlap

@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from . import cover, npx
+from . import cover
 from .hll import RANK_BITS, RegisterRange
 from .rows import code_nodes, make_code
 from .tiers import Tiers
@@ -316,12 +316,8 @@ def _crowded_memtable_cells(memtable, ids, b0: int, g: int, n: int, rr: Register
     m = (b >= b0) & (b < b0 + g * n) & np.isin(k, ids)
     if not m.any():
         return out
-    minute = (k[m].astype(np.uint64) << np.uint64(32)) | b[m].astype(np.uint64)
-    uniq, cell = np.unique(minute, return_inverse=True)
-    word = (cell.astype(np.uint64) << np.uint64(32)) | (c[m] >> np.uint32(RANK_BITS)).astype(np.uint64)
-    pairs = npx.unique(word) >> np.uint64(32)
-    crowded = uniq[np.bincount(pairs.astype(np.int64), minlength=len(uniq)) > rr.dense_threshold]
-    at = ((crowded & np.uint64(0xFFFFFFFF)).astype(np.int64) - b0) // g
+    _, buckets = cover.crowded_minutes(k[m], b[m], c[m], rr)
+    at = (buckets - b0) // g
     at = at[base[at]]
     np.add.at(out, at, 1)
     return out
