@@ -9,7 +9,10 @@ is flagged partial, with the wider error that implies; the query never hangs.
 
 It also drives upkeep: every ``maintain_interval_s`` a background thread
 asks each shard for a bounded slice of work (folding runs, building
-rollups), and every ``checkpoint_interval_s`` for a checkpoint.  It keeps the
+rollups), and every ``checkpoint_interval_s`` for a checkpoint.  It starts
+``readers`` readers per register range (``actors.reader``) and, in each
+upkeep round, gives them a catch-up slice and publishes in the map those
+that answer (``read_route``, for the askers).  It keeps the
 cluster's layout on the store (``durable.layout``), so a restarted cluster
 finds its shards' data, and it re-shards on request.
 
@@ -23,13 +26,16 @@ configuration is any object with the fields it reads (``sketch``,
 Concurrency without locks: the coordinator's calls may run on many threads
 at once (Ray's ``max_concurrency``).  Its state is one immutable snapshot
 (configuration and shard map), replaced by a single assignment and read once
-per call, so no call ever sees it half changed.  It never waits on anything
+per call, so no call ever sees it half changed (the two writers of the map,
+upkeep and a re-sharding, replace it under one short lock that guards
+nothing else and is held for no call).  It never waits on anything
 that waits on it (shards never call the coordinator), so nothing here can
 deadlock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -77,6 +83,10 @@ class Coordinator(Questions):
         self._asking: set = set()  # the questions being answered (set.add and discard are atomic)
         self.map: ShardMap | None = None
         self.layout: Layout | None = None
+        self._readers: tuple = ()  # per register range, every reader started (``map.readers``: those that answer)
+        self._reader_upkeep: dict = {}  # reader -> its catch-up call still out
+        self._suspects: dict = {}
+        self._map_lock = threading.Lock()  # the map is replaced whole, by upkeep (readers) or a re-sharding
         self._maint: threading.Thread | None = None
         self._starting = threading.Lock()  # start runs once, even when the first calls come at once
         self._rescaling = threading.Lock()  # an atomic test-and-set: one re-sharding at a time, never waited on
@@ -139,7 +149,46 @@ class Coordinator(Questions):
         missing = [i for i, (h, a) in enumerate(zip(handles, answers)) if a is None and not rolled_back]
         if missing:
             self._note(f"shards {missing} did not answer within {START_TIMEOUT_S:g} s of start")
+        self._readers = self._create_readers(layout)
         self.map = ShardMap(handles, RegisterRange(layout.sketch.p, layout.shards), layout.epoch)
+
+    def _create_readers(self, layout: Layout) -> tuple:
+        """Start (or find) ``config.readers`` readers per register range; they join the map (``readers``)
+        once they answer.  None without storage: readers follow their writer through the store."""
+        n = int(getattr(self.config, "readers", 0))
+        if not self.config.storage or n <= 0 or not getattr(self.runtime, "readers", False):
+            return ()
+        return tuple(tuple(self.runtime.create_reader(i, r, layout) for r in range(n)) for i in range(layout.shards))
+
+    def watch_readers(self) -> list[int]:
+        """One round of ``_watch_readers`` now (upkeep does it every round); returns the readers
+        answering per register range."""
+        self._watch_readers(self._ensure())
+        return [len(r) for r in self.map.readers]
+
+    def _watch_readers(self, m: ShardMap) -> None:
+        """Give every reader a catch-up slice (unless its last one is still running) and publish, in the map,
+        the readers that answer and serve."""
+        rt, rs = self.runtime, self._readers
+        if not rs:
+            return
+        flat = [(i, h) for i, hs in enumerate(rs) for h in hs]
+        for _, h in flat:
+            p = self._reader_upkeep.get(h)
+            if p is None or rt.wait([p], 0)[0]:
+                if p is not None:
+                    _failed(rt, p)  # its outcome read, so that an error is not left unread
+                self._reader_upkeep[h] = rt.call(h, "maintain", self._now())
+        health = gather(rt, [rt.call(h, "health") for _, h in flat], self.config.query_timeout_s)
+        live: list[list] = [[] for _ in rs]
+        for (i, h), a in zip(flat, health):
+            if a is not None and a.get("available"):
+                live[i].append(h)
+        readers = tuple(tuple(x) for x in live)
+        with self._map_lock:
+            if self.map is m and m.readers != readers:
+                self.map = dataclasses.replace(m, readers=readers)
+                self._note(f"readers answering per range: {[len(x) for x in readers]}")
 
     def _settle_intent(self, objects: ObjectStore) -> bool:
         """A re-sharding interrupted by a crash: finished if the layout was
@@ -156,6 +205,10 @@ class Coordinator(Questions):
             h = self.runtime.find_shard(i, gone)
             if h is not None:
                 self.runtime.kill(h)
+            for r in range(int(getattr(self.config, "readers", 0))):
+                h = self.runtime.find_reader(i, r, gone) if getattr(self.runtime, "readers", False) else None
+                if h is not None:
+                    self.runtime.kill(h)
         drop_folder(objects, gone.folder)
         if not switched:  # the old layout serves on: it must take batches again, even if no shard of it runs now
             for i in range(old.shards):
@@ -181,6 +234,11 @@ class Coordinator(Questions):
         """(epoch, shard handles): what a sender needs to route batches."""
         m = self._ensure()
         return m.epoch, list(m.handles)
+
+    def read_route(self) -> tuple[int, list, list]:
+        """(epoch, writers, readers per register range): what an asker needs (``DirectQuestions``)."""
+        m = self._ensure()
+        return m.epoch, list(m.handles), [list(r) for r in m.readers]
 
     def shard_map(self) -> dict:
         m = self._ensure()
@@ -250,7 +308,10 @@ class Coordinator(Questions):
     def stats(self) -> dict:
         m = self._ensure()
         shard_stats = self._fan_out(m, "stats", timeout=self.config.query_timeout_s * 5)
-        return {"shards": shard_stats, "epoch": m.epoch, "queries": self.queries, "config": self.config,
+        rt = self.runtime
+        flat = [h for hs in self._readers for h in hs]
+        reader_stats = gather(rt, [rt.call(h, "stats") for h in flat], self.config.query_timeout_s * 5)
+        return {"shards": shard_stats, "readers": reader_stats, "epoch": m.epoch, "queries": self.queries, "config": self.config,
                 "events": self.events[-20:]}
 
     def health(self) -> dict:
@@ -259,6 +320,8 @@ class Coordinator(Questions):
         got = self._fan_out(m, "health", timeout=self.config.query_timeout_s)
         shards = [{"shard": i, "available": False, "reason": "did not answer in time"} if h is None else h
                   for i, h in enumerate(got)]
+        for i, s in enumerate(shards):
+            s["readers"] = len(m.readers[i]) if i < len(m.readers) else 0
         return {"epoch": m.epoch, "shards": shards, "answering": sum(1 for h in shards if h["available"])}
 
     def _maintain_loop(self) -> None:
@@ -282,6 +345,7 @@ class Coordinator(Questions):
         enforced on this machine's clock), and a checkpoint when one is due."""
         rt = self.runtime
         maint = [rt.call(h, "maintain", self._now(), 0.2) for h in m.handles]
+        self._watch_readers(m)
         rt.wait(maint, CALL_TIMEOUT_S)
         failed = [i for i, p in enumerate(maint) if _failed(rt, p)]
         if checkpoint:
@@ -354,9 +418,12 @@ class Coordinator(Questions):
             write_layout(objects, new_layout)  # the switch: one object, written whole
         self.config = self.config.replace(shards=shards)
         self.layout = new_layout
-        self.map = ShardMap(tuple(handles), RegisterRange(self.config.sketch.p, shards), new_layout.epoch)
-        for h in old.handles:
+        old_readers, self._readers = self._readers, self._create_readers(new_layout)
+        with self._map_lock:
+            self.map = ShardMap(tuple(handles), RegisterRange(self.config.sketch.p, shards), new_layout.epoch)
+        for h in list(old.handles) + [h for hs in old_readers for h in hs]:
             rt.kill(h)
+            self._reader_upkeep.pop(h, None)
         if objects is not None:  # the old layout is superseded
             drop_folder(objects, old_layout.folder)
             clear_intent(objects)

@@ -1,4 +1,4 @@
-"""The questions every shard answers, and how their answers merge.
+"""The questions every register range answers, and how their answers merge.
 
 A question (unique visitors of keys, the reach of a key set, an overlap, a
 rolling series) goes to every shard of one shard map at once; each shard
@@ -10,15 +10,25 @@ and asked two ways:
   shard map: the REST app and older clients ask it, two actor hops;
 * by ``DirectQuestions``, which keeps a copy of the shard map and asks the
   shards itself: one hop (the Python client).  The copy is the
-  coordinator's ``route`` (epoch and handles), kept for ``MAP_TTL_S`` and
+  coordinator's ``read_route`` (epoch, writers, readers), kept for ``MAP_TTL_S`` and
   fetched again at once when a shard does not answer: after a re-sharding
   the old shards are stopped, so a stale copy shows itself by a missing
   answer, and the question is asked again of the new layout (answers of two
   layouts are never merged).  A shard that is restarting, or gone without a
   new layout, leaves the answer partial, exactly as through the coordinator.
 
+Each register range has copies: its readers (``actors.reader``) and, last,
+its writer.  A question goes to one copy of every range, the readers taken
+in turn so that they share the load, and moves on to the next copy of a
+range whose copy failed (gone, restarting, or ``Behind`` the asker's own
+writes) or has not answered within ``hedge_s`` (a copy that is slow or
+being restarted by Ray: the first answer wins, the other call is
+cancelled).  A copy that failed is tried after the others for
+``SUSPECT_S``.  Only when every copy of a range failed, or none answered
+within the query timeout, is the answer partial.
+
 Nothing here holds a lock or waits on anything that waits on it: a question
-is a fan-out with a deadline (``runtime.gather``) and a pure merge.
+is a fan-out with a deadline and a pure merge.
 """
 
 from __future__ import annotations
@@ -39,19 +49,32 @@ from impressions.sketch.hll import RegisterRange
 from impressions.sketch.timeindex import BucketRange
 from impressions.sketch.windows import plan_series
 
+from .base import QUESTIONS, Behind
 from .runtime import Runtime, ShardUnavailable, gather
 from .telemetry import Telemetry
 
 MAP_TTL_S = 10.0  # how long a direct asker trusts its copy of the shard map without news
+HEDGE_S = 0.25  # a copy that has not answered by then is joined by the next one (first answer wins)
+SUSPECT_S = 5.0  # a copy that failed is asked after the others for this long
 
 
 @dataclass(frozen=True)
 class ShardMap:
     """Which shard owns which register range (an immutable snapshot)."""
 
-    handles: tuple
+    handles: tuple  # the writers, by register range
     rr: RegisterRange  # the register range of shard 0; shard i's starts at i * rr.R
     epoch: int = 0
+    readers: tuple = ()  # per register range, the readers that answer (may be empty)
+
+    def copies(self, i: int, turn: int, suspect=lambda h: False) -> list:
+        """The copies of range ``i`` in the order to ask them: its readers from ``turn`` on (so that
+        successive questions share them), its writer, then readers that failed lately."""
+        rs = list(self.readers[i]) if i < len(self.readers) else []
+        if rs:
+            k = turn % len(rs)
+            rs = rs[k:] + rs[:k]
+        return [h for h in rs if not suspect(h)] + [self.handles[i]] + [h for h in rs if suspect(h)]
 
     @property
     def registers_per_shard(self) -> int:
@@ -84,14 +107,75 @@ class Questions:
     runtime: Runtime
     telemetry: Telemetry
     queries = 0
+    _turn = 0
+    _suspects: dict  # copies that failed lately -> until when (a subclass gives its own)
+    _wrote: tuple = (None, {})  # (epoch, {range: log position}) of this asker's acknowledged writes
 
     def _shard_map(self, refresh: bool = False) -> ShardMap:
         raise NotImplementedError
 
+    def wrote(self, epoch: int, positions: dict) -> None:
+        """This asker's writes were acknowledged up to these log positions (``Sender.positions``): its
+        questions are answered by copies that hold them."""
+        old_epoch, old = self._wrote
+        seen = dict(old) if old_epoch == epoch else {}
+        for i, seq in positions.items():
+            seen[int(i)] = max(int(seq), seen.get(int(i), 0))
+        self._wrote = (epoch, seen)
+
+    def _suspect(self, h) -> bool:
+        until = self._suspects.get(h)
+        return until is not None and until > time.monotonic()
+
     def _fan_out(self, m: ShardMap, method: str, *args, timeout: float | None) -> list:
-        """Call ``method`` on every shard of ``m``; the answer of a shard slower
-        than ``timeout`` (or failing) is None."""
-        return gather(self.runtime, [self.runtime.call(h, method, *args) for h in m.handles], timeout)
+        """Call ``method`` on every register range of ``m``: a question (``QUESTIONS``) on one copy
+        of each, moving on as the module text says; anything else on the writers.  The answer of a
+        range that no copy gave within ``timeout`` is None."""
+        rt = self.runtime
+        if method not in QUESTIONS:
+            return gather(rt, [rt.call(h, method, *args) for h in m.handles], timeout)
+        epoch, wrote = self._wrote
+        after = [wrote.get(i, 0) if epoch == m.epoch else 0 for i in range(len(m.handles))]
+        self._turn += 1
+        order = [m.copies(i, self._turn, self._suspect) for i in range(len(m.handles))]
+        answers: list = [None] * len(order)
+        done, asked = [False] * len(order), [0] * len(order)
+        pending: dict = {}
+
+        def ask(i: int) -> None:
+            h = order[i][asked[i]]
+            asked[i] += 1
+            pending[rt.call(h, "ask", method, after[i], *args)] = (i, h)
+
+        for i in range(len(order)):
+            ask(i)
+        start = time.monotonic()
+        deadline = start + (timeout or self.config.query_timeout_s)
+        hedge = start + float(getattr(self.config, "hedge_s", HEDGE_S)) if any(len(o) > 1 for o in order) else None
+        while pending and not all(done):
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            ready, _ = rt.wait(list(pending), max(0.0, min(deadline, hedge or deadline) - now), num_returns=1)
+            for p in ready:
+                i, h = pending.pop(p)
+                if done[i]:
+                    continue
+                try:
+                    answers[i], done[i] = rt.result(p, 0), True
+                except Exception as e:  # noqa: BLE001 - a copy's failure sends the question on, never up
+                    if not isinstance(e, Behind):
+                        self._suspects[h] = time.monotonic() + SUSPECT_S
+                    if asked[i] < len(order[i]):
+                        ask(i)
+            if hedge is not None and time.monotonic() >= hedge:
+                hedge = None  # once: a range whose two copies are both slow waits for them, not for a third
+                for i in range(len(order)):
+                    if not done[i] and asked[i] < len(order[i]):
+                        ask(i)
+        for p in pending:
+            rt.cancel(p)
+        return answers
 
     def _ask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
         """A question to every shard (``_fan_out``, with the time it was sent
@@ -191,14 +275,16 @@ class Questions:
 class DirectQuestions(Questions):
     """Questions asked of the shards directly, on a copy of the shard map.
 
-    ``route()`` fetches ``(epoch, handles)`` from the coordinator; ``p`` is the
-    sketch precision (the register ranges follow from it and the shard count)."""
+    ``route()`` fetches ``(epoch, writers, readers)`` from the coordinator
+    (``Coordinator.read_route``); ``p`` is the sketch precision (the
+    register ranges follow from it and the shard count)."""
 
     def __init__(self, route: Callable[[], tuple], runtime: Runtime, config, p: int,
                  telemetry: Telemetry | None = None):
         self.route, self.runtime, self.config, self.p = route, runtime, config, p
         self.telemetry = telemetry or Telemetry()
         self._asking: set = set()  # the questions out now (set.add and discard are atomic)
+        self._suspects: dict = {}
         self._map: ShardMap | None = None
         self._fetched = 0.0
         self.refreshes = 0
@@ -206,8 +292,9 @@ class DirectQuestions(Questions):
     def _shard_map(self, refresh: bool = False) -> ShardMap:
         m = self._map  # read once: another thread may replace it, never change it
         if refresh or m is None or time.monotonic() - self._fetched > MAP_TTL_S:
-            epoch, handles = self.route()
-            m = ShardMap(tuple(handles), RegisterRange(self.p, len(handles)), epoch)
+            epoch, handles, *readers = self.route()
+            m = ShardMap(tuple(handles), RegisterRange(self.p, len(handles)), epoch,
+                         tuple(tuple(r) for r in readers[0]) if readers else ())
             self._map, self._fetched = m, time.monotonic()
             self.refreshes += 1
         return m

@@ -17,6 +17,9 @@ A runtime offers:
     registers it takes over, ``[(old index, old count, pending export)]``.
 ``find_shard(index, layout)`` -> handle or None
     the shard if it runs, never starting one.
+``create_reader(index, replica, layout)`` -> handle
+    start reader ``replica`` of shard ``index`` (``actors.reader``), or find
+    it; a runtime without readers (``readers`` False) has none.
 ``call(handle, method, *args)`` -> pending
     start a call; never blocks.
 ``wait(pending, timeout, num_returns=None)`` -> (ready, not ready)
@@ -81,8 +84,8 @@ def gather(runtime: Runtime, pending: list, timeout: float | None) -> list:
 # A shard's questions: they read an immutable view of its store (``ShardStore.view``), so they run on
 # threads of their own, beside the one that runs every other call (applies, upkeep, checkpoints) in order:
 # a question never waits behind an apply or a maintenance slice, and writes never wait for questions.
-READ_METHODS = frozenset({"query", "query_ranges", "reach", "overlap", "series", "key_impressions",
-                          "impressions_of", "registers"})
+READ_METHODS = frozenset({"ask", "health", "query", "query_ranges", "reach", "overlap", "series",
+                          "key_impressions", "impressions_of", "registers"})
 READ_THREADS = 2
 
 
@@ -129,15 +132,40 @@ class LocalShard:
         cf.wait([f for f in list(self._calls) if not f.cancelled()], timeout=timeout)
 
 
+class LocalFollowers:
+    """A writer's readers in this process (``actors.reader.Followers``): each told by a call on its own
+    thread, never waited for."""
+
+    def __init__(self, runtime: "LocalRuntime", index: int, folder: str):
+        self.runtime, self.index, self.folder = runtime, index, folder
+
+    def _tell(self, method: str, *args) -> None:
+        for h in self.runtime.readers_of(self.index, self.folder):
+            h.submit(method, args)
+
+    def logged(self, seq: int, incarnation: int, rb) -> None:
+        self._tell("logged", seq, incarnation, rb)
+
+    def checkpointed(self, number: int) -> None:
+        self._tell("checkpointed", number)
+
+
 class LocalRuntime:
     """Shards as objects of this process: ``factory(index, layout, seed_from,
     *seed_states)`` makes one (``actors.shard.ShardActor`` with its storage
-    settings bound, or a variant that fails on purpose in a test)."""
+    settings bound, or a variant that fails on purpose in a test), and
+    ``reader_factory(index, replica, layout)`` a reader, if given."""
 
-    def __init__(self, factory):
+    def __init__(self, factory, reader_factory=None):
         self.factory = factory
+        self.reader_factory = reader_factory
         self._shards: dict[tuple[int, str], LocalShard] = {}
+        self._readers: dict[tuple[int, str, int], LocalShard] = {}
         self._lock = threading.Lock()
+
+    @property
+    def readers(self) -> bool:
+        return self.reader_factory is not None
 
     def create_shard(self, index: int, layout, seeds: list = ()) -> LocalShard:
         with self._lock:
@@ -148,10 +176,29 @@ class LocalRuntime:
             pending = [p for _, _, p in seeds]
 
             def make():
-                return self.factory(index, layout, seed_from, *[self.result(p) for p in pending])
+                actor = self.factory(index, layout, seed_from, *[self.result(p) for p in pending])
+                if self.readers:
+                    actor.followers = LocalFollowers(self, index, layout.folder)
+                return actor
             h = self._shards[(index, layout.folder)] = LocalShard(
                 f"shard-{index}-of-{layout.shards}-{layout.folder}", make)
             return h
+
+    def create_reader(self, index: int, replica: int, layout) -> LocalShard:
+        with self._lock:
+            h = self._readers.get((index, layout.folder, replica))
+            if h is None or h.dead:
+                h = self._readers[(index, layout.folder, replica)] = LocalShard(
+                    f"reader-{replica}-of-shard-{index}-of-{layout.shards}-{layout.folder}",
+                    lambda: self.reader_factory(index, replica, layout))
+            return h
+
+    def find_reader(self, index: int, replica: int, layout) -> LocalShard | None:
+        h = self._readers.get((index, layout.folder, replica))
+        return h if h is not None and not h.dead else None
+
+    def readers_of(self, index: int, folder: str) -> list[LocalShard]:
+        return [h for (i, f, _), h in list(self._readers.items()) if i == index and f == folder and not h.dead]
 
     def find_shard(self, index: int, layout) -> LocalShard | None:
         h = self._shards.get((index, layout.folder))
@@ -187,3 +234,6 @@ class LocalRuntime:
 
     def handles(self) -> list[LocalShard]:
         return [h for h in self._shards.values() if not h.dead]
+
+    def reader_handles(self) -> list[LocalShard]:
+        return [h for h in self._readers.values() if not h.dead]

@@ -14,6 +14,11 @@ restart, a part refused because the shard map changed (``ShardMoved``, or
 the old shard gone) and cut again for the new map (each piece standing for
 its share of the range), all count once.
 
+Each shard answers a part with its log position (``ShardActor.ingest``);
+``positions`` keeps the highest per range of the current map, so that
+whoever sent can read its own writes back from any copy of a range
+(``actors.questions``, ``Questions.wrote``).
+
 Every wait is bounded: a part that no shard has taken within ``deadline_s``
 of being sent (a shard down for good, a re-sharding that never ends) makes
 ``send``/``drain`` raise ``ShardUnavailable``; what was sent before stays
@@ -37,7 +42,8 @@ class Sender:
         self.runtime, self.route, self.p, self.max_inflight = runtime, route, p, max_inflight
         self.deadline_s = deadline_s
         self.epoch, self.shards = route()
-        self.inflight: dict = {}  # pending -> (part, batch id, keep_s, when first sent, (lo, hi))
+        self.inflight: dict = {}  # pending -> (part, batch id, keep_s, when first sent, (lo, hi), shard)
+        self.positions: dict[int, int] = {}  # range -> highest log position acknowledged, in map ``epoch``
         self.peak = 0
         self.batches = 0
 
@@ -62,8 +68,8 @@ class Sender:
 
     def _call(self, shard: int, part: Batch, batch_id: str, keep_s: float, since: float,
               rng: tuple[int, int]) -> None:
-        pending = self.runtime.call(self.shards[shard], "apply", part, batch_id, keep_s, *rng)
-        self.inflight[pending] = (part, batch_id, keep_s, since, rng)
+        pending = self.runtime.call(self.shards[shard], "ingest", part, batch_id, keep_s, *rng)
+        self.inflight[pending] = (part, batch_id, keep_s, since, rng, shard)
         self.batches += 1
 
     def _first_done(self):
@@ -78,10 +84,11 @@ class Sender:
         raise ShardUnavailable(f"a shard did not take its part of a batch within {self.deadline_s:g} s")
 
     def _settle(self, pending) -> None:
-        part, batch_id, keep_s, since, rng = self.inflight.pop(pending)
+        part, batch_id, keep_s, since, rng, shard = self.inflight.pop(pending)
         while True:
             try:
-                self.runtime.result(pending, 0)
+                _, seq = self.runtime.result(pending, 0)
+                self.positions[shard] = max(seq, self.positions.get(shard, 0))
                 return
             except (ShardMoved, ShardUnavailable) as e:
                 # a shard gone for good is one a re-sharding retired: re-route like ShardMoved
@@ -95,6 +102,7 @@ class Sender:
             epoch, shards = self.route()
             if epoch != self.epoch:
                 self.epoch, self.shards = epoch, shards
+                self.positions = {}  # positions are per layout
             subs = []  # (shard, piece, its share of the part's range)
             for i, sub in enumerate(part.split(self.p, len(self.shards))):
                 lo, hi = self._range(i, len(self.shards))
@@ -106,5 +114,5 @@ class Sender:
             for i, sub, share in subs[1:]:
                 self._call(i, sub.compact(), batch_id, keep_s, since, share)
             shard, part, rng = subs[0]
-            pending = self.runtime.call(self.shards[shard], "apply", part, batch_id, keep_s, *rng)
+            pending = self.runtime.call(self.shards[shard], "ingest", part, batch_id, keep_s, *rng)
             self.runtime.wait([pending], max(0.0, self.deadline_s - (time.monotonic() - since)))

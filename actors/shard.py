@@ -5,12 +5,13 @@ storage, a ``durable.journal.ShardJournal``:
 
 * ``apply(batch, batch_id, keep_s)`` cuts the batch to the registers not yet
   applied under its id (``actors.applied``), appends that to the shard's log
-  on the store, applies it, then answers: an acknowledged batch is durable
-  and counted once, whoever retries it.
+  on the store, tells the range's readers (``followers``: a message sent,
+  never waited for), applies it, then answers: an acknowledged batch is
+  durable and counted once, whoever retries it.
 * ``checkpoint()`` writes the nodes whose version changed since the last
   checkpoint (``ShardStore.nodes``) and the applied-batch records that
-  changed, then a manifest; the log before the previous checkpoint is then
-  dropped.
+  changed, then a manifest (and tells the readers); the log before the
+  previous checkpoint is then dropped.
 * On (re)start the constructor checks that the store is this cluster's,
   loads the newest checkpoint that verifies and replays the log after it.
   A shard that cannot do so (a store it cannot read, objects that do not
@@ -22,8 +23,9 @@ storage, a ``durable.journal.ShardJournal``:
   and refuses further batches with ``ShardMoved``, so a sender re-routes them.
 
 Ray runs the calls one at a time, so none of this needs a lock; each call is
-short (a batch, a query, a bounded slice of maintenance, a checkpoint of what
-changed).
+short (a batch, a bounded slice of maintenance, a checkpoint of what
+changed).  Questions (``actors.base``) run beside them on threads of their
+own and read the store's published view.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import os
 import socket
 import time
 
-import numpy as np
 import pyarrow as pa
 
 from impressions.durable.journal import CorruptObject, Fenced, ShardJournal
@@ -42,16 +43,17 @@ from impressions.sketch import sealed
 from impressions.sketch.arrowio import (
     StateError,
     node_batches,
-    nodes_from_batches,
     store_from_batches,
     store_to_batches,
 )
 from impressions.sketch.events import Batch
 from impressions.sketch.reshard import reshard
 from impressions.sketch.store import ShardStore, SketchConfig
-from impressions.sketch.tiers import Slot, TableNode
+from impressions.sketch.tiers import Slot
 
 from .applied import AppliedBatches
+from .base import ShardBase
+from .reader import Followers
 from .runtime import ShardUnavailable
 from .telemetry import Telemetry, process_memory
 
@@ -67,21 +69,23 @@ class ShardMoved(RuntimeError):
     """This shard no longer takes batches: the layout changed; re-route."""
 
 
-class ShardActor:
+class ShardActor(ShardBase):
     """Shard ``shard`` of ``shards``.  A new layout's shard is seeded from the
     old shards whose registers it takes over: ``seed_from`` lists them as
     (old index, old count), ``seed_states`` holds each one's ``export()``."""
 
     def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage: ShardStorage | None = None,
                  block_cache_mb: float = 256.0, seed_from=(), *seed_states, telemetry: Telemetry | None = None,
-                 await_seed: bool = False):
+                 await_seed: bool = False, followers: Followers | None = None):
         self.sketch, self.shard_index, self.shards = sketch, shard, shards
+        self.followers = followers or Followers()  # this range's readers: told of each log entry and checkpoint
         self.storage = storage
         self.telemetry = telemetry or Telemetry()
         self._reported = 0.0
         sealed.CACHE.budget = int(block_cache_mb * (1 << 20))
         self.started = time.time()
         self.applied_batches = 0
+        self.first_apply_at: float | None = None  # the first batch this process applied
         self.checkpointed_at: float | None = None
         self._seed = (list(seed_from), seed_states)
         self._await_seed = await_seed  # the seed comes by ``seed()``, not with the constructor
@@ -144,14 +148,10 @@ class ShardActor:
         for number in reversed(numbers):
             try:
                 body = self.journal.read_manifest(number)
-                store = ShardStore(self.sketch, self.shard_index, self.shards)
-                for entry in body.get("keys", []):  # ids first: sealed files hold ids, not names
-                    store.keys.load_chunk(self.journal.read_keys(entry["object"]))
-                nodes = [self._load_node(entry, store) for entry in body["nodes"]]
+                store = self._store_of(body)
                 applied = AppliedBatches()
                 for entry in body.get("applied", []):
                     applied.load_group(self.journal.read_applied(entry["object"]))
-                store.install(nodes, max_bucket=body["max_bucket"], events=body["events"])
                 self.store, self.applied, self.manifest = store, applied, number
                 break
             except (CorruptObject, StateError, sealed.SealedError, OSError, KeyError, ValueError) as e:
@@ -176,44 +176,6 @@ class ShardActor:
                                     float(meta.get(b"at", b"0")), float(meta.get(b"expires", b"0")))
             self.recovery["replayed"] += 1
             self.seq = seq
-
-    def _open_sealed(self, name: str) -> "sealed.SealedFile":
-        """A sealed node's file, mapped from this machine (fetched first from a remote store); a
-        local copy that does not read as written is dropped and fetched again, once."""
-        cache = self.storage.cache_dir
-        journal = self.journal
-
-        def refetch() -> str:  # a damaged block found later: a fresh copy, checked against its name
-            journal.evict(name, cache)
-            return journal.local_path(name, cache)
-
-        for attempt in range(2):
-            path = journal.local_path(name, cache)
-            try:
-                return sealed.SealedFile(path, self.store.rr.R, self._sealed_header(), name,
-                                         refetch=None if journal.objects.local else refetch)
-            except sealed.SealedError:
-                if attempt or journal.objects.local:
-                    raise
-                journal.evict(name, cache)
-        raise AssertionError("unreachable")
-
-    def _sealed_header(self) -> dict:
-        return dict(self.sketch.identity(), shard=self.shard_index, shards=self.shards)
-
-    def _load_node(self, entry: dict, store: ShardStore):
-        """A node of a manifest: its sealed file, mapped, and/or its object, loaded."""
-        runs, tables = (), None
-        if entry.get("object"):
-            (loaded,), _ = nodes_from_batches(self.journal.read_node(entry["object"]), store)
-            if not entry.get("sealed"):
-                return loaded
-            runs = loaded.runs if isinstance(loaded, Slot) else ()
-        f = self._open_sealed(entry["sealed"])
-        if entry["role"] == "slot":
-            tables = [f.table(0, lvl) for lvl in range(entry["level"] + 1)]
-            return Slot(entry["level"], entry["node"], tuple(tables), tuple(runs), sealed=f)
-        return TableNode(entry["role"], entry["level"], entry["node"], f.table(0, entry["level"]), sealed=f)
 
     def _seed_from(self, seed_from: list, seed_states) -> None:
         """Start a new layout from slices of the old shards' states."""
@@ -252,10 +214,6 @@ class ShardActor:
         self.unavailable = None
         self._report(force=True)
         return self.store.events
-
-    def _usable(self) -> None:
-        if self.unavailable is not None:
-            raise ShardUnavailable(f"shard {self.shard_index} of {self.shards} is unavailable: {self.unavailable}")
 
     # ------------------------------------------------------------ ingest
     def apply(self, batch: Batch, batch_id: str | None = None, keep_s: float = CALL_KEEP_S,
@@ -299,12 +257,21 @@ class ShardActor:
                 self.unavailable = str(e)
                 raise ShardUnavailable(str(e)) from None
             self.seq += 1
+            self.followers.logged(self.seq, self.journal.incarnation, rb)  # never waits for them
         n = self.store.apply(batch.key_names, batch.key_index, batch.bucket, batch.coupon)
         if batch_id is not None:
             self.applied.record(batch_id, lo, hi, now, expires)
         self.applied_batches += 1
+        if self.first_apply_at is None:
+            self.first_apply_at = time.time()
         self.telemetry.applied(self.shard_index, len(batch))
         return n
+
+    def ingest(self, batch: Batch, batch_id: str | None = None, keep_s: float = CALL_KEEP_S,
+               lo: int | None = None, hi: int | None = None) -> tuple[int, int]:
+        """``apply``, answering ``(events applied, log position)``: a sender keeps the position, so that
+        its writer's questions wait for a reader to hold what it wrote (``ShardBase.ask``)."""
+        return self.apply(batch, batch_id, keep_s, lo, hi), self.seq
 
     # ------------------------------------------------------------ checkpoints
     @staticmethod
@@ -388,6 +355,7 @@ class ShardActor:
             "sketch": self.sketch.identity(), "time": time.time()})
         self.manifest = number
         self.checkpointed_at = time.time()
+        self.followers.checkpointed(number)
         deleted = self.journal.collect_garbage(self.storage.cache_dir)
         self.telemetry.checkpoint(self.shard_index, time.perf_counter() - t0, wbytes)
         return {"shard": self.shard_index, "manifest": number, "log_seq": self.seq, "nodes": len(nodes),
@@ -444,57 +412,7 @@ class ShardActor:
         self._usable()
         return store_to_batches(self.store), [self.applied.group_table(g) for g in self.applied.groups()]
 
-    # ------------------------------------------------------------ queries and upkeep
-    def query(self, keys: list, b0: int, b1: int, sent: float | None = None):
-        """``(hist, sparse, impressions)`` for each key over buckets ``[b0, b1)``.
-        ``sent``: when the caller sent it (epoch seconds), to report the time
-        it waited behind this shard's other calls."""
-        return self._timed(sent, self.store.view().query, keys, b0, b1)
-
-    def query_ranges(self, keys: list, ranges: list[tuple[int, int]]) -> list:
-        """``query`` for several ranges in one call (a chart's points)."""
-        self._usable()
-        t0 = time.perf_counter()
-        view = self.store.view()
-        out = [view.query(keys, b0, b1) for b0, b1 in ranges]
-        self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
-        return out
-
-    def reach(self, names: list, prefix: str | None, b0: int, b1: int, sent: float | None = None):
-        """``(hist, sparse, impressions, keys)`` of the union of a key set (``ShardStore.reach``)."""
-        return self._timed(sent, self.store.view().reach, names, prefix, b0, b1)
-
-    def overlap(self, a: tuple, b: tuple, b0: int, b1: int, sent: float | None = None):
-        """``(joint histogram, counts, impressions)`` of two key sets (``ShardStore.overlap``)."""
-        return self._timed(sent, self.store.view().overlap, a, b, b0, b1)
-
-    def series(self, names: list, prefix: str | None, b0: int, g: int, n: int, starts, ends,
-               sent: float | None = None):
-        """Windows of a key set's union in one pass (``ShardStore.series``)."""
-        return self._timed(sent, self.store.view().series, names, prefix, b0, g, n, starts, ends)
-
-    def _timed(self, sent, fn, *args):
-        self._usable()
-        if sent is not None:
-            self.telemetry.shard_wait(self.shard_index, max(0.0, time.time() - float(sent)))
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
-        return out
-
-    def key_impressions(self, b0: int, b1: int, prefix: str = "", limit: int | None = None) -> tuple[list, np.ndarray]:
-        self._usable()
-        return self.store.view().key_impressions(b0, b1, prefix, limit)
-
-    def impressions_of(self, keys: list, b0: int, b1: int) -> np.ndarray:
-        """Exact impressions on this shard of each of ``keys`` over ``[b0, b1)``."""
-        self._usable()
-        return self.store.view().query(keys, b0, b1)[2]
-
-    def registers(self, key, b0: int, b1: int) -> np.ndarray:
-        self._usable()
-        return self.store.view().registers(key, b0, b1)
-
+    # ------------------------------------------------------------ upkeep
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
         """A slice of upkeep: fold runs, build rollups, drop what ``now`` puts
         beyond the retention, seal what will not change again; an unavailable
@@ -545,14 +463,8 @@ class ShardActor:
         out = {"shard": self.shard_index, "shards": self.shards, "pid": os.getpid(), "host": socket.gethostname(),
                "node": self.telemetry.node() or socket.gethostname(), **process_memory(),
                "available": self.unavailable is None, "reason": self.unavailable,
-               "applied_batches": self.applied_batches, "log_seq": self.seq, "manifest": self.manifest,
+               "applied_batches": self.applied_batches, "first_apply_at": self.first_apply_at, "log_seq": self.seq, "manifest": self.manifest,
                "sealed": self.sealed, "recovery": self.recovery, "batch_ids": len(self.applied),
                "checkpoint_age_s": self._checkpoint_age(),
                "uptime_s": round(time.time() - self.started, 1)}
         return {**out, **self.store.stats()}
-
-    def ping(self) -> int:
-        return self.shard_index
-
-    def pid(self) -> int:
-        return os.getpid()

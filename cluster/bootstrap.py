@@ -8,6 +8,8 @@ ones by name.
 * shards: ``shard-<i>-of-<S>``, spread across nodes (``SPREAD``), restarted
   by Ray if their process dies; the coordinator and the senders reach them
   through ``RayRuntime``, the Ray form of ``actors.runtime``;
+* readers: ``reader-<r>-of-shard-<i>-of-<S>``, spread like the shards; a
+  writer tells its readers of its log through ``RayFollowers``;
 * the coordinator: ``coordinator``, a threaded actor that creates (or finds)
   the shards and keeps the configuration every other driver reads.
 """
@@ -17,10 +19,12 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections import deque
 
 import ray
 
 from impressions.actors.coordinator import Coordinator
+from impressions.actors.reader import ShardReader
 from impressions.actors.runtime import READ_METHODS, READ_THREADS, ShardUnavailable
 from impressions.actors.shard import ShardActor
 from impressions.cluster.config import ClusterConfig
@@ -40,6 +44,66 @@ HEAD_RESOURCE = "node:__internal_head__"  # a resource Ray gives the head node o
 
 def shard_name(i: int, layout) -> str:
     return f"shard-{i}-of-{layout.shards}-{layout.folder}"
+
+
+def reader_name(i: int, replica: int, layout) -> str:
+    return f"reader-{replica}-of-{shard_name(i, layout)}"
+
+
+class RayFollowers:
+    """A writer's readers on Ray (``actors.reader.Followers``): found by name, each told by a call the
+    writer never waits for.  At most ``MAX_OUT`` messages are out to a reader: one that falls further
+    behind is not sent more (it fills the gap from the store, ``ShardReader.logged``).  Pickled with
+    the writer's creation arguments as names only; handles are looked up in the writer's process."""
+
+    MAX_OUT = 32
+    LOOKUP_S = 10.0  # how often readers not found yet are looked up again
+
+    def __init__(self, namespace: str, names: list[str]):
+        self.namespace, self.names = namespace, list(names)
+        self._handles: dict = {}
+        self._out: dict = {}
+        self._looked = 0.0
+
+    def __getstate__(self):
+        return {"namespace": self.namespace, "names": self.names}
+
+    def __setstate__(self, state):
+        self.__init__(state["namespace"], state["names"])
+
+    def _readers(self) -> list:
+        if len(self._handles) < len(self.names) and time.monotonic() - self._looked >= self.LOOKUP_S:
+            self._looked = time.monotonic()
+            for name in self.names:
+                if name not in self._handles:
+                    try:
+                        self._handles[name] = ray.get_actor(name, namespace=self.namespace)
+                    except ValueError:
+                        pass
+        return list(self._handles.items())
+
+    def _tell(self, method: str, *args) -> None:
+        for name, h in self._readers():
+            out = self._out.setdefault(name, deque())
+            while out:
+                done, _ = ray.wait([out[0]], timeout=0)
+                if not done:
+                    break
+                try:
+                    ray.get(out.popleft())
+                except ray.exceptions.RayActorError:  # gone for good: looked up again later
+                    self._handles.pop(name, None)
+                except Exception:  # noqa: BLE001, S110 - a reader's failure is its own; it catches up from the store
+                    pass
+            if len(out) < self.MAX_OUT:
+                out.append(getattr(h, method).remote(*args))
+
+    def logged(self, seq: int, incarnation: int, rb) -> None:
+        if self._readers():
+            self._tell("logged", seq, incarnation, ray.put(rb))  # the batch: stored once, for every reader
+
+    def checkpointed(self, number: int) -> None:
+        self._tell("checkpointed", number)
 
 
 _dashboard: str | None = None
@@ -93,16 +157,24 @@ class RayRuntime:
     ids make a retried apply count once.  Creating shards needs the cluster's
     configuration; calling them does not (``RayRuntime()`` in senders)."""
 
+    readers = True
+
     def __init__(self, config: ClusterConfig | None = None):
         self.config = None if config is None else config.without_secrets()
 
-    def create_shard(self, index: int, layout, seeds: list = ()):
+    def _storage(self, layout) -> ShardStorage | None:
         cfg = self.config
         if cfg is None:
             raise RuntimeError("this RayRuntime has no cluster configuration: it cannot create shards")
-        storage = ShardStorage(cfg.storage, cfg.s3_endpoint, layout.cluster_id, layout.folder,
-                               cfg.cache_dir or os.path.join(tempfile.gettempdir(), "impressions-cache",
-                                                             layout.cluster_id)) if cfg.storage else None
+        return ShardStorage(cfg.storage, cfg.s3_endpoint, layout.cluster_id, layout.folder,
+                            cfg.cache_dir or os.path.join(tempfile.gettempdir(), "impressions-cache",
+                                                          layout.cluster_id)) if cfg.storage else None
+
+    def create_shard(self, index: int, layout, seeds: list = ()):
+        cfg = self.config
+        storage = self._storage(layout)
+        followers = RayFollowers(cfg.namespace, [reader_name(index, r, layout) for r in range(cfg.readers)]) \
+            if storage is not None and cfg.readers > 0 else None
         # questions on a group of threads of their own (``READ_METHODS``), every other call on one thread, in order
         handle = ray.remote(concurrency_groups={"reads": READ_THREADS})(ShardActor).options(
             name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
@@ -110,16 +182,34 @@ class RayRuntime:
             scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
             max_concurrency=1).remote(
                 layout.sketch, index, layout.shards, storage, cfg.block_cache_mb,
-                telemetry=RayTelemetry(cfg.namespace), await_seed=bool(seeds))
+                telemetry=RayTelemetry(cfg.namespace), await_seed=bool(seeds), followers=followers)
         if seeds:
             # by a call, not as creation arguments, which Ray would keep (pinned) as long as the actor lives;
             # top-level arguments, so the shard gets their values; the calls after it wait behind it
             handle.seed.remote([(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds])
         return handle
 
+    def create_reader(self, index: int, replica: int, layout):
+        cfg = self.config
+        # its calls are not retried across its restarts: a question to a reader that is gone moves on to the
+        # next copy of the range at once (``actors.questions``); the reader catches up from the store
+        return ray.remote(concurrency_groups={"reads": READ_THREADS})(ShardReader).options(
+            name=reader_name(index, replica, layout), namespace=cfg.namespace, lifetime="detached",
+            get_if_exists=True, num_cpus=cfg.reader_cpus,
+            resources={cfg.shard_resource: 1} if cfg.shard_resource else None,
+            scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=0, max_concurrency=1).remote(
+                layout.sketch, index, layout.shards, self._storage(layout), cfg.block_cache_mb, replica,
+                telemetry=RayTelemetry(cfg.namespace))
+
     def find_shard(self, index: int, layout):
         try:
             return ray.get_actor(shard_name(index, layout), namespace=self.config.namespace)
+        except ValueError:
+            return None
+
+    def find_reader(self, index: int, replica: int, layout):
+        try:
+            return ray.get_actor(reader_name(index, replica, layout), namespace=self.config.namespace)
         except ValueError:
             return None
 
@@ -211,11 +301,11 @@ def get_coordinator(namespace: str | None = None):
 
 
 def teardown(namespace: str | None = None) -> int:
-    """Kill the coordinator and every shard of the namespace; returns how many actors died."""
+    """Kill the coordinator and every shard and reader of the namespace; returns how many actors died."""
     ns = namespace or ClusterConfig.from_env().namespace
     killed = 0
     for info in ray.util.list_named_actors(all_namespaces=True):
-        if info["namespace"] == ns and (info["name"] == COORDINATOR or info["name"].startswith("shard-")):
+        if info["namespace"] == ns and (info["name"] == COORDINATOR or info["name"].startswith(("shard-", "reader-"))):
             ray.kill(ray.get_actor(info["name"], namespace=ns), no_restart=True)
             killed += 1
     return killed

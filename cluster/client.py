@@ -51,7 +51,7 @@ class Client:
             self.coordinator = get_coordinator(cfg.namespace)
         self.config: ClusterConfig = ray.get(self.coordinator.cluster_config.remote(), timeout=timeout)
         # questions go straight to the shards (one hop), on a copy of the coordinator's shard map
-        self.questions = DirectQuestions(lambda: ray.get(self.coordinator.route.remote(), timeout=self.timeout),
+        self.questions = DirectQuestions(lambda: ray.get(self.coordinator.read_route.remote(), timeout=self.timeout),
                                          RayRuntime(), self.config, self.config.sketch.p,
                                          RayTelemetry(self.config.namespace))
 
@@ -66,11 +66,15 @@ class Client:
             data = pa.Table.from_batches(data)
         elif not isinstance(data, pa.Table):
             data = pa.Table.from_pandas(data, preserve_index=False)
-        return ingest_table(data, self.coordinator, ts=ts, key=key, visitor=visitor, now=now, ts_unit=ts_unit)
+        return ingest_table(data, self.coordinator, ts=ts, key=key, visitor=visitor, now=now, ts_unit=ts_unit,
+                            wrote=self.questions.wrote)
 
     def ingest_files(self, sources: list[str], **kw):
         """Ingest files or folders through parallel tasks (as the ingest job does)."""
-        return run_ingest(list(sources), coordinator=self.coordinator, **kw)
+        summary = run_ingest(list(sources), coordinator=self.coordinator, **kw)
+        for epoch, positions in sorted(summary.positions.items()):  # this client reads back what it wrote
+            self.questions.wrote(epoch, positions)
+        return summary
 
     # ------------------------------------------------------------ queries
     def resolve(self, *, last=None, start=None, end=None, now=None) -> BucketRange:

@@ -50,6 +50,9 @@ class ClusterConfig:
     # the store's access and a local cache disk, receive shards, and the autoscaler adds such nodes for them
     shard_resource: str | None = None
     query_timeout_s: float = 2.0  # a shard slower than this leaves the answer partial
+    readers: int = 2  # readers per register range (actors/reader.py), with storage; 0: the writers answer
+    reader_cpus: float = 0.25  # logical CPUs each reader reserves (a reader that finds no room stays pending)
+    hedge_s: float = 0.25  # a copy of a range that has not answered by then is joined by the next one
     batch_rows: int = 262_144  # rows per batch read by an ingest task
     max_inflight: int = 4  # apply calls in flight per ingest task (backpressure)
     maintain_interval_s: float = 1.0  # how often the coordinator asks shards to fold and build rollups

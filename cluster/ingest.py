@@ -51,6 +51,12 @@ class IngestSummary:
     batches: int = 0
     failed_files: list = field(default_factory=list)
     skipped_files: list = field(default_factory=list)  # ingested whole before: not counted again
+    positions: dict = field(default_factory=dict)  # epoch -> {range: highest log position acknowledged}
+
+    def wrote(self, epoch: int, positions: dict) -> None:
+        seen = self.positions.setdefault(int(epoch), {})
+        for i, seq in positions.items():
+            seen[int(i)] = max(int(seq), seen.get(int(i), 0))
 
     @property
     def events_per_second(self) -> float:
@@ -136,8 +142,10 @@ def ingest_fragment(frag: Fragment, cols: dict, cfg: ClusterConfig, coordinator,
         sender.drain()
     except MissingColumn as e:
         sender.drain()
-        return {"report": report.to_dict(), "error": str(e), "peak": sender.peak, "batches": sender.batches}
-    return {"report": report.to_dict(), "error": None, "peak": sender.peak, "batches": sender.batches}
+        return {"report": report.to_dict(), "error": str(e), "peak": sender.peak, "batches": sender.batches,
+                "positions": (sender.epoch, sender.positions)}
+    return {"report": report.to_dict(), "error": None, "peak": sender.peak, "batches": sender.batches,
+            "positions": (sender.epoch, sender.positions)}
 
 
 def _free_cpus(wait_s: float = 10.0) -> float:
@@ -217,6 +225,8 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
         summary.report.add(_report_from(out["report"]))
         summary.peak_inflight = max(summary.peak_inflight, out["peak"])
         summary.batches += out["batches"]
+        if out.get("positions"):
+            summary.wrote(*out["positions"])
         left[frag.source.uri] -= 1
         if out["error"]:
             summary.failed_files.append(out["error"])
@@ -233,7 +243,7 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
 
 def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "key", visitor: str = "visitor",
                  now: float | None = None, ts_unit: str = "auto", malformed=(), batch_id: str | None = None,
-                 keep_s: float | None = None, deadline_s: float = JOB_DEADLINE_S) -> IngestReport:
+                 keep_s: float | None = None, deadline_s: float = JOB_DEADLINE_S, wrote=None) -> IngestReport:
     """Ingest an in-memory Arrow table from this driver (the Python client's
     and the REST app's path).
 
@@ -242,7 +252,8 @@ def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "ke
     ``batch_id`` names the table (the REST ``Idempotency-Key``): sending the
     same table again under the same id counts nothing twice.  Without one the
     table gets a random id, remembered only long enough to absorb the
-    runtime's own retries."""
+    runtime's own retries.  ``wrote(epoch, positions)`` is told the log
+    positions the shards acknowledged (``Questions.wrote``: read your writes)."""
     cfg = ray.get(coordinator.cluster_config.remote())
     now = time.time() if now is None else now
     missing = [c for c in (ts, key, visitor) if c not in table.schema.names]
@@ -267,6 +278,8 @@ def ingest_table(table: pa.Table, coordinator, *, ts: str = "ts", key: str = "ke
         if len(batch):
             sender.send(batch, f"{batch_id}:{start}", cfg.dedup_window_s if keep_s is None else keep_s)
     sender.drain()
+    if wrote is not None:
+        wrote(sender.epoch, sender.positions)
     return report
 
 

@@ -55,7 +55,7 @@ class RayBackend:
                                         self.config.dedup_window_s) if self.config.storage else None
         self._answers: dict[str, dict] = {}  # the ledger when there is no storage (this replica only)
         # questions go straight to the shards (one hop) on this replica's copy of the shard map
-        self.questions = DirectQuestions(lambda: ray.get(self.coordinator.route.remote(), timeout=self.ask_s),
+        self.questions = DirectQuestions(lambda: ray.get(self.coordinator.read_route.remote(), timeout=self.ask_s),
                                          RayRuntime(), self.config, self.sketch.p, RayTelemetry(namespace))
 
     async def _ask(self, ref, timeout: float | None = None):
@@ -118,7 +118,7 @@ class RayBackend:
             self._remember(key, body_sha, None)
         report = ingest_table(table, self.coordinator, malformed=malformed,
                               batch_id=None if key is None else f"idem-{digest(key)}",
-                              deadline_s=INGEST_DEADLINE_S)
+                              deadline_s=INGEST_DEADLINE_S, wrote=self.questions.wrote)
         answer = {"accepted": report.accepted, "rejected": report.rejected_total,
                   "rejected_by_reason": dict(report.rejected), "errors": report.samples}
         if key is not None:

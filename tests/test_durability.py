@@ -159,6 +159,64 @@ def test_rescale_two_four_one_during_ingest(clients, events, tmp_path):
     assert '"shards": 1' in open(f"{tmp_path}/store/cluster.json").read()
 
 
+def _readers(client) -> list:
+    wait_for(lambda: all(len(r) == 2 for r in ray.get(client.coordinator.read_route.remote())[2]), timeout=60,
+             what="every range's two readers to answer")
+    return ray.get(client.coordinator.read_route.remote())[2]
+
+
+def test_sigkill_a_writer_mid_ingest_answers_stay_complete_and_its_senders_resume(clients, events, tmp_path):
+    """While a writer is killed and restarted, its readers answer: no answer is partial; the ingest of the
+    other range goes on; the killed range takes batches again within 5 s of its restart."""
+    folder, ref, n = events
+    client = clients(_config("kill-writer", f"file://{tmp_path}/store"))
+    _readers(client)
+    shard = _shard(client, 0)
+    pid = ray.get(shard.pid.remote())
+    job, out = _in_background(lambda: client.ingest_files([str(folder)], now=NOW, progress=False))
+    wait_for(lambda: ray.get(shard.stats.remote())["applied_batches"] >= 5, what="the ingest to get going")
+    assert job.is_alive(), "the ingest finished before the fault: make it longer"
+    other = _shard(client, 1)
+    before = ray.get(other.stats.remote())["applied_batches"]
+    os.kill(pid, signal.SIGKILL)
+    answers = []
+    while job.is_alive() and len(answers) < 400:
+        answers.append(client.unique(None, last="3d", now=NOW))
+        time.sleep(0.02)
+    st = ray.get(shard.stats.remote())  # the new process
+    assert st["pid"] != pid
+    assert ray.get(other.stats.remote())["applied_batches"] > before  # the other range went on
+    restarted_at = st["recovery"]["at"]  # when the new process had loaded the store and took batches
+    wait_for(lambda: ray.get(shard.stats.remote())["applied_batches"] > 0 or not job.is_alive(), timeout=60,
+             what="the restarted range to take batches")
+    first = ray.get(shard.stats.remote()).get("first_apply_at")
+    job.join(timeout=240)
+    assert "error" not in out, out.get("error")
+    assert out["value"].report.accepted == n
+    assert answers and not any(a["partial"] for a in answers), [a for a in answers if a["partial"]][:1]
+    assert first is not None and first - restarted_at <= 5.0, (first, restarted_at)
+    client.maintain()
+    _assert_equal_to_reference(client, ref, n)
+
+
+def test_sigkill_a_reader_questions_stay_complete(clients, events, tmp_path):
+    folder, ref, n = events
+    client = clients(_config("kill-reader", f"file://{tmp_path}/store"))
+    client.ingest_files([str(folder)], now=NOW, progress=False)
+    readers = _readers(client)
+    want = client.unique(None, last="3d", now=NOW)
+    for r in (readers[0][0], readers[1][1]):
+        os.kill(ray.get(r.pid.remote()), signal.SIGKILL)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        got = client.unique(None, last="3d", now=NOW)
+        assert got == want
+    assert time.perf_counter() - t0 < 20 * 0.5
+    wait_for(lambda: ray.get(readers[0][0].health.remote())["available"], timeout=60, what="the reader back")
+    assert ray.get(readers[0][0].health.remote())["log_seq"] == ray.get(_shard(client, 0).stats.remote())["log_seq"]
+    _assert_equal_to_reference(client, ref, n)
+
+
 def test_a_query_while_a_shard_is_gone_is_partial_and_never_hangs(clients, events, tmp_path):
     folder, ref, n = events
     cfg = _config("partial", f"file://{tmp_path}/store", shards=4)
@@ -166,7 +224,10 @@ def test_a_query_while_a_shard_is_gone_is_partial_and_never_hangs(clients, event
     client.ingest_files([str(folder)], now=NOW, progress=False)
     full = client.unique(None, last="3d", now=NOW)
     assert not full["partial"]
-    ray.kill(_shard(client, 2), no_restart=True)
+    _, writers, _ = ray.get(client.coordinator.read_route.remote())
+    wait_for(lambda: len(ray.get(client.coordinator.read_route.remote())[2][2]) == 2, what="range 2's readers")
+    for h in [writers[2], *ray.get(client.coordinator.read_route.remote())[2][2]]:
+        ray.kill(h, no_restart=True)  # every copy of range 2
     t = time.perf_counter()
     part = client.unique(None, last="3d", now=NOW)
     assert time.perf_counter() - t < cfg.query_timeout_s + 5

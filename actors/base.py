@@ -1,0 +1,181 @@
+"""What a shard's writer and its readers share: loading a checkpoint, and the questions.
+
+A register range is served by one writer (``actors.shard.ShardActor``: it
+logs, applies, maintains and checkpoints) and any number of readers
+(``actors.reader.ShardReader``: they follow the writer's log and
+checkpoints and answer questions).  Both hold a ``sketch.store.ShardStore``
+built the same way from the same objects on the store, and answer the same
+questions from its published view, so an answer does not depend on which
+one gave it: the registers are the same, up to how far each has read the
+log (a reader may trail the writer by the entries in flight to it).
+
+``ask(method, after, *args)`` is how the askers (``actors.questions``)
+reach either: it answers ``method`` once this copy holds the writer's log up
+to entry ``after`` (an asker's own acknowledged writes, so that it reads
+them back); a writer always does, a reader waits a little for its log to
+get there, else it says it is ``Behind`` and the asker goes to the next copy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from impressions.durable.journal import ShardJournal
+from impressions.sketch import sealed
+from impressions.sketch.arrowio import nodes_from_batches
+from impressions.sketch.store import ShardStore, SketchConfig
+from impressions.sketch.tiers import Slot, TableNode
+
+from .runtime import ShardUnavailable
+from .telemetry import Telemetry
+
+
+class Behind(ShardUnavailable):
+    """A reader has not read the writer's log as far as the asker needs; ask another copy."""
+
+
+class ShardBase:
+    """State every copy of a register range has: ``sketch``, ``shard_index``,
+    ``shards``, ``storage``, ``journal``, ``store``, ``telemetry``,
+    ``unavailable`` (None when it serves, else why not)."""
+
+    sketch: SketchConfig
+    shard_index: int
+    shards: int
+    storage = None
+    journal: ShardJournal | None = None
+    store: ShardStore
+    telemetry: Telemetry
+    unavailable: str | None = None
+    seq = 0  # the last log entry this copy holds
+
+    # ------------------------------------------------------------ loading a checkpoint
+    def _sealed_header(self) -> dict:
+        return dict(self.sketch.identity(), shard=self.shard_index, shards=self.shards)
+
+    def _open_sealed(self, name: str) -> sealed.SealedFile:
+        """A sealed node's file, mapped from this machine (fetched first from a remote store); a
+        local copy that does not read as written is dropped and fetched again, once."""
+        cache = self.storage.cache_dir
+        journal = self.journal
+
+        def refetch() -> str:  # a damaged block found later: a fresh copy, checked against its name
+            journal.evict(name, cache)
+            return journal.local_path(name, cache)
+
+        for attempt in range(2):
+            path = journal.local_path(name, cache)
+            try:
+                return sealed.SealedFile(path, self.store.rr.R, self._sealed_header(), name,
+                                         refetch=None if journal.objects.local else refetch)
+            except sealed.SealedError:
+                if attempt or journal.objects.local:
+                    raise
+                journal.evict(name, cache)
+        raise AssertionError("unreachable")
+
+    def _load_node(self, entry: dict, store: ShardStore):
+        """A node of a manifest: its sealed file, mapped, and/or its object, loaded."""
+        runs, tables = (), None
+        if entry.get("object"):
+            (loaded,), _ = nodes_from_batches(self.journal.read_node(entry["object"]), store)
+            if not entry.get("sealed"):
+                return loaded
+            runs = loaded.runs if isinstance(loaded, Slot) else ()
+        f = self._open_sealed(entry["sealed"])
+        if entry["role"] == "slot":
+            tables = [f.table(0, lvl) for lvl in range(entry["level"] + 1)]
+            return Slot(entry["level"], entry["node"], tuple(tables), tuple(runs), sealed=f)
+        return TableNode(entry["role"], entry["level"], entry["node"], f.table(0, entry["level"]), sealed=f)
+
+    def _store_of(self, body: dict, load_node=None) -> ShardStore:
+        """The store a manifest describes (its key table first: sealed files hold ids, not names)."""
+        store = ShardStore(self.sketch, self.shard_index, self.shards)
+        for entry in body.get("keys", []):
+            store.keys.load_chunk(self._key_chunk(entry["object"]))
+        load_node = load_node or self._load_node
+        nodes = [load_node(entry, store) for entry in body["nodes"]]
+        store.install(nodes, max_bucket=body["max_bucket"], events=body["events"])
+        return store
+
+    def _key_chunk(self, name: str):
+        return self.journal.read_keys(name)
+
+    # ------------------------------------------------------------ questions
+    def _usable(self) -> None:
+        if self.unavailable is not None:
+            raise ShardUnavailable(f"shard {self.shard_index} of {self.shards} is unavailable: {self.unavailable}")
+
+    def _wait_for(self, after: int) -> None:
+        """Return once this copy holds log entry ``after`` (a writer always does)."""
+
+    def ask(self, method: str, after: int, *args):
+        """``method(*args)`` (one of the questions below), answered once this copy holds the writer's log up
+        to entry ``after``; a reader that does not get there soon raises ``Behind``."""
+        if method not in QUESTIONS:
+            raise ValueError(f"{method!r} is not a question a shard answers")
+        self._usable()
+        if after:
+            self._wait_for(int(after))
+        return getattr(self, method)(*args)
+
+    def query(self, keys: list, b0: int, b1: int, sent: float | None = None):
+        """``(hist, sparse, impressions)`` for each key over buckets ``[b0, b1)``.
+        ``sent``: when the caller sent it (epoch seconds), to report the time
+        it waited behind this shard's other calls."""
+        return self._timed(sent, self.store.view().query, keys, b0, b1)
+
+    def query_ranges(self, keys: list, ranges: list[tuple[int, int]]) -> list:
+        """``query`` for several ranges in one call (a chart's points)."""
+        self._usable()
+        t0 = time.perf_counter()
+        view = self.store.view()
+        out = [view.query(keys, b0, b1) for b0, b1 in ranges]
+        self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
+        return out
+
+    def reach(self, names: list, prefix: str | None, b0: int, b1: int, sent: float | None = None):
+        """``(hist, sparse, impressions, keys)`` of the union of a key set (``ShardStore.reach``)."""
+        return self._timed(sent, self.store.view().reach, names, prefix, b0, b1)
+
+    def overlap(self, a: tuple, b: tuple, b0: int, b1: int, sent: float | None = None):
+        """``(joint histogram, counts, impressions)`` of two key sets (``ShardStore.overlap``)."""
+        return self._timed(sent, self.store.view().overlap, a, b, b0, b1)
+
+    def series(self, names: list, prefix: str | None, b0: int, g: int, n: int, starts, ends,
+               sent: float | None = None):
+        """Windows of a key set's union in one pass (``ShardStore.series``)."""
+        return self._timed(sent, self.store.view().series, names, prefix, b0, g, n, starts, ends)
+
+    def _timed(self, sent, fn, *args):
+        self._usable()
+        if sent is not None:
+            self.telemetry.shard_wait(self.shard_index, max(0.0, time.time() - float(sent)))
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.telemetry.shard_query(self.shard_index, time.perf_counter() - t0)
+        return out
+
+    def key_impressions(self, b0: int, b1: int, prefix: str = "", limit: int | None = None):
+        self._usable()
+        return self.store.view().key_impressions(b0, b1, prefix, limit)
+
+    def impressions_of(self, keys: list, b0: int, b1: int):
+        """Exact impressions on this shard of each of ``keys`` over ``[b0, b1)``."""
+        self._usable()
+        return self.store.view().query(keys, b0, b1)[2]
+
+    def registers(self, key, b0: int, b1: int):
+        self._usable()
+        return self.store.view().registers(key, b0, b1)
+
+    def ping(self) -> int:
+        return self.shard_index
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+QUESTIONS = frozenset({"query", "query_ranges", "reach", "overlap", "series", "key_impressions", "impressions_of",
+                       "registers"})

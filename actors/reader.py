@@ -1,0 +1,251 @@
+"""A reader: a copy of one register range that answers questions, following its writer.
+
+A register range has one writer (``actors.shard.ShardActor``), which alone
+logs, applies, maintains and checkpoints, and any number of readers, which
+only answer questions.  A reader never writes to the store and never calls
+its writer; it builds its copy from what the writer leaves on the store
+(``durable.journal``) and from what the writer tells it:
+
+* **Start.** Load the newest checkpoint that verifies (its nodes, with the
+  sealed files mapped from the same local copies the writer maps), then
+  replay the log entries after it, exactly as the writer's own recovery does.
+* **Follow.** After each log entry is durable the writer sends it to its
+  readers (``logged(seq, incarnation, batch)``, a message it never waits
+  for) before it answers the sender.  A reader applies entry ``seq`` when it
+  holds ``seq - 1``; an entry it already holds is ignored; a gap (a message
+  lost while the reader restarted, or sent before it existed) is filled from
+  the log on the store, which holds every acknowledged entry.
+* **Checkpoints.** The writer tells its readers of each manifest
+  (``checkpointed(number)``); a reader then builds a new store from it
+  (nodes it already loaded are shared, being immutable; only new objects
+  are read), replays the log after it, and switches to it whole: its own
+  copy never runs rollups or sealing, it takes the writer's.
+* **A new writer instance.** A message from a newer incarnation of the
+  writer for an entry the reader already holds means the older instance was
+  superseded (``durable.journal``, fencing): the reader rebuilds from the
+  store, where the superseded entries are not replayed.
+* **Catching up without messages.** ``maintain()`` (from the coordinator's
+  upkeep) reads the store when no message came for ``POLL_S`` or a gap was
+  seen: so a reader whose writer is down still gets every entry a new
+  writer instance logs, and a reader never depends on messages arriving.
+
+Everything that changes the reader's copy runs on its one call thread, in
+order; questions run on threads of their own and read the published view
+(``ShardStore.view``), so they never wait for a catch-up or a switch.  A
+reader that cannot load the store stays *unavailable* (it says why) and
+tries again; it never answers from a copy it could not build.
+
+Where an asker must read its own writes, it passes the log position its
+writer acknowledged (``ShardBase.ask``): a reader that does not hold it
+within ``FRESH_WAIT_S`` answers ``Behind`` and the asker asks another copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from impressions.durable.journal import CorruptObject, ShardJournal
+from impressions.sketch import sealed
+from impressions.sketch.arrowio import StateError
+from impressions.sketch.events import Batch
+from impressions.sketch.store import ShardStore, SketchConfig
+
+from .base import Behind, ShardBase
+from .telemetry import Telemetry, process_memory
+
+log = logging.getLogger("impressions.reader")
+
+FRESH_WAIT_S = 0.5  # how long a question waits for the log position its asker needs (messages take ~1 ms)
+POLL_S = 5.0  # without a message for this long, ``maintain`` looks at the store itself
+RETRY_START_S = 10.0  # how often an unavailable reader tries to start again
+
+
+class Followers:
+    """Where a writer tells its readers of its log and checkpoints: here, nowhere (a range without readers).
+    The runtime gives a writer the real one (``LocalFollowers``, ``cluster.bootstrap.RayFollowers``)."""
+
+    def logged(self, seq: int, incarnation: int, rb) -> None:
+        """Log entry ``seq`` (Arrow record batch ``rb``) is durable."""
+
+    def checkpointed(self, number: int) -> None:
+        """Manifest ``number`` is written."""
+
+
+def _incarnation(name: str) -> int:
+    """The writer incarnation that wrote log entry ``name`` (``<seq>-<incarnation>-<sha>.arrow``)."""
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) == 3 else 0
+
+
+class ShardReader(ShardBase):
+    """Reader ``replica`` of shard ``shard`` of ``shards``, following the objects of ``storage``."""
+
+    def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage, block_cache_mb: float = 256.0,
+                 replica: int = 0, telemetry: Telemetry | None = None):
+        if storage is None:
+            raise ValueError("a reader follows its writer through the store: it needs storage")
+        self.sketch, self.shard_index, self.shards, self.replica = sketch, shard, shards, replica
+        self.storage = storage
+        self.telemetry = telemetry or Telemetry()
+        sealed.CACHE.budget = int(block_cache_mb * (1 << 20))
+        self.journal = ShardJournal(storage.objects(), storage.folder, shard)  # read only: never begin()
+        self.store = ShardStore(sketch, shard, shards)
+        self.started = time.time()
+        self.seq = 0  # the last log entry held
+        self.incarnation = 0  # the writer incarnation that wrote it
+        self.manifest = 0  # the checkpoint the copy was built from
+        self._nodes: dict = {}  # (object, sealed file) -> node loaded for the current manifest (immutable)
+        self._keys: dict = {}  # key chunk object -> its table
+        self._held = threading.Condition()  # notified when ``seq`` moves
+        self._heard = 0.0  # when the writer last told this reader something
+        self._gap = False
+        self.counts = {"followed": 0, "from_store": 0, "switches": 0, "rebuilds": 0, "ignored": 0}
+        self.unavailable: str | None = "starting"
+        self._tried = 0.0
+        self._start()
+
+    # ------------------------------------------------------------ building the copy
+    def _start(self) -> None:
+        self._tried = time.time()
+        try:
+            self._rebuild()
+            self.unavailable = None
+        except Exception as e:  # noqa: BLE001 - whatever stops a start is reported, and retried
+            self.unavailable = f"{type(e).__name__}: {e}"
+            log.error("reader %d of shard %d cannot start: %s", self.replica, self.shard_index, self.unavailable)
+
+    def _rebuild(self, number: int | None = None) -> None:
+        """Build the copy from manifest ``number`` (default: the newest that loads) and the log after it,
+        then switch to it whole."""
+        numbers = self.journal.manifests()
+        if number is not None:
+            numbers = [n for n in numbers if n <= number]
+        body, store, failed = None, None, []
+        for n in reversed(numbers):
+            try:
+                body = self.journal.read_manifest(n)
+                store = self._store_of(body, self._cached_node)
+                break
+            except (CorruptObject, StateError, sealed.SealedError, OSError, KeyError, ValueError) as e:
+                failed.append(f"manifest {n}: {e}")
+                body = None
+        if numbers and body is None:
+            raise CorruptObject(f"none of the {len(numbers)} checkpoints of shard {self.shard_index} could be "
+                                f"loaded ({'; '.join(failed)})")
+        if store is None:
+            store = ShardStore(self.sketch, self.shard_index, self.shards)
+        seq = body["log_seq"] if body else 0
+        incarnation = int(body.get("incarnation", 0)) if body else 0
+        for s, name in self.journal.log_entries(seq):
+            self._apply(store, self.journal.read_log(name))
+            seq, incarnation = s, _incarnation(name)
+            self.counts["from_store"] += 1
+        keep = {self._node_key(e) for e in body["nodes"]} if body else set()
+        self._nodes = {k: v for k, v in self._nodes.items() if k in keep}  # what the new copy no longer needs
+        chunks = {e["object"] for e in body.get("keys", [])} if body else set()
+        self._keys = {k: v for k, v in self._keys.items() if k in chunks}
+        self.store, self.manifest = store, (body or {}).get("number", 0)
+        self.counts["rebuilds" if number is None else "switches"] += 1
+        self._moved(seq, incarnation)
+
+    @staticmethod
+    def _node_key(entry: dict) -> tuple:
+        return entry.get("object"), entry.get("sealed"), entry["role"], entry["level"], entry["node"]
+
+    def _cached_node(self, entry: dict, store: ShardStore):
+        k = self._node_key(entry)
+        node = self._nodes.get(k)
+        if node is None:
+            node = self._nodes[k] = self._load_node(entry, store)
+        return node
+
+    def _key_chunk(self, name: str):
+        table = self._keys.get(name)
+        if table is None:
+            table = self._keys[name] = self.journal.read_keys(name)
+        return table
+
+    def _apply(self, store: ShardStore, rb) -> None:
+        b = Batch.from_arrow(rb)
+        store.apply(b.key_names, b.key_index, b.bucket, b.coupon)
+
+    def _moved(self, seq: int, incarnation: int) -> None:
+        with self._held:
+            self.seq, self.incarnation = seq, incarnation
+            self._held.notify_all()
+
+    def _catch_up(self) -> None:
+        """Read what the store holds beyond this copy: a newer checkpoint, else the log after ``seq``."""
+        numbers = self.journal.manifests()
+        if numbers and numbers[-1] > self.manifest:
+            self._rebuild(numbers[-1])
+            return
+        for s, name in self.journal.log_entries(self.seq):
+            self._apply(self.store, self.journal.read_log(name))
+            self.counts["from_store"] += 1
+            self._moved(s, _incarnation(name))
+        self._gap = False
+
+    # ------------------------------------------------------------ what the writer tells
+    def logged(self, seq: int, incarnation: int, rb) -> int:
+        """Log entry ``seq`` of writer incarnation ``incarnation`` is durable (see the module text)."""
+        self._heard = time.monotonic()
+        if self.unavailable is not None:
+            return self.seq
+        seq, incarnation = int(seq), int(incarnation)
+        if incarnation > self.incarnation and seq <= self.seq:
+            self._rebuild()  # a newer writer instance re-wrote entries an older one had sent: the store decides
+        elif seq <= self.seq or incarnation < self.incarnation:
+            self.counts["ignored"] += 1
+        elif seq == self.seq + 1:
+            self._apply(self.store, rb)
+            self.counts["followed"] += 1
+            self._moved(seq, incarnation)
+        else:
+            self._gap = True
+            self._catch_up()
+        return self.seq
+
+    def checkpointed(self, number: int) -> int:
+        """Manifest ``number`` is on the store: switch to a copy built from it."""
+        self._heard = time.monotonic()
+        if self.unavailable is None and int(number) > self.manifest:
+            self._rebuild(int(number))
+        return self.manifest
+
+    def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
+        """Catch up from the store when the writer has been quiet for ``POLL_S`` or a gap was seen; an
+        unavailable reader tries to start again."""
+        if self.unavailable is not None:
+            if time.time() - self._tried >= RETRY_START_S:
+                self._start()
+            return False
+        if self._gap or time.monotonic() - self._heard >= POLL_S:
+            try:
+                self._catch_up()
+            except (OSError, CorruptObject) as e:  # the store is away: answer from what is held, try later
+                log.warning("reader %d of shard %d could not read the store: %s", self.replica, self.shard_index, e)
+            self._heard = time.monotonic()
+        return True
+
+    # ------------------------------------------------------------ questions
+    def _wait_for(self, after: int) -> None:
+        with self._held:
+            if not self._held.wait_for(lambda: self.seq >= after, FRESH_WAIT_S):
+                raise Behind(f"reader {self.replica} of shard {self.shard_index} holds the log up to entry "
+                             f"{self.seq}, not {after}")
+
+    def health(self) -> dict:
+        return {"shard": self.shard_index, "shards": self.shards, "replica": self.replica,
+                "available": self.unavailable is None, "reason": self.unavailable, "log_seq": self.seq,
+                "manifest": self.manifest}
+
+    def stats(self) -> dict:
+        out = {**self.health(), "role": "reader", "pid": os.getpid(), "host": socket.gethostname(),
+               "node": self.telemetry.node() or socket.gethostname(), **process_memory(),
+               "incarnation": self.incarnation, **self.counts, "uptime_s": round(time.time() - self.started, 1)}
+        return {**out, **self.store.stats()}

@@ -1,0 +1,256 @@
+"""Readers: copies of a register range that follow their writer and answer its questions.
+
+In-process (``LocalRuntime``, real storage in a temporary folder): readers
+answer register for register as the writer and the reference do, through
+checkpoints, sealing and a writer restart; a question reads the asker's
+own writes even from a reader that lags; a writer gone or a reader gone
+leaves answers complete; a reader started late, or one that missed the
+writer's messages, fills in from the store.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from impressions.actors import reader as reader_mod
+from impressions.actors.coordinator import Coordinator
+from impressions.actors.questions import DirectQuestions
+from impressions.actors.reader import ShardReader
+from impressions.actors.runtime import LocalRuntime
+from impressions.actors.sender import Sender
+from impressions.actors.shard import ShardActor
+from impressions.cluster.config import ClusterConfig
+from impressions.cluster.workload import generate
+from impressions.durable.layout import ShardStorage
+from impressions.sketch.counter import LocalCounter
+from impressions.sketch.events import prepare
+from impressions.sketch.store import SketchConfig
+
+NOW = 1_800_000_000.0
+SK = SketchConfig(p=12, leaf_level=4, segment_level=8, memtable_rows=5_000)
+KEYS = [None, "ad-0", "ad-3", "ad-17", "never-seen"]
+
+
+class SlowReader(ShardReader):
+    """A reader that takes ``DELAY`` seconds over every message from its writer (it lags)."""
+
+    DELAY = 0.0
+    DEAF = False  # drops the writer's messages altogether (as if they were lost)
+
+    def logged(self, *a):
+        if SlowReader.DEAF:
+            return self.seq
+        time.sleep(SlowReader.DELAY)
+        return super().logged(*a)
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    SlowReader.DELAY, SlowReader.DEAF = 0.0, False
+    yield
+    SlowReader.DELAY, SlowReader.DEAF = 0.0, False
+
+
+@pytest.fixture(scope="module")
+def stream():
+    t = generate(40_000, days=2, visitors=15_000, keys=30, seed=5, end=NOW)
+    batch, report = prepare(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW, bucket_seconds=60,
+                            retention_buckets=SK.retention_buckets, future_seconds=SK.future_seconds)
+    assert report.rejected_total == 0
+    ref = LocalCounter(SK)
+    ref.ingest(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW)
+    return batch, ref
+
+
+def _cluster(tmp_path, shards=2, readers=2):
+    storage = f"file://{tmp_path}/store"
+    cfg = ClusterConfig(sketch=SK, shards=shards, storage=storage, maintain_interval_s=3600,
+                        checkpoint_interval_s=3600, query_timeout_s=5, readers=readers, hedge_s=0.25)
+
+    def st(layout):
+        return ShardStorage(storage, None, layout.cluster_id, layout.folder)
+    runtime = LocalRuntime(
+        lambda i, layout, seed_from, *states: ShardActor(SK, i, layout.shards, st(layout), 32.0, seed_from, *states),
+        lambda i, r, layout: SlowReader(SK, i, layout.shards, st(layout), 32.0, r))
+    coord = Coordinator(cfg, runtime)
+    coord.start()
+    assert coord.watch_readers() == [readers] * shards
+    return coord, runtime
+
+
+def _parts(batch, parts):
+    for ix in np.array_split(np.arange(len(batch)), parts):
+        yield type(batch)(batch.key_names, batch.key_index[ix], batch.bucket[ix], batch.coupon[ix])
+
+
+def _ingest(coord, runtime, batch, parts=4, tag="part", asker=None):
+    sender = Sender(runtime, coord.route, SK.p, max_inflight=2)
+    for n, part in enumerate(_parts(batch, parts)):
+        sender.send(part, f"{tag}-{n}", 3600)
+    sender.drain()
+    if asker is not None:
+        asker.wrote(sender.epoch, sender.positions)
+    return sender
+
+
+def _ask(runtime, h, method, *args):
+    return runtime.result(runtime.call(h, "ask", method, 0, *args), 30)
+
+
+def _settled(runtime, coord):
+    """Wait until every reader's calls so far have run (messages are calls on its own thread)."""
+    for h in runtime.reader_handles():
+        runtime.result(runtime.call(h, "ping"), 30)
+
+
+def _same_everywhere(coord, runtime, ref, direct):
+    now_b = int(NOW // 60)
+    for b0, b1 in [(now_b - 2880, now_b + 1), (now_b - 700, now_b - 90), (now_b - 3, now_b + 1)]:
+        rng = SK.resolve(now=NOW, start=b0 * 60, end=b1 * 60)
+        want = [r.to_dict() for r in ref.query_range(KEYS, rng)]
+        for i, readers in enumerate(coord._readers):
+            for h in [coord.map.handles[i], *readers]:
+                for key in KEYS[:3]:
+                    got = _ask(runtime, h, "registers", key, b0, b1)
+                    assert np.array_equal(got, ref.registers(key, b0, b1)[i * len(got):(i + 1) * len(got)]), \
+                        (i, key, b0, b1)
+        assert direct.query(KEYS, rng) == want
+
+
+def test_readers_answer_register_for_register_as_the_writer_through_checkpoints_and_sealing(tmp_path, stream):
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    _ingest(coord, runtime, batch)
+    _settled(runtime, coord)
+    _same_everywhere(coord, runtime, ref, direct)  # followed entry by entry
+    coord.maintain()
+    coord.checkpoint()  # rollups, sealed files, a manifest: the readers switch to it
+    _settled(runtime, coord)
+    for h in runtime.reader_handles():
+        s = runtime.result(runtime.call(h, "stats"), 30)
+        assert s["switches"] >= 1 and s["manifest"] >= 1 and s["log_seq"] > 0, s
+    _same_everywhere(coord, runtime, ref, direct)
+    assert direct.query(KEYS, SK.resolve(now=NOW, last="2d"))[0]["partial"] is False
+
+
+def test_a_question_reads_its_own_writes_even_from_a_lagging_reader(tmp_path, stream):
+    """The asker passes the log positions its writes were acknowledged at: a reader that does not hold
+    them soon says so and the writer answers; either way the answer holds every acknowledged event."""
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    SlowReader.DEAF = True  # the readers hear nothing: they hold only what they loaded at start (nothing)
+    _ingest(coord, runtime, batch, asker=direct)
+    rng = SK.resolve(now=NOW, last="2d")
+    t0 = time.perf_counter()
+    assert direct.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+    assert time.perf_counter() - t0 < 5 * reader_mod.FRESH_WAIT_S
+    # an asker that wrote nothing takes the readers' copy as it is: behind, never wrong about what it holds
+    stale = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    assert stale.query([None], rng)[0]["impressions"] == 0
+    # the readers catch up from the store without any message (the writer quiet for POLL_S)
+    reader_mod.POLL_S, old = 0.0, reader_mod.POLL_S
+    try:
+        coord.watch_readers()
+        _settled(runtime, coord)
+    finally:
+        reader_mod.POLL_S = old
+    assert stale.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+
+
+def test_a_slow_reader_is_joined_by_the_next_copy(tmp_path, stream):
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path, readers=1)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    SlowReader.DELAY = 0.6  # each message takes longer than the wait a question allows for its writes
+    _ingest(coord, runtime, batch, parts=2, asker=direct)
+    rng = SK.resolve(now=NOW, last="2d")
+    assert direct.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+
+
+def test_with_a_writer_gone_the_readers_answer_complete(tmp_path, stream):
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    _ingest(coord, runtime, batch, asker=direct)
+    _settled(runtime, coord)
+    runtime.kill(coord.map.handles[0])
+    rng = SK.resolve(now=NOW, last="2d")
+    got = direct.query(KEYS, rng)
+    assert got == [r.to_dict() for r in ref.query_range(KEYS, rng)] and not got[0]["partial"]
+    assert direct.reach(["ad-0", "ad-3"], None, rng) == coord.reach(["ad-0", "ad-3"], None, rng)
+
+
+def test_with_readers_gone_questions_stay_complete_and_quick(tmp_path, stream):
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    _ingest(coord, runtime, batch, asker=direct)
+    _settled(runtime, coord)
+    rng = SK.resolve(now=NOW, last="2d")
+    want = [r.to_dict() for r in ref.query_range(KEYS, rng)]
+    runtime.kill(coord._readers[0][0])
+    runtime.kill(coord._readers[1][1])
+    for _ in range(4):  # every turn of the readers: the one gone is passed over
+        t0 = time.perf_counter()
+        assert direct.query(KEYS, rng) == want
+        assert time.perf_counter() - t0 < 1.0
+    assert coord.watch_readers() == [1, 1]  # upkeep no longer publishes them
+    for h in coord._readers[0][1:] + coord._readers[1][:1]:
+        runtime.kill(h)
+    assert direct.query(KEYS, rng) == want  # no reader at all: the writers answer
+
+
+def test_a_reader_started_late_or_deaf_fills_in_from_the_store_and_follows_a_new_writer(tmp_path, stream):
+    batch, ref = stream
+    first, second = (type(batch)(batch.key_names, batch.key_index[s], batch.bucket[s], batch.coupon[s])
+                     for s in (slice(0, len(batch) // 2), slice(len(batch) // 2, None)))
+    coord, runtime = _cluster(tmp_path, readers=1)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    SlowReader.DEAF = True
+    _ingest(coord, runtime, first, parts=3, tag="first")
+    coord.checkpoint()  # a manifest it was not told of either
+    SlowReader.DEAF = False
+    # the writer of range 0 restarts (a new incarnation) and goes on; its next message shows the gap
+    w0 = coord.map.handles[0]
+    runtime.kill(w0)
+    runtime._shards.pop((0, coord.layout.folder))
+    coord.map = type(coord.map)((runtime.create_shard(0, coord.layout), *coord.map.handles[1:]), coord.map.rr,
+                                coord.map.epoch, coord.map.readers)
+    _ingest(coord, runtime, second, parts=3, tag="second", asker=direct)
+    _settled(runtime, coord)
+    for i, (h,) in enumerate(coord._readers):
+        s = runtime.result(runtime.call(h, "stats"), 30)
+        w = runtime.result(runtime.call(coord.map.handles[i], "stats"), 30)
+        assert s["available"] and s["switches"] + s["from_store"] >= 1 and s["log_seq"] == w["log_seq"], s
+    late = runtime.create_reader(1, 5, coord.layout)  # a reader started after everything
+    got = runtime.result(runtime.call(late, "stats"), 30)
+    assert got["log_seq"] == runtime.result(runtime.call(coord.map.handles[1], "stats"), 30)["log_seq"]
+    b0, b1 = int(NOW // 60) - 2880, int(NOW // 60) + 1
+    regs = _ask(runtime, late, "registers", "ad-0", b0, b1)
+    assert np.array_equal(regs, ref.registers("ad-0", b0, b1)[len(regs):])
+    rng = SK.resolve(now=NOW, last="2d")
+    stale = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)  # no writes of its own: readers only
+    assert stale.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+
+
+def test_a_reader_without_storage_is_refused_and_one_of_an_unreadable_store_is_never_published(tmp_path, stream):
+    with pytest.raises(ValueError, match="needs storage"):
+        ShardReader(SK, 0, 1, None)
+    batch, _ = stream
+    coord, runtime = _cluster(tmp_path, readers=1)
+    _ingest(coord, runtime, batch)
+    coord.checkpoint()
+    for m in (tmp_path / "store").glob(f"{coord.layout.folder}/shard-0/manifest-*.json"):
+        m.write_bytes(m.read_bytes()[:-20])  # every checkpoint of range 0 torn
+    bad = runtime.create_reader(0, 3, coord.layout)
+    s = runtime.result(runtime.call(bad, "health"), 30)
+    assert not s["available"] and "could be loaded" in s["reason"], s
+    with pytest.raises(Exception, match="unavailable"):
+        _ask(runtime, bad, "query", [None], 0, 1)
+    coord._readers = ((bad,), coord._readers[1])
+    assert coord.watch_readers() == [0, 1]
