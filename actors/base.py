@@ -173,6 +173,10 @@ class ShardBase:
     def ping(self) -> int:
         return self.shard_index
 
+    def node(self) -> str | None:
+        """The node this copy runs on, as the runtime names it (None: unknown)."""
+        return self.telemetry.node()
+
     def pid(self) -> int:
         return os.getpid()
 

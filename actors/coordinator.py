@@ -149,16 +149,24 @@ class Coordinator(Questions):
         missing = [i for i, (h, a) in enumerate(zip(handles, answers)) if a is None and not rolled_back]
         if missing:
             self._note(f"shards {missing} did not answer within {START_TIMEOUT_S:g} s of start")
-        self._readers = self._create_readers(layout)
+        self._readers = self._create_readers(layout, handles)
         self.map = ShardMap(handles, RegisterRange(layout.sketch.p, layout.shards), layout.epoch)
 
-    def _create_readers(self, layout: Layout) -> tuple:
+    def _create_readers(self, layout: Layout, writers: tuple) -> tuple:
         """Start (or find) ``config.readers`` readers per register range; they join the map (``readers``)
-        once they answer.  None without storage: readers follow their writer through the store."""
+        once they answer.  None without storage: readers follow their writer through the store.
+
+        Reader ``r`` of range ``i`` is placed near the writer of range ``i + 1 + r`` (a node that holds
+        shards anyway, and not its own writer's when there are others): a writer's node lost takes its
+        readers elsewhere with it, never its own range's, and a node left with no writer (scaled in) is
+        left with no reader either, so an autoscaler can take it back."""
         n = int(getattr(self.config, "readers", 0))
         if not self.config.storage or n <= 0 or not getattr(self.runtime, "readers", False):
             return ()
-        return tuple(tuple(self.runtime.create_reader(i, r, layout) for r in range(n)) for i in range(layout.shards))
+        rt, S = self.runtime, layout.shards
+        nodes = gather(rt, [rt.call(h, "node") for h in writers], self.config.query_timeout_s * 5)
+        return tuple(tuple(rt.create_reader(i, r, layout, nodes[(i + 1 + r) % S]) for r in range(n))
+                     for i in range(S))
 
     def watch_readers(self) -> list[int]:
         """One round of ``_watch_readers`` now (upkeep does it every round); returns the readers
@@ -418,7 +426,7 @@ class Coordinator(Questions):
             write_layout(objects, new_layout)  # the switch: one object, written whole
         self.config = self.config.replace(shards=shards)
         self.layout = new_layout
-        old_readers, self._readers = self._readers, self._create_readers(new_layout)
+        old_readers, self._readers = self._readers, self._create_readers(new_layout, tuple(handles))
         with self._map_lock:
             self.map = ShardMap(tuple(handles), RegisterRange(self.config.sketch.p, shards), new_layout.epoch)
         for h in list(old.handles) + [h for hs in old_readers for h in hs]:

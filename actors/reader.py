@@ -218,12 +218,17 @@ class ShardReader(ShardBase):
         return self.manifest
 
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
-        """Catch up from the store when the writer has been quiet for ``POLL_S`` or a gap was seen; an
-        unavailable reader tries to start again."""
+        """Catch up from the store when the writer has been quiet for ``POLL_S`` or a gap was seen, and drop
+        what ``now`` puts beyond the retention (the writer does the same in its upkeep round, on the same
+        clock; a copy rebuilt from an older checkpoint drops it again here); an unavailable reader tries to
+        start again."""
         if self.unavailable is not None:
             if time.time() - self._tried >= RETRY_START_S:
                 self._start()
             return False
+        if now is not None:
+            self.store.flush()  # as the writer's round does: what a query reads stays sorted into runs
+            self.store.expire(now)
         if self._gap or time.monotonic() - self._heard >= POLL_S:
             try:
                 self._catch_up()

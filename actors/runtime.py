@@ -17,9 +17,10 @@ A runtime offers:
     registers it takes over, ``[(old index, old count, pending export)]``.
 ``find_shard(index, layout)`` -> handle or None
     the shard if it runs, never starting one.
-``create_reader(index, replica, layout)`` -> handle
+``create_reader(index, replica, layout, near)`` -> handle
     start reader ``replica`` of shard ``index`` (``actors.reader``), or find
-    it; a runtime without readers (``readers`` False) has none.
+    it, on node ``near`` if it has room (None: anywhere); a runtime without
+    readers (``readers`` False) has none.
 ``call(handle, method, *args)`` -> pending
     start a call; never blocks.
 ``wait(pending, timeout, num_returns=None)`` -> (ready, not ready)
@@ -184,7 +185,7 @@ class LocalRuntime:
                 f"shard-{index}-of-{layout.shards}-{layout.folder}", make)
             return h
 
-    def create_reader(self, index: int, replica: int, layout) -> LocalShard:
+    def create_reader(self, index: int, replica: int, layout, near=None) -> LocalShard:
         with self._lock:
             h = self._readers.get((index, layout.folder, replica))
             if h is None or h.dead:

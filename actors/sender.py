@@ -1,8 +1,18 @@
 """Sending validated batches to their shards, with bounded calls in flight.
 
 A ``Sender`` cuts each batch by register range (``Batch.split``) and sends
-every part straight to its shard, never keeping more than ``max_inflight``
-calls pending: memory stays bounded whatever the input size.  It is a plain
+every part straight to its shard, keeping at most ``max_inflight`` calls
+pending to each range: memory stays bounded whatever the input size.
+
+**A range that stops answering holds back only its own parts.**  When a
+range has finished no call for ``HOLD_S`` while other ranges finished
+theirs (its writer restarting, say), the sender stops waiting for it and
+goes on sending: the other ranges keep
+ingesting, and that range's parts queue for it (Ray delivers them when it
+is back), up to ``BACKLOG_EVENTS`` events; beyond that the sender waits for
+it, and a REST request's sender gives up at its deadline (503 with
+``Retry-After``: nothing it sent is lost, the retry with the same key
+completes it).  It is a plain
 class: shards are reached through a runtime (``actors.runtime``) and the
 current shard map through ``route()`` (the coordinator's), so the ingest
 job, the REST app and the tests share it.
@@ -35,6 +45,8 @@ from .runtime import Runtime, ShardUnavailable
 from .shard import ShardMoved
 
 JOB_DEADLINE_S = 900.0  # a re-sharding seals, exports and seeds the whole state: a job allows it time
+HOLD_S = 1.0  # a range whose oldest call waited this long is held back: the sender goes on with the others
+BACKLOG_EVENTS = 4_000_000  # events queued for a held-back range before the sender waits for it (~64 MB)
 
 
 class Sender:
@@ -42,9 +54,11 @@ class Sender:
         self.runtime, self.route, self.p, self.max_inflight = runtime, route, p, max_inflight
         self.deadline_s = deadline_s
         self.epoch, self.shards = route()
-        self.inflight: dict = {}  # pending -> (part, batch id, keep_s, when first sent, (lo, hi), shard)
+        self.inflight: dict = {}  # pending -> (part, batch id, keep_s, when first sent, (lo, hi), shard, sent)
         self.positions: dict[int, int] = {}  # range -> highest log position acknowledged, in map ``epoch``
-        self.peak = 0
+        self.peak = 0  # the most calls pending to one range
+        self.held: list[int] = []  # ranges held back after the last send
+        self._done_at: dict[int, float] = {}  # range -> when a call to it last finished
         self.batches = 0
 
     def send(self, batch: Batch, batch_id: str, keep_s: float) -> None:
@@ -53,9 +67,42 @@ class Sender:
         for shard, part in enumerate(batch.split(self.p, len(self.shards))):
             if len(part):
                 self._call(shard, part.compact(), batch_id, keep_s, now, self._range(shard, len(self.shards)))
-        self.peak = max(self.peak, len(self.inflight))
-        while len(self.inflight) > self.max_inflight:
-            self._settle(self._first_done())
+        self._bound()
+
+    def _settle_ready(self) -> None:
+        if self.inflight:
+            ready, _ = self.runtime.wait(list(self.inflight), 0)
+            for pending in ready:
+                self._settle(pending)
+
+    def _bound(self) -> None:
+        """Wait until no range has more than ``max_inflight`` calls pending, except ranges held back: those
+        that finished nothing for ``HOLD_S`` while another range did (when every range is slow, the sender
+        waits: that is backpressure, not a range down)."""
+        self._settle_ready()
+        while True:
+            count: dict[int, int] = {}
+            events: dict[int, int] = {}
+            oldest: dict[int, float] = {}
+            for part, *_, shard, sent in self.inflight.values():
+                count[shard] = count.get(shard, 0) + 1
+                events[shard] = events.get(shard, 0) + len(part)
+                oldest[shard] = min(sent, oldest.get(shard, sent))
+            self.peak = max([self.peak, *count.values()])
+            over = [i for i, c in count.items() if c > self.max_inflight]
+            now = time.monotonic()
+            quiet = {i: now - max(oldest[i], self._done_at.get(i, 0.0)) for i in over}  # since it last moved
+            others_move = {i: any(now - t < HOLD_S for j, t in self._done_at.items() if j != i) for i in over}
+            waiting = [i for i in over if quiet[i] < HOLD_S or not others_move[i] or events[i] > BACKLOG_EVENTS]
+            if not waiting:
+                self.held = sorted(over)
+                return
+            # wait for a call to finish, at most until a range may turn held back
+            soon = min(now - quiet[i] + HOLD_S for i in waiting) if any(quiet[i] < HOLD_S for i in waiting) \
+                else now + HOLD_S
+            done = self._first_done(None if soon <= now else soon - now)
+            if done is not None:
+                self._settle(done)
 
     def drain(self) -> None:
         """Wait until every part sent is applied (or raise what stopped one)."""
@@ -69,26 +116,32 @@ class Sender:
     def _call(self, shard: int, part: Batch, batch_id: str, keep_s: float, since: float,
               rng: tuple[int, int]) -> None:
         pending = self.runtime.call(self.shards[shard], "ingest", part, batch_id, keep_s, *rng)
-        self.inflight[pending] = (part, batch_id, keep_s, since, rng, shard)
+        self.inflight[pending] = (part, batch_id, keep_s, since, rng, shard, time.monotonic())
         self.batches += 1
 
-    def _first_done(self):
+    def _first_done(self, limit: float | None = None):
+        """The first pending call to finish; None if none did within ``limit`` seconds; ``ShardUnavailable``
+        when the oldest part's deadline passed first."""
         oldest = min(v[3] for v in self.inflight.values())
         left = self.deadline_s - (time.monotonic() - oldest)
-        ready, _ = self.runtime.wait(list(self.inflight), max(0.0, left), num_returns=1)
+        wait = left if limit is None else min(left, limit)
+        ready, _ = self.runtime.wait(list(self.inflight), max(0.0, wait), num_returns=1)
         if ready:
             return ready[0]
+        if limit is not None and limit < left:
+            return None
         for pending in self.inflight:
             self.runtime.cancel(pending)
         self.inflight.clear()
         raise ShardUnavailable(f"a shard did not take its part of a batch within {self.deadline_s:g} s")
 
     def _settle(self, pending) -> None:
-        part, batch_id, keep_s, since, rng, shard = self.inflight.pop(pending)
+        part, batch_id, keep_s, since, rng, shard, _ = self.inflight.pop(pending)
         while True:
             try:
                 _, seq = self.runtime.result(pending, 0)
                 self.positions[shard] = max(seq, self.positions.get(shard, 0))
+                self._done_at[shard] = time.monotonic()
                 return
             except (ShardMoved, ShardUnavailable) as e:
                 # a shard gone for good is one a re-sharding retired: re-route like ShardMoved

@@ -22,6 +22,7 @@ import time
 from collections import deque
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from impressions.actors.coordinator import Coordinator
 from impressions.actors.reader import ShardReader
@@ -189,15 +190,18 @@ class RayRuntime:
             handle.seed.remote([(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds])
         return handle
 
-    def create_reader(self, index: int, replica: int, layout):
+    def create_reader(self, index: int, replica: int, layout, near: str | None = None):
         cfg = self.config
+        # on node ``near`` while it has room (soft), else anywhere the spread puts it
+        where = NodeAffinitySchedulingStrategy(near, soft=True) if near else "SPREAD"
         # its calls are not retried across its restarts: a question to a reader that is gone moves on to the
         # next copy of the range at once (``actors.questions``); the reader catches up from the store
         return ray.remote(concurrency_groups={"reads": READ_THREADS})(ShardReader).options(
             name=reader_name(index, replica, layout), namespace=cfg.namespace, lifetime="detached",
+            # no resource of the shards' (``shard_resource``): a fraction of it on a full node would keep a
+            # restarted writer from coming back there; spread over every node instead
             get_if_exists=True, num_cpus=cfg.reader_cpus,
-            resources={cfg.shard_resource: 1} if cfg.shard_resource else None,
-            scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=0, max_concurrency=1).remote(
+            scheduling_strategy=where, max_restarts=-1, max_task_retries=0, max_concurrency=1).remote(
                 layout.sketch, index, layout.shards, self._storage(layout), cfg.block_cache_mb, replica,
                 telemetry=RayTelemetry(cfg.namespace))
 

@@ -300,3 +300,47 @@ def test_questions_never_wait_behind_writes_and_always_see_whole_states(tmp_path
         assert all(b >= a for a, b in zip(mine, mine[1:])), mine
     final = coord.query(KEYS, rng)
     assert final == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+
+
+class StallingShard(FaultyShard):
+    """A shard whose applies wait while ``GATE`` is closed, for shard ``WHICH`` (a writer restarting)."""
+
+    import threading as _t
+    GATE = _t.Event()
+    WHICH = 0
+
+    def apply(self, *a, **k):
+        if self.shard_index == StallingShard.WHICH:
+            StallingShard.GATE.wait(30)
+        return super().apply(*a, **k)
+
+
+def test_a_range_that_stops_answering_holds_back_only_its_own_parts(tmp_path, stream):
+    """While one range takes nothing, the sender goes on: the other range ingests every batch, the stalled
+    range's parts queue (bounded), and when it answers again everything lands once."""
+    from impressions.actors import sender as sender_mod
+    batch, ref = stream
+    storage = f"file://{tmp_path}/store"
+    cfg = ClusterConfig(sketch=SK, shards=2, storage=storage, maintain_interval_s=3600, checkpoint_interval_s=3600,
+                        query_timeout_s=5, readers=0)
+    runtime = LocalRuntime(lambda i, layout, seed_from, *states: StallingShard(
+        SK, i, layout.shards, ShardStorage(storage, None, layout.cluster_id, layout.folder), 32.0, seed_from, *states))
+    coord = Coordinator(cfg, runtime)
+    coord.start()
+    StallingShard.GATE.clear()
+    try:
+        sender = Sender(runtime, coord.route, SK.p, max_inflight=2)
+        t0 = time.perf_counter()
+        parts = list(np.array_split(np.arange(len(batch)), 20))
+        for n, ix in enumerate(parts):
+            sender.send(type(batch)(batch.key_names, batch.key_index[ix], batch.bucket[ix], batch.coupon[ix]),
+                        f"p-{n}", 3600)
+        took = time.perf_counter() - t0
+        assert sender.held == [0]
+        assert took < sender_mod.HOLD_S + 5  # waited once for range 0 to turn held back, then went on
+        other = runtime.result(runtime.call(coord.map.handles[1], "stats"), 10)
+        assert other["applied_batches"] >= 18  # range 1 took (nearly) everything meanwhile
+    finally:
+        StallingShard.GATE.set()
+    sender.drain()
+    _assert_equal(coord, ref)

@@ -66,7 +66,7 @@ def test_losing_a_whole_node_mid_ingest_loses_nothing(nodes, s3_server, tmp_path
                            allow_bucket_creation=True)
     fs.create_dir("multinode")
     cfg = ClusterConfig(sketch=SketchConfig(), shards=4, namespace="multi", storage="s3://multinode/cluster",
-                        s3_endpoint=s3_server, shard_resource=RESOURCE, batch_rows=20_000, max_inflight=1,
+                        s3_endpoint=s3_server, shard_resource=RESOURCE, batch_rows=10_000, max_inflight=1,
                         checkpoint_interval_s=5.0)
     client = Client(config=cfg, start=True)
     try:
@@ -98,7 +98,7 @@ def _lose_a_node(client, cluster, workers, tmp_path):
 
     job = threading.Thread(target=ingest, daemon=True)
     job.start()
-    wait_for(lambda: sum(s["events"] for s in client.stats()["shards"] if s) > 40_000, timeout=120,
+    wait_for(lambda: sum(s["events"] for s in client.stats()["shards"] if s) > 20_000, timeout=120,
              what="the ingest to get going")
     assert job.is_alive(), "the ingest finished before the fault: make it longer"
     # the node holding shard 0 goes, with its raylet and every process on it

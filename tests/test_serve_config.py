@@ -49,7 +49,12 @@ def test_serve_run_of_the_config_on_a_fresh_namespace(ray_cluster, tmp_path):
                              timeout=300, env=env)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, timeout=120, what="readyz")
+        def ready() -> bool:  # a probe that times out (the replica still starting the actors) is "not yet"
+            try:
+                return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+            except httpx.TimeoutException:
+                return False
+        wait_for(ready, timeout=120, what="readyz")
         print(f"serve run to ready: {time.perf_counter() - t:.1f} s")
         get_coordinator(ns)  # the replicas created the actors
         now = time.time()
