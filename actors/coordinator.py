@@ -66,6 +66,7 @@ log = logging.getLogger("impressions.coordinator")
 
 START_TIMEOUT_S = 120.0  # how long start() waits for shards to answer before going on without them
 RESCALE_TIMEOUT_S = 600.0  # how long a re-sharding waits for the new shards (they load whole states)
+READER_MISSES = 3  # upkeep rounds a published reader may miss its health call before it is unpublished
 CALL_TIMEOUT_S = 600.0  # the longest any other call waits for a shard (a whole maintenance, a checkpoint)
 SERIES_CHUNK = 64  # points per shard call of a series: no single call holds a shard for long
 KEYS_FACTOR = 4  # candidates per shard for a top-keys list: KEYS_FACTOR x the keys asked for
@@ -85,6 +86,7 @@ class Coordinator(Questions):
         self.layout: Layout | None = None
         self._readers: tuple = ()  # per register range, every reader started (``map.readers``: those that answer)
         self._reader_upkeep: dict = {}  # reader -> its catch-up call still out
+        self._misses: dict = {}  # reader -> upkeep rounds in a row it did not answer its health call
         self._suspects: dict = {}
         self._map_lock = threading.Lock()  # the map is replaced whole, by upkeep (readers) or a re-sharding
         self._maint: threading.Thread | None = None
@@ -188,9 +190,14 @@ class Coordinator(Questions):
                     _failed(rt, p)  # its outcome read, so that an error is not left unread
                 self._reader_upkeep[h] = rt.call(h, "maintain", self._now())
         health = gather(rt, [rt.call(h, "health") for _, h in flat], self.config.query_timeout_s)
+        published = {h for hs in m.readers for h in hs}
         live: list[list] = [[] for _ in rs]
         for (i, h), a in zip(flat, health):
-            if a is not None and a.get("available"):
+            # a published reader that does not answer (a saturated node, or gone) stays for READER_MISSES rounds,
+            # askers passing it by meanwhile (``SUSPECT_S``); one that says it cannot serve leaves at once
+            self._misses[h] = 0 if a is not None else self._misses.get(h, 0) + 1
+            if (a is not None and a.get("available")) or (a is None and h in published
+                                                          and self._misses[h] < READER_MISSES):
                 live[i].append(h)
         readers = tuple(tuple(x) for x in live)
         with self._map_lock:

@@ -1,5 +1,7 @@
 """The actor cluster end to end: ingest job throughput and query latency,
-through the Python client (one hop) and through the coordinator.
+through the Python client (one hop, to the readers or to the writers) and
+through the coordinator; questions while an ingest job runs; a writer and
+a reader killed.
 
     python -m benchmarks.bench_cluster                  # 20M events, as in docs/benchmarks.md
     python -m benchmarks.bench_cluster --events 2e6     # a quicker run
@@ -8,7 +10,10 @@ Starts a private local Ray (all CPUs), the coordinator and ``--shards``
 shards; writes a per-ad stream (every event also counts site-wide) as
 Parquet; ingests it with the ingest job's code (parallel read/validate/hash
 tasks sending straight to the shards) with 1 and then 2 ingest workers, each
-into a fresh cluster; then times queries both ways.
+into a fresh cluster, and with 2 workers once more without readers (today's
+engine before readers, side by side); then times queries every way, idle
+and during a second ingest of the same files; then kills (SIGKILL) one
+writer during an ingest, and one reader, asking all the while.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -42,6 +49,85 @@ def timed_queries(ask, keys, n: int, reps: int, now: float, rng) -> tuple[float,
     return float(np.median(times) * 1e3), float(np.percentile(times, 99) * 1e3)
 
 
+def _ask_while(ask, stop, out: list) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        r = ask()
+        out.append((time.perf_counter() - t, r["partial"]))
+        time.sleep(0.02)
+
+
+def kill_drills(coord, questions, work: str, now: float) -> list[list]:
+    """SIGKILL a writer during an ingest job, then a reader, asking all the while."""
+    rows = []
+    rng = SketchConfig().resolve(now=now, last=43_200)
+
+    def ask():
+        return questions.query([None], rng)[0]
+    writer = ray.get(coord.shard_handles.remote())[0]
+    pid = ray.get(writer.pid.remote())
+    result: dict = {}
+
+    def reingest():
+        try:
+            result["summary"] = run_ingest([os.path.join(work, "events")], coordinator=coord, progress=False,
+                                           max_tasks=2, now=now, force=True)
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            result["error"] = e
+    job = threading.Thread(target=reingest, daemon=True)
+    job.start()
+    time.sleep(2.0)
+    stop, seen = threading.Event(), []
+    asker = threading.Thread(target=_ask_while, args=(ask, stop, seen), daemon=True)
+    asker.start()
+    time.sleep(1.0)
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    back = None
+    while time.time() - killed < 120:
+        try:
+            st = ray.get(writer.stats.remote(), timeout=5)
+            if st["pid"] != pid and st.get("first_apply_at"):
+                back = st["first_apply_at"] - killed
+                break
+        except Exception:  # noqa: BLE001, S110 - still restarting
+            pass
+        time.sleep(0.1)
+    job.join()
+    stop.set()
+    asker.join()
+    ok = "error" not in result
+    rows.append(["writer 0 SIGKILL during ingest", len(seen), sum(p for _, p in seen),
+                 max(t for t, _ in seen) * 1e3,
+                 f"took batches {back:.1f} s after the kill; ingest {'completed' if ok else 'FAILED'}"
+                 if back is not None else "not back within 120 s"])
+    cfg = ray.get(coord.cluster_config.remote())
+    reader = ray.get_actor(f"reader-0-of-shard-0-of-{cfg.shards}-epoch-0", namespace=cfg.namespace)
+    stop, seen = threading.Event(), []
+    asker = threading.Thread(target=_ask_while, args=(ask, stop, seen), daemon=True)
+    asker.start()
+    time.sleep(0.5)
+    rpid = ray.get(reader.pid.remote())
+    killed = time.time()
+    os.kill(rpid, signal.SIGKILL)
+    back = None
+    while time.time() - killed < 120:
+        try:
+            h = ray.get(reader.health.remote(), timeout=5)
+            if h["available"] and ray.get(reader.pid.remote(), timeout=5) != rpid:
+                back = time.time() - killed
+                break
+        except Exception:  # noqa: BLE001, S110 - still restarting
+            pass
+        time.sleep(0.1)
+    time.sleep(1.0)
+    stop.set()
+    asker.join()
+    rows.append(["reader 0 of range 0 SIGKILL", len(seen), sum(p for _, p in seen), max(t for t, _ in seen) * 1e3,
+                 f"serving again {back:.1f} s after the kill" if back is not None else "not back within 120 s"])
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=float, default=20e6)
@@ -65,10 +151,10 @@ def main(argv=None):
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ingest_rows = []
         coord = None
-        for workers in (1, 2):
+        for workers, readers in ((1, 2), (2, 0), (2, 2)):
             # a store of its own for each run: a store remembers the files it ingested, and skips them
-            cfg = ClusterConfig(shards=a.shards, namespace=f"bench-{workers}", maintain_interval_s=3600,
-                                storage=f"file://{work}/store-{workers}")
+            cfg = ClusterConfig(shards=a.shards, namespace=f"bench-{workers}-{readers}", maintain_interval_s=3600,
+                                storage=f"file://{work}/store-{workers}-{readers}", readers=readers)
             coord = ensure_actors(cfg)
             t = time.perf_counter()
             s = run_ingest([os.path.join(work, "events")], coordinator=coord, progress=False, max_tasks=workers,
@@ -77,22 +163,30 @@ def main(argv=None):
             t = time.perf_counter()
             ray.get(coord.maintain.remote())
             maint_s = time.perf_counter() - t
-            ingest_rows.append([workers, a.shards, s.report.accepted, ingest_s, s.report.accepted / ingest_s / 1e6,
-                                maint_s, s.report.accepted / (ingest_s + maint_s) / 1e6])
-            if workers == 1:
+            ingest_rows.append([workers, a.shards, readers, s.report.accepted, ingest_s,
+                                s.report.accepted / ingest_s / 1e6, maint_s,
+                                s.report.accepted / (ingest_s + maint_s) / 1e6])
+            if (workers, readers) != (2, 2):
                 teardown(cfg.namespace)
-        # queries on the last cluster
+        cfg = ray.get(coord.cluster_config.remote())
+        ray.get(coord.checkpoint.remote())  # the readers switch to the checkpoint holding the rollups
+        deadline = time.time() + 120
+        while time.time() < deadline and not all(len(r) == 2 for r in ray.get(coord.read_route.remote())[2]):
+            time.sleep(0.5)
+        # queries on the last cluster, three paths side by side
         keys100 = [f"ad-{i}" for i in range(100)]
-        direct = DirectQuestions(lambda: ray.get(coord.route.remote()), RayRuntime(),
-                                 ray.get(coord.cluster_config.remote()), SketchConfig().p)
-        paths = (("client, one hop", direct.query), ("via coordinator", lambda k, r: ray.get(coord.query.remote(k, r))))
+        p = SketchConfig().p
+        readers_q = DirectQuestions(lambda: ray.get(coord.read_route.remote()), RayRuntime(), cfg, p)
+        writers_q = DirectQuestions(lambda: ray.get(coord.route.remote()), RayRuntime(), cfg, p)
+        paths = (("client -> readers", readers_q.query), ("client -> writers", writers_q.query),
+                 ("via coordinator", lambda k, r: ray.get(coord.query.remote(k, r))))
         lat_rows = []
         for label, keys in (("1 key (site-wide)", [None]), ("1 key (ad-0, busy)", ["ad-0"]),
                             (f"1 key (ad-{a.ads - 1}, quiet)", [f"ad-{a.ads - 1}"]), ("100 keys (ad-0..ad-99)", keys100)):
             rows = {name: [label, name] for name, _ in paths}
             for n in (60, 43_200):
                 for name, ask in paths:
-                    ask(keys, SketchConfig().resolve(now=now, last=n))  # warm: neither path pays for cold blocks
+                    ask(keys, SketchConfig().resolve(now=now, last=n))  # warm: no path pays for cold blocks
                     rows[name] += list(timed_queries(ask, keys, n, a.queries if len(keys) == 1 else a.queries // 4,
                                                      now, rng))
             lat_rows += list(rows.values())
@@ -102,15 +196,36 @@ def main(argv=None):
             t = time.perf_counter()
             ray.get(coord.cluster_config.remote())
             base.append(time.perf_counter() - t)
+        # one key over 30 days, idle and while an ingest job saturates the cluster (the same files again)
+        load_rows = []
+        idle = {name: timed_queries(ask, [None], 43_200, a.queries, now, rng) for name, ask in paths[:2]}
+
+        def reingest():
+            run_ingest([os.path.join(work, "events")], coordinator=coord, progress=False, max_tasks=2, now=now,
+                       force=True)
+        th = threading.Thread(target=reingest, daemon=True)
+        th.start()
+        time.sleep(2.0)
+        busy = {}
+        for name, ask in paths[:2]:
+            busy[name] = timed_queries(ask, [None], 43_200, a.queries // 2, now, rng)
+        busy_alive = th.is_alive()
+        th.join()
+        for name, _ in paths[:2]:
+            load_rows.append([name, idle[name][0], idle[name][1], busy[name][0], busy[name][1],
+                              busy[name][1] / idle[name][1]])
+        drills = kill_drills(coord, readers_q, work, now)
         st = ray.get(coord.stats.remote())
         mem = sum(x["base_bytes"] + x["rollup_bytes"] for x in st["shards"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if ray.is_initialized():
             ray.shutdown()
-    t1 = table(["ingest workers", "shards", "events", "ingest s (to queryable)", "M events/s",
+    t1 = table(["ingest workers", "shards", "readers per range", "events", "ingest s (to queryable)", "M events/s",
                 "rollups after, s", "M events/s incl. rollups"], ingest_rows)
     t2 = table(["query", "path", "n=60 p50 ms", "p99 ms", "n=43,200 p50 ms", "p99 ms"], lat_rows)
+    t3 = table(["path", "idle p50 ms", "idle p99 ms", "during ingest p50 ms", "p99 ms", "p99 / idle p99"], load_rows)
+    t4 = table(["fault", "questions asked", "partial answers", "slowest answer ms", "recovered"], drills)
     cmd = "python -m benchmarks.bench_cluster" + ("" if events == 20_000_000 else f" --events {events:g}")
     body = f"""## Actor cluster: ingest job and coordinator queries (`{cmd}`)
 
@@ -125,12 +240,24 @@ shards (sealed nodes are mapped files, section 5 of the design).
 
 {t1}
 
-Query latency, {a.queries} queries per cell ({a.queries // 4} for 100 keys), random end times, two paths side
-by side: the Python client's (one hop: the driver asks all shards in parallel on its copy of the shard map and
-combines) and through the coordinator (driver -> coordinator -> all shards -> combine).  A bare call to the
-coordinator costs {np.median(base) * 1e3:.2f} ms p50 / {np.percentile(base, 99) * 1e3:.2f} ms p99 here.
+Query latency, {a.queries} queries per cell ({a.queries // 4} for 100 keys), random end times, three paths side
+by side on the same cluster: the Python client's to the readers (one hop: the driver asks one copy of every
+register range in parallel on its copy of the shard map and combines), the same to the writers only (the
+engine before readers), and through the coordinator (driver -> coordinator -> writers -> combine).  A bare
+call to the coordinator costs {np.median(base) * 1e3:.2f} ms p50 / {np.percentile(base, 99) * 1e3:.2f} ms p99 here.
 
 {t2}
+
+One key (site-wide) over 30 days, idle and while an ingest job of the same {events:,} events runs again
+(2 workers{"" if busy_alive else "; it ended before the questions did"}), {a.queries // 2} questions a path:
+
+{t3}
+
+Faults while asking every 20 ms through the client (readers path): a writer killed with SIGKILL during an
+ingest job (Ray restarts it; "recovered" is from the kill to the new process taking batches again, and the
+ingest's own result), and one reader killed with SIGKILL.
+
+{t4}
 """
     print(body)
     if not a.no_write:

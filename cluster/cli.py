@@ -156,7 +156,10 @@ def cmd_status(a) -> int:
         out = {"epoch": st["epoch"], "queries": st["queries"],
                "config": json.loads(cfg.to_json()), "rest_apps": apps, "notes": st.get("events", []),
                "shards": [{"shard": i, "available": False, "reason": "did not answer in time"} if s is None else
-                          {k: s.get(k) for k in keep} for i, s in enumerate(st["shards"])]}
+                          {k: s.get(k) for k in keep} for i, s in enumerate(st["shards"])],
+               "readers": [s and {k: s.get(k) for k in ("shard", "replica", "available", "reason", "node", "pid",
+                                                        "heap_bytes", "mapped_bytes", "events", "log_seq", "manifest")}
+                           for s in st.get("readers", [])]}
         print(json.dumps(out, default=str))
         return 0
     print(f"{len(st['shards'])} shards (layout epoch {st['epoch']}), namespace {cfg.namespace!r}, "
@@ -177,6 +180,17 @@ def cmd_status(a) -> int:
         print(f"{s['shard']:>5} {str(s.get('node'))[-12:]:>12} {s['events']:>12,} {s['keys']:>8,} "
               f"{s.get('heap_bytes', 0) / 1e6:>8.1f} {s.get('mapped_bytes', 0) / 1e6:>9.1f} {s['log_seq']:>6} "
               f"{s['manifest']:>10} {age:>10}  {how}")
+    readers = st.get("readers") or []
+    if readers:
+        print(f"{'reader':>8} {'node':>12} {'events':>12} {'heap MB':>8} {'mapped MB':>9} {'log':>6} {'checkpoint':>10}")
+        for s in readers:
+            if s is None:
+                print(f"{'?':>8} (not answering)")
+                continue
+            state = "" if s["available"] else f"  NOT SERVING: {s['reason']}"
+            print(f"{s['shard']:>5}.{s['replica']:<2} {str(s.get('node'))[-12:]:>12} {s['events']:>12,} "
+                  f"{s.get('heap_bytes', 0) / 1e6:>8.1f} {s.get('mapped_bytes', 0) / 1e6:>9.1f} {s['log_seq']:>6} "
+                  f"{s['manifest']:>10}{state}")
     for name, status in apps.items():
         print(f"REST app {name!r}: {status}")
     if not apps:
