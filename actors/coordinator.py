@@ -66,6 +66,7 @@ log = logging.getLogger("impressions.coordinator")
 
 START_TIMEOUT_S = 120.0  # how long start() waits for shards to answer before going on without them
 RESCALE_TIMEOUT_S = 600.0  # how long a re-sharding waits for the new shards (they load whole states)
+AUTO_READERS = 2  # readers per range when the configuration leaves it to the room the cluster has
 READER_MISSES = 3  # upkeep rounds a published reader may miss its health call before it is unpublished
 CALL_TIMEOUT_S = 600.0  # the longest any other call waits for a shard (a whole maintenance, a checkpoint)
 SERIES_CHUNK = 64  # points per shard call of a series: no single call holds a shard for long
@@ -162,10 +163,14 @@ class Coordinator(Questions):
         shards anyway, and not its own writer's when there are others): a writer's node lost takes its
         readers elsewhere with it, never its own range's, and a node left with no writer (scaled in) is
         left with no reader either, so an autoscaler can take it back."""
-        n = int(getattr(self.config, "readers", 0))
-        if not self.config.storage or n <= 0 or not getattr(self.runtime, "readers", False):
+        if not self.config.storage or not getattr(self.runtime, "readers", False):
             return ()
         rt, S = self.runtime, layout.shards
+        n = getattr(self.config, "readers", 0)
+        if n is None:  # room: a reader for each CPU a range has beyond its writer's, at most AUTO_READERS
+            n = max(0, min(AUTO_READERS, int(rt.cpus() // S) - 1))
+        if n <= 0:
+            return ()
         nodes = gather(rt, [rt.call(h, "node") for h in writers], self.config.query_timeout_s * 5)
         return tuple(tuple(rt.create_reader(i, r, layout, nodes[(i + 1 + r) % S]) for r in range(n))
                      for i in range(S))
@@ -220,7 +225,7 @@ class Coordinator(Questions):
             h = self.runtime.find_shard(i, gone)
             if h is not None:
                 self.runtime.kill(h)
-            for r in range(int(getattr(self.config, "readers", 0))):
+            for r in range(reader_slots(self.config)):
                 h = self.runtime.find_reader(i, r, gone) if getattr(self.runtime, "readers", False) else None
                 if h is not None:
                     self.runtime.kill(h)
@@ -446,6 +451,12 @@ class Coordinator(Questions):
         self._note(f"re-sharded {s_old} -> {shards} in {took:.2f} s")
         return {"shards": shards, "from": s_old, "changed": True, "seconds": round(took, 3),
                 "epoch": new_layout.epoch}
+
+
+def reader_slots(config) -> int:
+    """The most readers a range of this configuration may have (names to look for)."""
+    n = getattr(config, "readers", 0)
+    return AUTO_READERS if n is None else int(n)
 
 
 def _failed(rt: Runtime, pending) -> bool:

@@ -15,6 +15,8 @@ A runtime offers:
     count, sketch parameters, cluster id, folder), or find it if it already
     runs.  ``seeds`` lists the pending exports of the old shards whose
     registers it takes over, ``[(old index, old count, pending export)]``.
+``cpus()`` -> float
+    the CPUs of the cluster (how many readers it has room for).
 ``find_shard(index, layout)`` -> handle or None
     the shard if it runs, never starting one.
 ``create_reader(index, replica, layout, near)`` -> handle
@@ -40,6 +42,7 @@ A runtime offers:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import threading
 import time
 from typing import Any, Protocol
@@ -167,6 +170,9 @@ class LocalRuntime:
     @property
     def readers(self) -> bool:
         return self.reader_factory is not None
+
+    def cpus(self) -> float:
+        return float(os.cpu_count() or 1)
 
     def create_shard(self, index: int, layout, seeds: list = ()) -> LocalShard:
         with self._lock:

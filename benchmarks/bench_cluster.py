@@ -57,6 +57,25 @@ def _ask_while(ask, stop, out: list) -> None:
         time.sleep(0.02)
 
 
+def reader_lag(coord, questions, now: float, probes: int = 20) -> list[float]:
+    """How long after an acknowledged write another driver's question (no log positions of its own, so the
+    readers answer as they are) sees it: one event to a key of its own, then ask until it is counted."""
+    import pyarrow as pa
+
+    from impressions.cluster.ingest import ingest_table
+    out = []
+    for i in range(probes):
+        key = f"probe-{i}-{int(now)}"
+        ingest_table(pa.table({"ts": [now - 30.0], "key": [key], "visitor": [f"v{i}"]}), coord, now=now)
+        t = time.perf_counter()
+        rng = SketchConfig().resolve(now=now, last=60)
+        while questions.query([key], rng)[0]["impressions"] < 1:
+            if time.perf_counter() - t > 10:
+                break
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
 def kill_drills(coord, questions, work: str, now: float) -> list[list]:
     """SIGKILL a writer during an ingest job, then a reader, asking all the while."""
     rows = []
@@ -214,6 +233,7 @@ def main(argv=None):
         for name, _ in paths[:2]:
             load_rows.append([name, idle[name][0], idle[name][1], busy[name][0], busy[name][1],
                               busy[name][1] / idle[name][1]])
+        lag = reader_lag(coord, readers_q, now)
         drills = kill_drills(coord, readers_q, work, now)
         st = ray.get(coord.stats.remote())
         mem = sum(x["base_bytes"] + x["rollup_bytes"] for x in st["shards"])
@@ -252,6 +272,10 @@ One key (site-wide) over 30 days, idle and while an ingest job of the same {even
 (2 workers{"" if busy_alive else "; it ended before the questions did"}), {a.queries // 2} questions a path:
 
 {t3}
+
+Read lag: after a write acknowledged to another driver, a question that carries no log position of its own
+(the readers answer as they are) counted it {np.median(lag):.1f} ms p50, {max(lag):.1f} ms at most later
+({len(lag)} probes, the cluster idle; a question that carries its asker's positions always counts its writes).
 
 Faults while asking every 20 ms through the client (readers path): a writer killed with SIGKILL during an
 ingest job (Ray restarts it; "recovered" is from the kill to the new process taking batches again, and the

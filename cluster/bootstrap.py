@@ -24,7 +24,7 @@ from collections import deque
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from impressions.actors.coordinator import Coordinator
+from impressions.actors.coordinator import Coordinator, reader_slots
 from impressions.actors.reader import ShardReader
 from impressions.actors.runtime import READ_METHODS, READ_THREADS, ShardUnavailable
 from impressions.actors.shard import ShardActor
@@ -174,8 +174,9 @@ class RayRuntime:
     def create_shard(self, index: int, layout, seeds: list = ()):
         cfg = self.config
         storage = self._storage(layout)
-        followers = RayFollowers(cfg.namespace, [reader_name(index, r, layout) for r in range(cfg.readers)]) \
-            if storage is not None and cfg.readers > 0 else None
+        slots = reader_slots(cfg)
+        followers = RayFollowers(cfg.namespace, [reader_name(index, r, layout) for r in range(slots)]) \
+            if storage is not None and slots > 0 else None
         # questions on a group of threads of their own (``READ_METHODS``), every other call on one thread, in order
         handle = ray.remote(concurrency_groups={"reads": READ_THREADS})(ShardActor).options(
             name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
@@ -189,6 +190,9 @@ class RayRuntime:
             # top-level arguments, so the shard gets their values; the calls after it wait behind it
             handle.seed.remote([(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds])
         return handle
+
+    def cpus(self) -> float:
+        return float(ray.cluster_resources().get("CPU", 0.0))
 
     def create_reader(self, index: int, replica: int, layout, near: str | None = None):
         cfg = self.config

@@ -50,7 +50,10 @@ class ClusterConfig:
     # the store's access and a local cache disk, receive shards, and the autoscaler adds such nodes for them
     shard_resource: str | None = None
     query_timeout_s: float = 2.0  # a shard slower than this leaves the answer partial
-    readers: int = 2  # readers per register range (actors/reader.py), with storage; 0: the writers answer
+    # readers per register range (actors/reader.py), with storage; 0: the writers answer.  None: as many as the
+    # cluster has room for, at most 2: one for each CPU a range has beyond its writer's (each reader applies every
+    # log entry again: 2 a range on 2 cores halved ingest, docs/benchmarks.md)
+    readers: int | None = None
     reader_cpus: float = 0.001  # logical CPUs each reader reserves: next to none, so readers never take the CPUs
     # ingest tasks need (they work only when asked); not zero, because Ray places an actor that needs no resource
     # anywhere, ignoring the node asked for (measured: 3 of 12 on the node asked at 0 CPU, 12 of 12 at 0.001)

@@ -37,7 +37,8 @@ def events(tmp_path_factory):
 
 def _config(ns: str, storage: str, endpoint: str | None = None, shards: int = 2) -> ClusterConfig:
     return ClusterConfig(sketch=SK, shards=shards, namespace=ns, storage=storage, s3_endpoint=endpoint,
-                         batch_rows=1_500, max_inflight=2, maintain_interval_s=0.5, checkpoint_interval_s=2.0)
+                         batch_rows=1_500, max_inflight=2, maintain_interval_s=0.5, checkpoint_interval_s=2.0,
+                         readers=2)
 
 
 def _in_background(fn):
