@@ -190,8 +190,11 @@ def main(argv=None):
         cfg = ray.get(coord.cluster_config.remote())
         ray.get(coord.checkpoint.remote())  # the readers switch to the checkpoint holding the rollups
         deadline = time.time() + 120
-        while time.time() < deadline and not all(len(r) == 2 for r in ray.get(coord.read_route.remote())[2]):
+        # the upkeep loop is off here (maintain_interval_s): publish the readers that answer, as a round would
+        while time.time() < deadline and ray.get(coord.watch_readers.remote()) != [2] * a.shards:
             time.sleep(0.5)
+        if ray.get(coord.watch_readers.remote()) != [2] * a.shards:
+            raise RuntimeError("the readers did not answer within 120 s")
         # queries on the last cluster, three paths side by side
         keys100 = [f"ad-{i}" for i in range(100)]
         p = SketchConfig().p
