@@ -18,8 +18,9 @@ and asked two ways:
   new layout, leaves the answer partial, exactly as through the coordinator.
 
 Each register range has copies: its readers (``actors.reader``) and, last,
-its writer.  A question goes to one copy of every range, the readers taken
-in turn so that they share the load, and moves on to the next copy of a
+its writer.  A question goes to one copy of every range, the reader chosen
+by its keys (the same keys, the same reader, whose cache holds their
+blocks; other keys spread over the others), and moves on to the next copy of a
 range whose copy failed (gone, restarting, or ``Behind`` the asker's own
 writes) or has not answered within ``hedge_s`` (a copy that is slow or
 being restarted by Ray: the first answer wins, the other call is
@@ -34,6 +35,7 @@ is a fan-out with a deadline and a pure merge.
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,8 +70,8 @@ class ShardMap:
     readers: tuple = ()  # per register range, the readers that answer (may be empty)
 
     def copies(self, i: int, turn: int, suspect=lambda h: False) -> list:
-        """The copies of range ``i`` in the order to ask them: its readers from ``turn`` on (so that
-        successive questions share them), its writer, then readers that failed lately."""
+        """The copies of range ``i`` in the order to ask them: its readers from ``turn`` on (questions
+        with different turns spread over them), its writer, then readers that failed lately."""
         rs = list(self.readers[i]) if i < len(self.readers) else []
         if rs:
             k = turn % len(rs)
@@ -107,7 +109,6 @@ class Questions:
     runtime: Runtime
     telemetry: Telemetry
     queries = 0
-    _turn = 0
     _suspects: dict  # copies that failed lately -> until when (a subclass gives its own)
     _wrote: tuple = (None, {})  # (epoch, {range: log position}) of this asker's acknowledged writes
 
@@ -136,8 +137,10 @@ class Questions:
             return gather(rt, [rt.call(h, method, *args) for h in m.handles], timeout)
         epoch, wrote = self._wrote
         after = [wrote.get(i, 0) if epoch == m.epoch else 0 for i in range(len(m.handles))]
-        self._turn += 1
-        order = [m.copies(i, self._turn, self._suspect) for i in range(len(m.handles))]
+        # the same keys go to the same reader of a range (each reader keeps its own cache of decoded blocks,
+        # so a key set's blocks are read once, not once per reader); different key sets spread over them
+        turn = zlib.crc32(repr(args[0] if args else method).encode())
+        order = [m.copies(i, turn, self._suspect) for i in range(len(m.handles))]
         answers: list = [None] * len(order)
         done, asked = [False] * len(order), [0] * len(order)
         pending: dict = {}
