@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import time
 
-from impressions.durable.journal import ShardJournal
+from impressions.durable.journal import CorruptObject, ShardJournal
 from impressions.sketch import sealed
-from impressions.sketch.arrowio import nodes_from_batches
+from impressions.sketch.arrowio import StateError, nodes_from_batches
+from impressions.sketch.events import Batch
 from impressions.sketch.store import ShardStore, SketchConfig
 from impressions.sketch.tiers import Slot, TableNode
 
@@ -101,6 +102,27 @@ class ShardBase:
 
     def _key_chunk(self, name: str):
         return self.journal.read_keys(name)
+
+    def _newest_checkpoint(self, numbers: list[int], load, failed: list[str]):
+        """``(number, body, load(body))`` of the newest of manifests ``numbers`` that loads whole (each that
+        does not is noted in ``failed``); None when there is none; ``CorruptObject`` when none loads."""
+        for n in reversed(numbers):
+            try:
+                body = self.journal.read_manifest(n)
+                return n, body, load(body)
+            except (CorruptObject, StateError, sealed.SealedError, OSError, KeyError, ValueError) as e:
+                failed.append(f"manifest {n}: {e}")
+        if numbers:
+            raise CorruptObject(f"none of the {len(numbers)} checkpoints of shard {self.shard_index} could be "
+                                f"loaded ({'; '.join(failed)})")
+        return None
+
+    @staticmethod
+    def _apply_entry(store: ShardStore, rb) -> Batch:
+        """Apply a log entry to ``store``; returns it as a batch."""
+        b = Batch.from_arrow(rb)
+        store.apply(b.key_names, b.key_index, b.bucket, b.coupon)
+        return b
 
     # ------------------------------------------------------------ questions
     def _usable(self) -> None:

@@ -50,8 +50,6 @@ import time
 
 from impressions.durable.journal import CorruptObject, ShardJournal
 from impressions.sketch import sealed
-from impressions.sketch.arrowio import StateError
-from impressions.sketch.events import Batch
 from impressions.sketch.store import ShardStore, SketchConfig
 
 from .base import Behind, ShardBase
@@ -121,27 +119,13 @@ class ShardReader(ShardBase):
     def _rebuild(self, number: int | None = None) -> None:
         """Build the copy from manifest ``number`` (default: the newest that loads) and the log after it,
         then switch to it whole."""
-        numbers = self.journal.manifests()
-        if number is not None:
-            numbers = [n for n in numbers if n <= number]
-        body, store, failed = None, None, []
-        for n in reversed(numbers):
-            try:
-                body = self.journal.read_manifest(n)
-                store = self._store_of(body, self._cached_node)
-                break
-            except (CorruptObject, StateError, sealed.SealedError, OSError, KeyError, ValueError) as e:
-                failed.append(f"manifest {n}: {e}")
-                body = None
-        if numbers and body is None:
-            raise CorruptObject(f"none of the {len(numbers)} checkpoints of shard {self.shard_index} could be "
-                                f"loaded ({'; '.join(failed)})")
-        if store is None:
-            store = ShardStore(self.sketch, self.shard_index, self.shards)
+        numbers = [n for n in self.journal.manifests() if number is None or n <= number]
+        got = self._newest_checkpoint(numbers, lambda b: self._store_of(b, self._cached_node), [])
+        body, store = (None, ShardStore(self.sketch, self.shard_index, self.shards)) if got is None else got[1:]
         seq = body["log_seq"] if body else 0
         incarnation = int(body.get("incarnation", 0)) if body else 0
         for s, name in self.journal.log_entries(seq):
-            self._apply(store, self.journal.read_log(name))
+            self._apply_entry(store, self.journal.read_log(name))
             seq, incarnation = s, _incarnation(name)
             self.counts["from_store"] += 1
         keep = {self._node_key(e) for e in body["nodes"]} if body else set()
@@ -169,10 +153,6 @@ class ShardReader(ShardBase):
             table = self._keys[name] = self.journal.read_keys(name)
         return table
 
-    def _apply(self, store: ShardStore, rb) -> None:
-        b = Batch.from_arrow(rb)
-        store.apply(b.key_names, b.key_index, b.bucket, b.coupon)
-
     def _moved(self, seq: int, incarnation: int) -> None:
         with self._held:
             self.seq, self.incarnation = seq, incarnation
@@ -185,7 +165,7 @@ class ShardReader(ShardBase):
             self._rebuild(numbers[-1])
             return
         for s, name in self.journal.log_entries(self.seq):
-            self._apply(self.store, self.journal.read_log(name))
+            self._apply_entry(self.store, self.journal.read_log(name))
             self.counts["from_store"] += 1
             self._moved(s, _incarnation(name))
         self._gap = False
@@ -202,7 +182,7 @@ class ShardReader(ShardBase):
         elif seq <= self.seq or incarnation < self.incarnation:
             self.counts["ignored"] += 1
         elif seq == self.seq + 1:
-            self._apply(self.store, rb)
+            self._apply_entry(self.store, rb)
             self.counts["followed"] += 1
             self._moved(seq, incarnation)
         else:

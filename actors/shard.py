@@ -41,7 +41,6 @@ from impressions.durable.journal import CorruptObject, Fenced, ShardJournal
 from impressions.durable.layout import ShardStorage, read_layout
 from impressions.sketch import sealed
 from impressions.sketch.arrowio import (
-    StateError,
     node_batches,
     store_from_batches,
     store_to_batches,
@@ -143,32 +142,21 @@ class ShardActor(ShardBase):
                                f"not {self.storage.cluster_id}")
 
     def _recover(self) -> None:
-        numbers = self.journal.manifests()
-        body = None
-        for number in reversed(numbers):
-            try:
-                body = self.journal.read_manifest(number)
-                store = self._store_of(body)
-                applied = AppliedBatches()
-                for entry in body.get("applied", []):
-                    applied.load_group(self.journal.read_applied(entry["object"]))
-                self.store, self.applied, self.manifest = store, applied, number
-                break
-            except (CorruptObject, StateError, sealed.SealedError, OSError, KeyError, ValueError) as e:
-                self.recovery["fallbacks"].append(f"manifest {number}: {e}")
-                body = None
-        if numbers and body is None:
-            raise CorruptObject(f"none of the {len(numbers)} checkpoints of shard {self.shard_index} could be "
-                                f"loaded ({'; '.join(self.recovery['fallbacks'])})")
-        if body is not None:
+        def load(body: dict):
+            applied = AppliedBatches()
+            for entry in body.get("applied", []):
+                applied.load_group(self.journal.read_applied(entry["object"]))
+            return self._store_of(body), applied
+        got = self._newest_checkpoint(self.journal.manifests(), load, self.recovery["fallbacks"])
+        if got is not None:
+            self.manifest, body, (self.store, self.applied) = got
             self.seq = body["log_seq"]
             self.recovery["manifest"] = self.manifest
             self._remember_written(body)
         for seq, name in self.journal.log_entries(self.seq):
             rb = self.journal.read_log(name)  # a corrupt acknowledged entry is a loud failure, never skipped
             meta = rb.schema.metadata or {}
-            b = Batch.from_arrow(rb)
-            self.store.apply(b.key_names, b.key_index, b.bucket, b.coupon)
+            self._apply_entry(self.store, rb)
             bid = meta.get(b"batch_id", b"").decode()
             if bid:
                 rr = self.store.rr

@@ -25,16 +25,18 @@ import signal
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import ray
 
 from benchmarks.report import machine, table, write_section
 from impressions.actors.questions import DirectQuestions
-from impressions.cluster.bootstrap import RayRuntime, ensure_actors, teardown
+from impressions.cluster.bootstrap import RayRuntime, ensure_actors, reader_name, teardown
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.ingest import run_ingest
 from impressions.cluster.workload import generate, write_parquet
+from impressions.durable.layout import epoch_folder
 from impressions.sketch.config import SketchConfig
 
 
@@ -76,15 +78,41 @@ def reader_lag(coord, questions, now: float, probes: int = 20) -> list[float]:
     return out
 
 
+def _kill_while_asking(ask, actor, back, lead: float, until=lambda: None) -> tuple[list, float | None]:
+    """SIGKILL ``actor``'s process ``lead`` seconds into asking every 20 ms; ``back(pid, killed)`` says how many
+    seconds after the kill it served again (None: not yet), looked at for up to 120 s; ``until()`` runs before
+    the asking stops.  Returns (the answers' (seconds, partial), back)."""
+    stop, seen = threading.Event(), []
+    asker = threading.Thread(target=_ask_while, args=(ask, stop, seen), daemon=True)
+    asker.start()
+    time.sleep(lead)
+    pid = ray.get(actor.pid.remote())
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    got = None
+    while got is None and time.time() - killed < 120:
+        try:
+            got = back(pid, killed)
+        except Exception:  # noqa: BLE001, S110 - still restarting
+            pass
+        time.sleep(0.1)
+    until()
+    stop.set()
+    asker.join()
+    return seen, got
+
+
 def kill_drills(coord, questions, work: str, now: float) -> list[list]:
     """SIGKILL a writer during an ingest job, then a reader, asking all the while."""
-    rows = []
     rng = SketchConfig().resolve(now=now, last=43_200)
 
     def ask():
         return questions.query([None], rng)[0]
+
+    def row(fault, seen, recovered):
+        return [fault, len(seen), sum(p for _, p in seen), max(t for t, _ in seen) * 1e3, recovered]
+
     writer = ray.get(coord.shard_handles.remote())[0]
-    pid = ray.get(writer.pid.remote())
     result: dict = {}
 
     def reingest():
@@ -93,57 +121,27 @@ def kill_drills(coord, questions, work: str, now: float) -> list[list]:
                                            max_tasks=2, now=now, force=True)
         except Exception as e:  # noqa: BLE001 - reported in the table
             result["error"] = e
+
+    def writer_back(pid, killed):
+        st = ray.get(writer.stats.remote(), timeout=5)
+        return st["first_apply_at"] - killed if st["pid"] != pid and st.get("first_apply_at") else None
     job = threading.Thread(target=reingest, daemon=True)
     job.start()
     time.sleep(2.0)
-    stop, seen = threading.Event(), []
-    asker = threading.Thread(target=_ask_while, args=(ask, stop, seen), daemon=True)
-    asker.start()
-    time.sleep(1.0)
-    killed = time.time()
-    os.kill(pid, signal.SIGKILL)
-    back = None
-    while time.time() - killed < 120:
-        try:
-            st = ray.get(writer.stats.remote(), timeout=5)
-            if st["pid"] != pid and st.get("first_apply_at"):
-                back = st["first_apply_at"] - killed
-                break
-        except Exception:  # noqa: BLE001, S110 - still restarting
-            pass
-        time.sleep(0.1)
-    job.join()
-    stop.set()
-    asker.join()
-    ok = "error" not in result
-    rows.append(["writer 0 SIGKILL during ingest", len(seen), sum(p for _, p in seen),
-                 max(t for t, _ in seen) * 1e3,
-                 f"took batches {back:.1f} s after the kill; ingest {'completed' if ok else 'FAILED'}"
-                 if back is not None else "not back within 120 s"])
+    seen, back = _kill_while_asking(ask, writer, writer_back, 1.0, job.join)
+    rows = [row("writer 0 SIGKILL during ingest", seen,
+                f"took batches {back:.1f} s after the kill; ingest {'FAILED' if 'error' in result else 'completed'}"
+                if back is not None else "not back within 120 s")]
     cfg = ray.get(coord.cluster_config.remote())
-    reader = ray.get_actor(f"reader-0-of-shard-0-of-{cfg.shards}-epoch-0", namespace=cfg.namespace)
-    stop, seen = threading.Event(), []
-    asker = threading.Thread(target=_ask_while, args=(ask, stop, seen), daemon=True)
-    asker.start()
-    time.sleep(0.5)
-    rpid = ray.get(reader.pid.remote())
-    killed = time.time()
-    os.kill(rpid, signal.SIGKILL)
-    back = None
-    while time.time() - killed < 120:
-        try:
-            h = ray.get(reader.health.remote(), timeout=5)
-            if h["available"] and ray.get(reader.pid.remote(), timeout=5) != rpid:
-                back = time.time() - killed
-                break
-        except Exception:  # noqa: BLE001, S110 - still restarting
-            pass
-        time.sleep(0.1)
-    time.sleep(1.0)
-    stop.set()
-    asker.join()
-    rows.append(["reader 0 of range 0 SIGKILL", len(seen), sum(p for _, p in seen), max(t for t, _ in seen) * 1e3,
-                 f"serving again {back:.1f} s after the kill" if back is not None else "not back within 120 s"])
+    layout = SimpleNamespace(shards=cfg.shards, folder=epoch_folder(0))
+    reader = ray.get_actor(reader_name(0, 0, layout), namespace=cfg.namespace)
+
+    def reader_back(pid, killed):
+        ok = ray.get(reader.health.remote(), timeout=5)["available"] and ray.get(reader.pid.remote(), timeout=5) != pid
+        return time.time() - killed if ok else None
+    seen, back = _kill_while_asking(ask, reader, reader_back, 0.5, lambda: time.sleep(1.0))
+    rows.append(row("reader 0 of range 0 SIGKILL", seen,
+                    f"serving again {back:.1f} s after the kill" if back is not None else "not back within 120 s"))
     return rows
 
 

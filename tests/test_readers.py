@@ -23,15 +23,8 @@ from impressions.actors.runtime import LocalRuntime
 from impressions.actors.sender import Sender
 from impressions.actors.shard import ShardActor
 from impressions.cluster.config import ClusterConfig
-from impressions.cluster.workload import generate
 from impressions.durable.layout import ShardStorage
-from impressions.sketch.counter import LocalCounter
-from impressions.sketch.events import prepare
-from impressions.sketch.store import SketchConfig
-
-NOW = 1_800_000_000.0
-SK = SketchConfig(p=12, leaf_level=4, segment_level=8, memtable_rows=5_000)
-KEYS = [None, "ad-0", "ad-3", "ad-17", "never-seen"]
+from tests.test_coordinator import KEYS, NOW, SK, stream  # noqa: F401 - the same stream and reference
 
 
 class SlowReader(ShardReader):
@@ -52,17 +45,6 @@ def _reset():
     SlowReader.DELAY, SlowReader.DEAF = 0.0, False
     yield
     SlowReader.DELAY, SlowReader.DEAF = 0.0, False
-
-
-@pytest.fixture(scope="module")
-def stream():
-    t = generate(40_000, days=2, visitors=15_000, keys=30, seed=5, end=NOW)
-    batch, report = prepare(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW, bucket_seconds=60,
-                            retention_buckets=SK.retention_buckets, future_seconds=SK.future_seconds)
-    assert report.rejected_total == 0
-    ref = LocalCounter(SK)
-    ref.ingest(t["ts"].to_numpy(), t["key"], visitors=t["visitor"], now=NOW)
-    return batch, ref
 
 
 def _cluster(tmp_path, shards=2, readers=2):
