@@ -61,7 +61,7 @@ from .rows import RowTable, code_keys, code_nodes, make_code
 FORMAT = "impressions-sealed"
 VERSION = 2
 BLOCK_BYTES = 64 * 1024  # decoded sketch bytes a block aims at: a few dense rows, or thousands of coupons
-LEVEL = 9  # zstd level: 3 % smaller than the default, decompression as fast; sealing is upkeep, off the ingest path
+LEVEL = 1  # zstd level: 2 % larger than level 9 and sealing 2.7x cheaper (a third of all upkeep), decoded as fast
 RAW, DENSE = 0, 2
 
 SCHEMA = pa.schema([("block", pa.large_binary())])
