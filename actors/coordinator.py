@@ -7,9 +7,11 @@ network per key is a few hundred bytes whatever the sketch size.  A shard
 that does not answer within ``query_timeout_s`` is left out and the answer
 is flagged partial, with the wider error that implies; the query never hangs.
 
-It also drives upkeep: every ``maintain_interval_s`` a background thread
-asks each shard for a bounded slice of work (folding runs, building
-rollups), and every ``checkpoint_interval_s`` for a checkpoint.  It starts
+It also drives upkeep: every ``maintain_interval_s`` (at once while a
+shard has work left) a background thread asks each shard for a bounded
+slice of work (folding runs, building rollups, sealing; on the shard's
+upkeep thread, beside its applies), and every ``checkpoint_interval_s`` for
+a checkpoint.  It starts
 ``readers`` readers per register range (``actors.reader``) and, in each
 upkeep round, gives them a catch-up slice and publishes in the map those
 that answer (``read_route``, for the askers).  It keeps the
@@ -68,6 +70,7 @@ START_TIMEOUT_S = 120.0  # how long start() waits for shards to answer before go
 RESCALE_TIMEOUT_S = 600.0  # how long a re-sharding waits for the new shards (they load whole states)
 AUTO_READERS = 2  # readers per range when the configuration leaves it to the room the cluster has
 READER_MISSES = 3  # upkeep rounds a published reader may miss its health call before it is unpublished
+UPKEEP_SLICE_S = 0.5  # the work a shard's upkeep does a round before it stops between units (beside its applies)
 CALL_TIMEOUT_S = 600.0  # the longest any other call waits for a shard (a whole maintenance, a checkpoint)
 SERIES_CHUNK = 64  # points per shard call of a series: no single call holds a shard for long
 KEYS_FACTOR = 4  # candidates per shard for a top-keys list: KEYS_FACTOR x the keys asked for
@@ -346,34 +349,44 @@ class Coordinator(Questions):
 
     def _maintain_loop(self) -> None:
         last_ckpt = time.time()
+        behind = False
         while True:
-            time.sleep(self.config.maintain_interval_s)
+            if not behind:  # a shard that used its whole slice and has work left gets the next one at once
+                time.sleep(self.config.maintain_interval_s)
+            behind = False
             m = self.map
             if m is None:
                 continue
             due = bool(self.config.storage) and time.time() - last_ckpt >= self.config.checkpoint_interval_s
             try:
-                self._upkeep(m, checkpoint=due)
+                behind = self._upkeep(m, checkpoint=due)
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one round; the next retries
                 log.warning("upkeep round failed: %s", e, exc_info=True)
                 self._note(f"upkeep round failed: {type(e).__name__}: {e}")
             if due:
                 last_ckpt = time.time()
 
-    def _upkeep(self, m: ShardMap, checkpoint: bool) -> None:
+    def _upkeep(self, m: ShardMap, checkpoint: bool) -> bool:
         """One round: a bounded slice of maintenance on every shard (retention
-        enforced on this machine's clock), and a checkpoint when one is due."""
+        enforced on this machine's clock), and a checkpoint when one is due.
+        Returns whether a shard used its whole slice and has work left (the
+        next round then comes at once: upkeep runs beside the applies, so it
+        may keep up with them)."""
         rt = self.runtime
-        maint = [rt.call(h, "maintain", self._now(), 0.2) for h in m.handles]
+        t0 = time.monotonic()
+        maint = [rt.call(h, "maintain", self._now(), UPKEEP_SLICE_S) for h in m.handles]
         self._watch_readers(m)
         rt.wait(maint, CALL_TIMEOUT_S)
         failed = [i for i, p in enumerate(maint) if _failed(rt, p)]
+        behind = time.monotonic() - t0 >= UPKEEP_SLICE_S and \
+            any(rt.result(p, 0) is False for i, p in enumerate(maint) if i not in failed)
         if checkpoint:
             ckpt = [rt.call(h, "checkpoint") for h in m.handles]
             rt.wait(ckpt, CALL_TIMEOUT_S)
             failed += [i for i, p in enumerate(ckpt) if _failed(rt, p)]
         if failed:
             raise RuntimeError(f"shards {sorted(set(failed))} failed their upkeep (restarting, or see their logs)")
+        return behind
 
     # ------------------------------------------------------------ re-sharding
     def rescale(self, shards: int) -> dict:
@@ -417,8 +430,11 @@ class Coordinator(Questions):
                 handles.append(rt.create_shard(i, new_layout, [(j, s_old, exports[j])
                                                                for j in sources_of(i, shards, s_old)]))
             del exports  # the old states: held by the seeding calls until they are done, not by this frame
-            for p in [rt.call(h, "checkpoint" if objects is not None else "ping") for h in handles]:
-                rt.result(p, RESCALE_TIMEOUT_S)  # a shard that could not start says why here
+            for p in [rt.call(h, "ping") for h in handles]:  # behind its seed (one call thread, in order)
+                rt.result(p, RESCALE_TIMEOUT_S)
+            if objects is not None:  # on the upkeep thread: after the ping, so after the seed
+                for p in [rt.call(h, "checkpoint") for h in handles]:
+                    rt.result(p, RESCALE_TIMEOUT_S)  # a shard that could not start says why here
         except Exception as e:
             # roll back: the new shards go, the old ones take batches again; nothing was switched
             for h in handles:

@@ -29,9 +29,11 @@ its writer; it builds its copy from what the writer leaves on the store
   seen: so a reader whose writer is down still gets every entry a new
   writer instance logs, and a reader never depends on messages arriving.
 
-Everything that changes the reader's copy runs on its one call thread, in
-order; questions run on threads of their own and read the published view
-(``ShardStore.view``), so they never wait for a catch-up or a switch.  A
+Everything that changes the reader's copy (the writer's messages on its
+call thread, in order; ``maintain`` on its upkeep thread) runs under one
+lock, one at a time; questions run on threads of their own and read the
+published view (``ShardStore.view``), so they never wait for a catch-up or
+a switch.  A
 reader that cannot load the store stays *unavailable* (it says why) and
 tries again; it never answers from a copy it could not build.
 
@@ -99,6 +101,7 @@ class ShardReader(ShardBase):
         self._nodes: dict = {}  # (object, sealed file) -> node loaded for the current manifest (immutable)
         self._keys: dict = {}  # key chunk object -> its table
         self._held = threading.Condition()  # notified when ``seq`` moves
+        self._changing = threading.RLock()  # held by whatever changes the copy (see the module text)
         self._heard = 0.0  # when the writer last told this reader something
         self._gap = False
         self.counts = {"followed": 0, "from_store": 0, "switches": 0, "rebuilds": 0, "ignored": 0}
@@ -174,9 +177,12 @@ class ShardReader(ShardBase):
     def logged(self, seq: int, incarnation: int, rb) -> int:
         """Log entry ``seq`` of writer incarnation ``incarnation`` is durable (see the module text)."""
         self._heard = time.monotonic()
+        with self._changing:
+            return self._logged(int(seq), int(incarnation), rb)
+
+    def _logged(self, seq: int, incarnation: int, rb) -> int:
         if self.unavailable is not None:
             return self.seq
-        seq, incarnation = int(seq), int(incarnation)
         if incarnation > self.incarnation and seq <= self.seq:
             self._rebuild()  # a newer writer instance re-wrote entries an older one had sent: the store decides
         elif seq <= self.seq or incarnation < self.incarnation:
@@ -193,15 +199,20 @@ class ShardReader(ShardBase):
     def checkpointed(self, number: int) -> int:
         """Manifest ``number`` is on the store: switch to a copy built from it."""
         self._heard = time.monotonic()
-        if self.unavailable is None and int(number) > self.manifest:
-            self._rebuild(int(number))
-        return self.manifest
+        with self._changing:
+            if self.unavailable is None and int(number) > self.manifest:
+                self._rebuild(int(number))
+            return self.manifest
 
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
         """Catch up from the store when the writer has been quiet for ``POLL_S`` or a gap was seen, and drop
         what ``now`` puts beyond the retention (the writer does the same in its upkeep round, on the same
         clock; a copy rebuilt from an older checkpoint drops it again here); an unavailable reader tries to
         start again."""
+        with self._changing:
+            return self._maintain(now)
+
+    def _maintain(self, now: float | None) -> bool:
         if self.unavailable is not None:
             if time.time() - self._tried >= RETRY_START_S:
                 self._start()

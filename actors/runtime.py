@@ -86,22 +86,26 @@ def gather(runtime: Runtime, pending: list, timeout: float | None) -> list:
 
 
 # A shard's questions: they read an immutable view of its store (``ShardStore.view``), so they run on
-# threads of their own, beside the one that runs every other call (applies, upkeep, checkpoints) in order:
-# a question never waits behind an apply or a maintenance slice, and writes never wait for questions.
+# threads of their own, beside the one that runs applies and every other call in order and the one that
+# runs upkeep: a question never waits behind an apply or a maintenance slice, and writes never wait for
+# questions.
 READ_METHODS = frozenset({"ask", "health", "query", "query_ranges", "reach", "overlap", "series",
                           "key_impressions", "impressions_of", "registers"})
 READ_THREADS = 2
+# Upkeep: on a thread of its own too, beside the applies (``actors.shard``; a reader's upkeep takes its lock)
+UPKEEP_METHODS = frozenset({"maintain", "checkpoint"})
 
 
 class LocalShard:
     """A shard actor object in this process: its calls run one at a time, in
-    order, and its questions (``READ_METHODS``) on threads of their own, as
-    on Ray."""
+    order, its upkeep (``UPKEEP_METHODS``) on a thread of its own and its
+    questions (``READ_METHODS``) on threads of their own, as on Ray."""
 
     def __init__(self, name: str, make):
         self.name = name
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix=name)
         self._reads = cf.ThreadPoolExecutor(READ_THREADS, thread_name_prefix=f"{name}-reads")
+        self._upkeep = cf.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-upkeep")
         self._calls: set[cf.Future] = set()  # submitted and not yet done
         self._ready = self._track(self._pool.submit(make))  # constructed on its own thread, as an actor is
         self.dead = False
@@ -116,7 +120,7 @@ class LocalShard:
             f = cf.Future()
             f.set_exception(ShardUnavailable(f"{self.name} was stopped"))
             return f
-        pool = self._reads if method in READ_METHODS else self._pool
+        pool = self._reads if method in READ_METHODS else self._upkeep if method in UPKEEP_METHODS else self._pool
         return self._track(pool.submit(self._run, method, args))
 
     def _run(self, method: str, args):
@@ -132,6 +136,7 @@ class LocalShard:
         self.dead = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._reads.shutdown(wait=False, cancel_futures=True)
+        self._upkeep.shutdown(wait=False, cancel_futures=True)
         # a cancelled future never counts as done for cf.wait: wait for the others
         cf.wait([f for f in list(self._calls) if not f.cancelled()], timeout=timeout)
 

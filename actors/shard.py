@@ -22,10 +22,25 @@ storage, a ``durable.journal.ShardJournal``:
 * ``seal()`` ends the shard's life in a layout (re-sharding): it checkpoints
   and refuses further batches with ``ShardMoved``, so a sender re-routes them.
 
-Ray runs the calls one at a time, so none of this needs a lock; each call is
-short (a batch, a bounded slice of maintenance, a checkpoint of what
-changed).  Questions (``actors.base``) run beside them on threads of their
-own and read the store's published view.
+Three kinds of call, on threads of their own (``actors.runtime``):
+
+* batches (``apply``) and the rest, one at a time, in order;
+* upkeep (``maintain``, ``checkpoint``; ``UPKEEP_METHODS``), one at a time
+  on a thread of its own: rollups, sealing and checkpoints are built
+  beside the applies and never hold a batch up.  An apply and the upkeep
+  meet only on the store's lock (``ShardStore.lock``), held for a change
+  itself, never for a build, an encode or a write to the store: the
+  upkeep takes its inputs under it, builds without it and puts the result
+  in place under it (``sketch.rollup``); a checkpoint takes the state it
+  writes (log position, nodes, key chunks, batch records) under it in one
+  go, then writes without it.  Checkpoints, sealing and re-sharding are
+  kept from overlapping each other by ``_upkeep_lock``: the garbage a
+  checkpoint collects is never a sealed file written but not yet listed.
+* questions (``actors.base``), on threads of their own, reading the store's
+  published view: they never wait for either.
+
+No call holds one lock while waiting for the other the other way round
+(``_upkeep_lock`` is only ever taken first), so they cannot deadlock.
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 
 import pyarrow as pa
@@ -90,7 +106,9 @@ class ShardActor(ShardBase):
         self._await_seed = await_seed  # the seed comes by ``seed()``, not with the constructor
         self.unavailable: str | None = "starting"
         self._tried = 0.0
-        self._start()
+        self._upkeep_lock = threading.RLock()  # checkpoints, sealing, re-sharding and restarts: one at a time
+        with self._upkeep_lock:
+            self._start()
 
     # ------------------------------------------------------------ start and recovery
     def _start(self) -> None:
@@ -190,18 +208,19 @@ class ShardActor(ShardBase):
         would stay pinned in the object store (and keep the old nodes busy).
         A call that comes again (a retry, or a shard that recovered its own
         checkpoint) changes nothing."""
-        if self.unavailable != AWAITING_SEED:
-            self._usable()
+        with self._upkeep_lock:
+            if self.unavailable != AWAITING_SEED:
+                self._usable()
+                return self.store.events
+            try:
+                self._seed_from(list(seed_from), seed_states)
+            except Exception as e:
+                self.unavailable = f"seeding failed: {type(e).__name__}: {e}"
+                raise
+            self._await_seed = False
+            self.unavailable = None
+            self._report(force=True)
             return self.store.events
-        try:
-            self._seed_from(list(seed_from), seed_states)
-        except Exception as e:
-            self.unavailable = f"seeding failed: {type(e).__name__}: {e}"
-            raise
-        self._await_seed = False
-        self.unavailable = None
-        self._report(force=True)
-        return self.store.events
 
     # ------------------------------------------------------------ ingest
     def apply(self, batch: Batch, batch_id: str | None = None, keep_s: float = CALL_KEEP_S,
@@ -225,7 +244,8 @@ class ShardActor(ShardBase):
                              f"{rr.lo}..{rr.hi} (or the part's {lo}..{hi}): cut it with the current shard map")
         now = time.time()
         if batch_id is not None:
-            todo = self.applied.unapplied(batch_id, lo, hi, now)
+            with self.store.lock:
+                todo = self.applied.unapplied(batch_id, lo, hi, now)
             if not todo:
                 return 0  # a retry of a batch already logged and applied
             if todo != [(lo, hi)]:
@@ -244,11 +264,14 @@ class ShardActor(ShardBase):
             except Fenced as e:
                 self.unavailable = str(e)
                 raise ShardUnavailable(str(e)) from None
-            self.seq += 1
+        with self.store.lock:  # a checkpoint takes log position, registers and batch records together
+            if self.journal is not None:
+                self.seq += 1
+            n = self.store.apply(batch.key_names, batch.key_index, batch.bucket, batch.coupon)
+            if batch_id is not None:
+                self.applied.record(batch_id, lo, hi, now, expires)
+        if self.journal is not None:
             self.followers.logged(self.seq, self.journal.incarnation, rb)  # never waits for them
-        n = self.store.apply(batch.key_names, batch.key_index, batch.bucket, batch.coupon)
-        if batch_id is not None:
-            self.applied.record(batch_id, lo, hi, now, expires)
         self.applied_batches += 1
         if self.first_apply_at is None:
             self.first_apply_at = time.time()
@@ -281,14 +304,16 @@ class ShardActor(ShardBase):
 
     def checkpoint(self) -> dict:
         """Write what changed since the last checkpoint, then a manifest."""
-        self._usable()
-        return self._checkpoint()
+        with self._upkeep_lock:
+            self._usable()
+            return self._checkpoint()
 
     def _checkpoint(self) -> dict:
         if self.journal is None:
             return {"skipped": "no storage configured"}
         try:
-            return self._write_checkpoint(time.perf_counter())
+            with self._upkeep_lock:
+                return self._write_checkpoint(time.perf_counter())
         except Fenced as e:
             self.unavailable = str(e)
             raise ShardUnavailable(str(e)) from None
@@ -309,9 +334,27 @@ class ShardActor(ShardBase):
             wrote = entry["bytes"]
         return entry, wrote
 
+    def _taken(self) -> tuple:
+        """What a checkpoint writes, taken at one log position under the store's lock: (log position,
+        nodes, newest bucket, events, changed key chunks, changed batch-record groups, all groups)."""
+        store, applied = self.store, self.applied
+        with store.lock:
+            nodes = store.nodes()  # the memtable flushed first: everything up to ``seq`` is in them
+            keys = store.keys
+            chunks = {c: keys.chunk_table(c) for c in keys.chunks() if c in keys.changed or
+                      c not in self.keys_written}
+            keys.changed.clear()
+            applied.expire(time.time())
+            groups = set(applied.groups())
+            tables = {g: applied.group_table(g) for g in set(applied.changed) | (groups - set(self.applied_written))
+                      if g in groups}
+            applied.changed.clear()
+            return self.seq, nodes, store.max_bucket, store.events, chunks, tables, groups
+
     def _write_checkpoint(self, t0: float) -> dict:
+        seq, store_nodes, max_bucket, events, chunks, tables, groups = self._taken()
         nodes, written, wbytes, n_written = [], {}, 0, 0
-        for node in self.store.nodes():
+        for node in store_nodes:
             k = self._ident(node)
             old = self.written.get(k)
             if old is not None and old[0] == node.version:
@@ -323,21 +366,15 @@ class ShardActor(ShardBase):
             written[k] = (node.version, entry)
             nodes.append(entry)
         self.written = written
-        keys = self.store.keys
-        for c in keys.chunks():
-            if c in keys.changed or c not in self.keys_written:
-                self.keys_written[c] = self.journal.write_keys(keys.chunk_table(c))
-        keys.changed.clear()
-        self.applied.expire(time.time())
-        for g in list(self.applied.changed) + [g for g in self.applied.groups() if g not in self.applied_written]:
-            if g in self.applied.groups():
-                self.applied_written[g] = self.journal.write_applied(self.applied.group_table(g))
-            else:
-                self.applied_written.pop(g, None)
-        self.applied.changed.clear()
+        for c, table in chunks.items():
+            self.keys_written[c] = self.journal.write_keys(table)
+        for g, table in tables.items():
+            self.applied_written[g] = self.journal.write_applied(table)
+        for g in set(self.applied_written) - groups:
+            del self.applied_written[g]
         number = self.journal.write_manifest({
-            "shard": self.shard_index, "shards": self.shards, "log_seq": self.seq,
-            "max_bucket": self.store.max_bucket, "events": self.store.events, "nodes": nodes,
+            "shard": self.shard_index, "shards": self.shards, "log_seq": seq,
+            "max_bucket": max_bucket, "events": events, "nodes": nodes,
             "keys": [{"chunk": c, "object": o} for c, o in sorted(self.keys_written.items())],
             "applied": [{"group": g, "object": o} for g, o in sorted(self.applied_written.items())],
             "sketch": self.sketch.identity(), "time": time.time()})
@@ -346,7 +383,7 @@ class ShardActor(ShardBase):
         self.followers.checkpointed(number)
         deleted = self.journal.collect_garbage(self.storage.cache_dir)
         self.telemetry.checkpoint(self.shard_index, time.perf_counter() - t0, wbytes)
-        return {"shard": self.shard_index, "manifest": number, "log_seq": self.seq, "nodes": len(nodes),
+        return {"shard": self.shard_index, "manifest": number, "log_seq": seq, "nodes": len(nodes),
                 "nodes_written": n_written, "bytes_written": wbytes,
                 "bytes_total": sum(n["bytes"] + n.get("sealed_bytes", 0) for n in nodes), "deleted": deleted,
                 "seconds": round(time.perf_counter() - t0, 4)}
@@ -359,15 +396,19 @@ class ShardActor(ShardBase):
             return 0
         deadline = None if max_seconds is None else time.perf_counter() + max_seconds
         n = 0
-        for node in self.store.sealable():
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            data = sealed.encode(node.parts(), self.store.rr.R, dict(self._sealed_header(), kind=node.kind,
-                                                                          level=node.level, node=node.node))
-            name, size = self.journal.write_sealed(data)
-            self.journal.keep_local(name, data, self.storage.cache_dir)
-            new = self.store.seal(node, self._open_sealed(name))
-            if new is not None:
+        with self._upkeep_lock:  # no checkpoint collects the file between its writing and the store mapping it
+            for node in self.store.sealable():
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+                data = sealed.encode(node.parts(), self.store.rr.R, dict(self._sealed_header(), kind=node.kind,
+                                                                              level=node.level, node=node.node))
+                name, size = self.journal.write_sealed(data)
+                self.journal.keep_local(name, data, self.storage.cache_dir)
+                f = self._open_sealed(name)
+                new = self.store.seal(node, f)
+                if new is None:  # the node changed while it was encoded (late events): sealed on a later pass
+                    f.close()  # the next checkpoint's collection deletes the file, listed nowhere
+                    continue
                 entry = {"role": node.kind, "level": node.level, "node": node.node, "object": None, "bytes": 0,
                          "sealed": name, "sealed_bytes": size}
                 self.written[self._ident(new)] = (new.version, entry)
@@ -380,11 +421,12 @@ class ShardActor(ShardBase):
     def seal(self) -> int:
         """Checkpoint and take no more batches (even after a restart); returns the log position."""
         self._usable()
-        if not self.sealed:
-            self.checkpoint()
-            if self.journal is not None:
-                self.journal.seal()
-            self.sealed = True
+        with self._upkeep_lock:
+            if not self.sealed:
+                self.checkpoint()
+                if self.journal is not None:
+                    self.journal.seal()
+                self.sealed = True
         return self.seq
 
     def unseal(self) -> bool:
@@ -398,20 +440,26 @@ class ShardActor(ShardBase):
         """The whole state as Arrow record batches, and the applied-batch
         records (to seed a new layout)."""
         self._usable()
-        return store_to_batches(self.store), [self.applied.group_table(g) for g in self.applied.groups()]
+        with self._upkeep_lock, self.store.lock:
+            return store_to_batches(self.store), [self.applied.group_table(g) for g in self.applied.groups()]
 
     # ------------------------------------------------------------ upkeep
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
         """A slice of upkeep: fold runs, build rollups, drop what ``now`` puts
         beyond the retention, seal what will not change again; an unavailable
-        shard tries to start again."""
+        shard tries to start again.  Runs beside the applies (see the module text)."""
+        with self._upkeep_lock:
+            return self._maintain(now, max_seconds)
+
+    def _maintain(self, now: float | None, max_seconds: float | None) -> bool:
         if self.unavailable is not None:
             if self.unavailable != AWAITING_SEED and time.time() - self._tried >= RETRY_START_S:
                 self._start()
             self._report()
             return False
         if now is not None:
-            self.applied.expire(now)
+            with self.store.lock:
+                self.applied.expire(now)
         t0 = time.perf_counter()
         done = self.store.maintain(now, max_seconds)
         left = None if max_seconds is None else max(0.0, max_seconds - (time.perf_counter() - t0))

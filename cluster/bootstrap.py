@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from impressions.actors.coordinator import Coordinator, reader_slots
 from impressions.actors.reader import ShardReader
-from impressions.actors.runtime import READ_METHODS, READ_THREADS, ShardUnavailable
+from impressions.actors.runtime import READ_METHODS, READ_THREADS, UPKEEP_METHODS, ShardUnavailable
 from impressions.actors.shard import ShardActor
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.metrics import RayTelemetry
@@ -41,6 +41,7 @@ class ClusterNotRunning(RuntimeError):
 
 
 HEAD_RESOURCE = "node:__internal_head__"  # a resource Ray gives the head node only
+GROUPS = {"reads": READ_THREADS, "upkeep": 1}  # a shard's or reader's thread groups (``actors.runtime``)
 
 
 def shard_name(i: int, layout) -> str:
@@ -177,8 +178,9 @@ class RayRuntime:
         slots = reader_slots(cfg)
         followers = RayFollowers(cfg.namespace, [reader_name(index, r, layout) for r in range(slots)]) \
             if storage is not None and slots > 0 else None
-        # questions on a group of threads of their own (``READ_METHODS``), every other call on one thread, in order
-        handle = ray.remote(concurrency_groups={"reads": READ_THREADS})(ShardActor).options(
+        # questions on a group of threads of their own (``READ_METHODS``), upkeep on a thread of its own
+        # (``UPKEEP_METHODS``), every other call on one thread, in order
+        handle = ray.remote(concurrency_groups=GROUPS)(ShardActor).options(
             name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
             num_cpus=cfg.shard_cpus, resources={cfg.shard_resource: 1} if cfg.shard_resource else None,
             scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
@@ -200,7 +202,7 @@ class RayRuntime:
         where = NodeAffinitySchedulingStrategy(near, soft=True) if near else "SPREAD"
         # its calls are not retried across its restarts: a question to a reader that is gone moves on to the
         # next copy of the range at once (``actors.questions``); the reader catches up from the store
-        return ray.remote(concurrency_groups={"reads": READ_THREADS})(ShardReader).options(
+        return ray.remote(concurrency_groups=GROUPS)(ShardReader).options(
             name=reader_name(index, replica, layout), namespace=cfg.namespace, lifetime="detached",
             # no resource of the shards' (``shard_resource``): a fraction of it on a full node would keep a
             # restarted writer from coming back there; spread over every node instead
@@ -230,6 +232,8 @@ class RayRuntime:
     def call(self, handle, method: str, *args):
         if method in READ_METHODS:  # questions: on the shard's reading threads, never behind its writes
             return getattr(handle, method).options(concurrency_group="reads").remote(*args)
+        if method in UPKEEP_METHODS:  # rollups, sealing, checkpoints: beside the applies, never in their way
+            return getattr(handle, method).options(concurrency_group="upkeep").remote(*args)
         return getattr(handle, method).remote(*args)
 
     def wait(self, pending: list, timeout: float | None = None, num_returns: int | None = None):

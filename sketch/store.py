@@ -18,7 +18,17 @@ the site-wide key (id 0).  They go through four places, newest first:
    segments' top-level merges, for ranges longer than a segment.
 
 ``tiers`` holds places 2-4 as immutable nodes, ``rollup`` builds them
-(``maintain``), ``cover`` answers a range from them (``query``).  Every
+(``maintain``), ``cover`` answers a range from them (``query``).
+
+Threads
+-------
+One thread applies (``apply``, ``flush``) while another maintains
+(``maintain``, ``seal``): every change to the maps of nodes, the memtable
+and the key table is made under ``lock``, and held only for the change
+itself.  Maintenance builds outside it, from nodes it took as inputs, and
+puts its result in place under it with whatever runs reached those nodes
+meanwhile (``rollup``).  Questions take no lock: they read the last
+published view (``view``).  Every
 place holds a *complete* answer for what it covers, and merging is a
 ``max``, so a query may take any pieces that cover its range, overlapping
 or not: the rollups may lag behind late events (those are in runs or the
@@ -33,6 +43,8 @@ the store's two counters (``max_bucket``, ``events``) beside it.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -57,7 +69,8 @@ class ShardStore:
         self.keys = KeyTable()
         self.tiers = Tiers(self.config)
         self.memtable = Memtable()
-        self._rollups = Rollups(self.tiers, self.config, self.rr)
+        self.lock = threading.RLock()  # held for every change (see the module text), never for a question
+        self._rollups = Rollups(self.tiers, self.config, self.rr, self.lock, self.publish)
         self.max_bucket = -1  # newest bucket seen: time before it (less the lateness) is sealed
         self.events = 0  # events applied
         self._view: StoreView | None = None
@@ -66,8 +79,9 @@ class ShardStore:
     def publish(self) -> "StoreView":
         """Make the current state the one ``view`` gives: called by the writer at the end of
         every change (the store's own methods do), never in the middle of one."""
-        self._view = StoreView(self)
-        return self._view
+        with self.lock:
+            self._view = StoreView(self)
+            return self._view
 
     def view(self) -> "StoreView":
         """The state as last published: immutable, so it can answer on another thread while
@@ -90,6 +104,10 @@ class ShardStore:
         n = len(buckets)
         if n == 0:
             return 0
+        with self.lock:
+            return self._apply(key_names, key_index, buckets, coupons, n)
+
+    def _apply(self, key_names, key_index, buckets, coupons, n: int) -> int:
         ids = self.keys.ids(key_names)[np.asarray(key_index, np.int64)]
         b = np.asarray(buckets, np.int64).astype(np.uint32)
         c = np.asarray(coupons, np.uint32)
@@ -110,19 +128,22 @@ class ShardStore:
 
     def flush(self) -> None:
         """Sort the memtable into level-0 runs on their leaf (or segment) slots."""
-        if not len(self.memtable):
-            return
-        cfg = self.config
-        rows = rows_from_events(*self.memtable.take(), self.rr)
-        for jf, run in split_by_node(rows, cfg.leaf_level):
-            slot = self.tiers.slot_of_leaf(jf)
-            if slot is None:
-                slot = self.tiers.put_slot(cfg.leaf_level, jf)
-            runs = slot.runs + (run,)
-            if len(runs) > 4 * cfg.max_runs:  # bound what a query reads between maintenance passes
-                runs = (merge(list(runs), self.rr),)
-            self.tiers.put_slot(slot.level, slot.node, slot.main, runs, slot.sealed)
-        self.publish()  # the events left the memtable and are in runs: both in one view
+        with self.lock:
+            if not len(self.memtable):
+                return
+            cfg = self.config
+            rows = rows_from_events(*self.memtable.take(), self.rr)
+            for jf, run in split_by_node(rows, cfg.leaf_level):
+                slot = self.tiers.slot_of_leaf(jf)
+                if slot is None:
+                    slot = self.tiers.put_slot(cfg.leaf_level, jf)
+                runs = slot.runs + (run,)
+                # bound what a query reads between maintenance passes (not under a build that took the slot:
+                # it folds them soon, and a fold now would make it drop its work, see ``rollup``)
+                if len(runs) > 4 * cfg.max_runs and (slot.level, slot.node) not in self.tiers.busy:
+                    runs = (merge(list(runs), self.rr),)
+                self.tiers.put_slot(slot.level, slot.node, slot.main, runs, slot.sealed)
+            self.publish()  # the events left the memtable and are in runs: both in one view
 
     # ================================================================ maintenance
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
@@ -140,14 +161,15 @@ class ShardStore:
     def expire(self, now: float) -> int:
         """Drop every node entirely older than the retention window, and the
         keys left with no rows; returns how many nodes were dropped."""
-        dropped = self.tiers.expire(self.config.oldest_bucket(now))
-        if dropped:
-            held = [self.memtable.columns()[0].astype(np.int64)]
-            for node in self.tiers.nodes():
-                held += [table_keys(t) for _, t in node.parts()]
-            self.keys.drop(np.setdiff1d(np.arange(1, len(self.keys)), np.concatenate(held)))
-            self.publish()
-        return dropped
+        with self.lock:
+            dropped = self.tiers.expire(self.config.oldest_bucket(now))
+            if dropped:
+                held = [self.memtable.columns()[0].astype(np.int64)]
+                for node in self.tiers.nodes():
+                    held += [table_keys(t) for _, t in node.parts()]
+                self.keys.drop(np.setdiff1d(np.arange(1, len(self.keys)), np.concatenate(held)))
+                self.publish()
+            return dropped
 
     # ================================================================ queries
     def query(self, key_names, b0: int, b1: int):
@@ -276,18 +298,24 @@ class ShardStore:
     def nodes(self) -> list[Node]:
         """Every stored node (the memtable is flushed first), each immutable
         and with a version that changes whenever the node does."""
-        self.flush()
-        return self.tiers.nodes()
+        with self.lock:
+            self.flush()
+            return self.tiers.nodes()
 
     def sealable(self) -> list[Node]:
         """The nodes that will not change again and are still on the heap: a
         built leaf or segment with no runs, an upper node, a summary."""
-        return [n for n in self.tiers.nodes() if n.sealed is None and (not isinstance(n, Slot) or
-                                                                        (n.main and not n.runs))]
+        with self.lock:
+            return [n for n in self.tiers.nodes() if n.sealed is None and (not isinstance(n, Slot) or
+                                                                            (n.main and not n.runs))]
 
     def seal(self, node: Node, sealed) -> Node | None:
         """Put ``node`` back read from its sealed file (``sealed.SealedFile``),
         if it is still the node given (a node that changed since is left as it is)."""
+        with self.lock:
+            return self._seal(node, sealed)
+
+    def _seal(self, node: Node, sealed) -> Node | None:
         where = self.tiers.slots if isinstance(node, Slot) else \
             (self.tiers.upper if node.kind == "upper" else self.tiers.summaries)
         if where.get((node.level, node.node)) is not node:
@@ -306,17 +334,22 @@ class ShardStore:
     def install(self, nodes, *, max_bucket: int | None = None, events: int | None = None) -> None:
         """Put nodes made elsewhere in place (their key ids are this store's:
         see ``keys``), and set the counters that go with them."""
-        for node in nodes:
-            self.tiers.install(node)
-        if max_bucket is not None:
-            self.max_bucket = max(self.max_bucket, int(max_bucket))
-        if events is not None:
-            self.events = int(events)
-        self.publish()
+        with self.lock:
+            for node in nodes:
+                self.tiers.install(node)
+            if max_bucket is not None:
+                self.max_bucket = max(self.max_bucket, int(max_bucket))
+            if events is not None:
+                self.events = int(events)
+            self.publish()
 
     # ================================================================ introspection
     def stats(self) -> dict:
         """Row and byte counts per place, for benchmarks and the design doc."""
+        with self.lock:
+            return self._stats()
+
+    def _stats(self) -> dict:
         base = rollup = 0
         base_rows = rollup_rows = 0
         tiers = self.tiers

@@ -91,6 +91,7 @@ class Tiers:
         self.upper: dict[tuple[int, int], TableNode] = {}
         self.summaries: dict[tuple[int, int], TableNode] = {}
         self.loose: set[tuple[int, int]] = set()  # slots whose rows the upper index may lack
+        self.busy: set[tuple[int, int]] = set()  # slots a build has taken as its input (``rollup``): runs only added
         self._version = 0
         self._keys_above: dict[int, tuple[frozenset, np.ndarray]] | None = {}
 
@@ -100,7 +101,7 @@ class Tiers:
         t = Tiers.__new__(Tiers)
         t.config, t._version = self.config, self._version
         t.slots, t.upper, t.summaries = dict(self.slots), dict(self.upper), dict(self.summaries)
-        t.loose = set(self.loose)
+        t.loose, t.busy = set(self.loose), set()
         t._keys_above = self._keys_above  # computed whole and never changed, only replaced
         return t
 

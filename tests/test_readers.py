@@ -83,9 +83,10 @@ def _ask(runtime, h, method, *args):
 
 
 def _settled(runtime, coord):
-    """Wait until every reader's calls so far have run (messages are calls on its own thread)."""
+    """Wait until every reader's calls so far have run (messages on its call thread, upkeep on its own)."""
     for h in runtime.reader_handles():
         runtime.result(runtime.call(h, "ping"), 30)
+        runtime.result(runtime.call(h, "maintain"), 30)
 
 
 def _same_everywhere(coord, runtime, ref, direct):
@@ -239,3 +240,50 @@ def test_a_reader_without_storage_is_refused_and_one_of_an_unreadable_store_is_n
         _ask(runtime, bad, "query", [None], 0, 1)
     coord._readers = ((bad,), coord._readers[1])
     assert coord.watch_readers() == [0, 1]
+
+
+def test_upkeep_and_checkpoints_beside_ingest_keep_every_copy_exact(tmp_path, stream):
+    """Rollups, sealing and checkpoints run on the writers' upkeep threads while batches apply: the
+    writers, their readers, and writers restarted from what the checkpoints and the log hold all answer
+    register for register as the reference."""
+    import threading
+
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path, readers=1)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    stop, rounds, errors = threading.Event(), [], []
+
+    def upkeep():
+        try:
+            while not stop.is_set():
+                coord.maintain(NOW)
+                coord.checkpoint()
+                rounds.append(1)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+    th = threading.Thread(target=upkeep)
+    th.start()
+    try:
+        _ingest(coord, runtime, batch, parts=200)
+    finally:
+        stop.set()
+        th.join()
+    assert not errors and len(rounds) >= 2, (errors, len(rounds))
+    _settled(runtime, coord)
+    _same_everywhere(coord, runtime, ref, direct)
+    coord.maintain(NOW)
+    coord.checkpoint()
+    _settled(runtime, coord)
+    sealed_nodes = sum(runtime.result(runtime.call(h, "stats"), 30)["sealed_nodes"] for h in coord.map.handles)
+    assert sealed_nodes > 0
+    _same_everywhere(coord, runtime, ref, direct)
+    # every writer restarted from the store: the checkpoints taken beside the applies, and the log after them
+    handles = []
+    for i in range(len(coord.map.handles)):
+        runtime.kill(coord.map.handles[i])
+        runtime._shards.pop((i, coord.layout.folder))
+        handles.append(runtime.create_shard(i, coord.layout))
+    coord.map = type(coord.map)(tuple(handles), coord.map.rr, coord.map.epoch, coord.map.readers)
+    for h in handles:
+        assert runtime.result(runtime.call(h, "stats"), 30)["recovery"]["manifest"], "recovered from a checkpoint"
+    _same_everywhere(coord, runtime, ref, direct)
