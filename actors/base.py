@@ -98,6 +98,7 @@ class ShardBase:
         load_node = load_node or self._load_node
         nodes = [load_node(entry, store) for entry in body["nodes"]]
         store.install(nodes, max_bucket=body["max_bucket"], events=body["events"])
+        store.tagged = store.flushed = int(body.get("log_seq", 0))  # its memtable holds the log after that
         return store
 
     def _key_chunk(self, name: str):
@@ -118,10 +119,10 @@ class ShardBase:
         return None
 
     @staticmethod
-    def _apply_entry(store: ShardStore, rb) -> Batch:
-        """Apply a log entry to ``store``; returns it as a batch."""
+    def _apply_entry(store: ShardStore, rb, seq: int) -> Batch:
+        """Apply log entry ``seq`` to ``store``; returns it as a batch."""
         b = Batch.from_arrow(rb)
-        store.apply(b.key_names, b.key_index, b.bucket, b.coupon)
+        store.apply(b.key_names, b.key_index, b.bucket, b.coupon, tag=seq)
         return b
 
     # ------------------------------------------------------------ questions

@@ -15,6 +15,17 @@ its writer; it builds its copy from what the writer leaves on the store
   holds ``seq - 1``; an entry it already holds is ignored; a gap (a message
   lost while the reader restarted, or sent before it existed) is filled from
   the log on the store, which holds every acknowledged entry.
+* **Sorted runs.** Each time the writer flushes its memtable it sends the
+  sorted runs it made from log positions ``(after, through]``
+  (``flushed``), with the names of their key ids.  A reader that holds
+  those positions unflushed, under the same key ids, takes the runs in
+  place of its own entries and never sorts them: following costs a reader
+  the append of each entry, not the sort.  Any other case (runs that came
+  early wait for their entries; a reader that flushed past ``after``
+  itself, a different key id, an older writer instance) is skipped, and the
+  reader sorts its own entries when its memtable reaches ``FOLLOW_FLUSH``
+  times the writer's, or when its writer has been quiet for ``QUIET_SORT_S``:
+  the runs are a saving, never needed for an answer.
 * **Checkpoints.** The writer tells its readers of each manifest
   (``checkpointed(number)``); a reader then builds a new store from it
   (nodes it already loaded are shared, being immutable; only new objects
@@ -49,6 +60,9 @@ import os
 import socket
 import threading
 import time
+from collections import deque
+
+import numpy as np
 
 from impressions.durable.journal import CorruptObject, ShardJournal
 from impressions.sketch import sealed
@@ -62,17 +76,32 @@ log = logging.getLogger("impressions.reader")
 FRESH_WAIT_S = 0.5  # how long a question waits for the log position its asker needs (messages take ~1 ms)
 POLL_S = 5.0  # without a message for this long, ``maintain`` looks at the store itself
 RETRY_START_S = 10.0  # how often an unavailable reader tries to start again
+FOLLOW_FLUSH = 4  # a reader sorts its own entries at this many times the writer's memtable (runs missed)
+PENDING_RUNS = 16  # runs that came before their entries, kept at most
+QUIET_SORT_S = 2.0  # a writer quiet this long sends no runs: the reader sorts what it holds itself
 
 
 class Followers:
     """Where a writer tells its readers of its log and checkpoints: here, nowhere (a range without readers).
     The runtime gives a writer the real one (``LocalFollowers``, ``cluster.bootstrap.RayFollowers``)."""
 
+    active = False  # whether anyone is told (a writer prepares what it sends only then)
+
     def logged(self, seq: int, incarnation: int, rb) -> None:
         """Log entry ``seq`` (Arrow record batch ``rb``) is durable."""
 
+    def flushed(self, after: int, through: int, incarnation: int, runs, key_ids, key_names) -> None:
+        """The events of log positions ``(after, through]`` were sorted into ``runs`` (``(table, leaves,
+        cuts)``: leaf ``leaves[i]``'s run is rows ``cuts[i]:cuts[i + 1]`` of the table) whose key ids
+        ``key_ids`` are named ``key_names``."""
+
     def checkpointed(self, number: int) -> None:
         """Manifest ``number`` is written."""
+
+
+def _pieces(joined, leaves, cuts) -> list:
+    """The writer's runs as sent (one table, leaf ``leaves[i]`` in rows ``cuts[i]:cuts[i + 1]``), a run a leaf."""
+    return [(int(j), joined.slice(int(a), int(b))) for j, a, b in zip(leaves, cuts[:-1], cuts[1:])]
 
 
 def _incarnation(name: str) -> int:
@@ -104,7 +133,9 @@ class ShardReader(ShardBase):
         self._changing = threading.RLock()  # held by whatever changes the copy (see the module text)
         self._heard = 0.0  # when the writer last told this reader something
         self._gap = False
-        self.counts = {"followed": 0, "from_store": 0, "switches": 0, "rebuilds": 0, "ignored": 0}
+        self.counts = {"followed": 0, "from_store": 0, "switches": 0, "rebuilds": 0, "ignored": 0,
+                       "runs_taken": 0, "runs_skipped": 0}
+        self._runs: deque = deque()  # runs from the writer waiting for their log entries
         self.unavailable: str | None = "starting"
         self._tried = 0.0
         self._start()
@@ -128,13 +159,14 @@ class ShardReader(ShardBase):
         seq = body["log_seq"] if body else 0
         incarnation = int(body.get("incarnation", 0)) if body else 0
         for s, name in self.journal.log_entries(seq):
-            self._apply_entry(store, self.journal.read_log(name))
+            self._apply_entry(store, self.journal.read_log(name), s)
             seq, incarnation = s, _incarnation(name)
             self.counts["from_store"] += 1
         keep = {self._node_key(e) for e in body["nodes"]} if body else set()
         self._nodes = {k: v for k, v in self._nodes.items() if k in keep}  # what the new copy no longer needs
         chunks = {e["object"] for e in body.get("keys", [])} if body else set()
         self._keys = {k: v for k, v in self._keys.items() if k in chunks}
+        store.flush_rows = 1 << 62  # never of itself: the writer's runs come, else ``_sort_own``
         self.store, self.manifest = store, (body or {}).get("number", 0)
         self.counts["rebuilds" if number is None else "switches"] += 1
         self._moved(seq, incarnation)
@@ -160,6 +192,26 @@ class ShardReader(ShardBase):
         with self._held:
             self.seq, self.incarnation = seq, incarnation
             self._held.notify_all()
+        self._take_runs()
+        self._sort_own()
+
+    def _take_runs(self) -> None:
+        """Take the writer's runs whose log positions this copy now holds (see the module text)."""
+        while self._runs and self._runs[0][1] <= self.seq:
+            after, through, incarnation, runs, key_ids, key_names = self._runs.popleft()
+            names = self.store.keys.names
+            # runs of a newer writer instance stand for the log as it is on the store: they replace whatever
+            # this copy holds at those positions (an older instance's entries too, see fencing)
+            same = incarnation >= self.incarnation and all(
+                i < len(names) and names[i] == n for i, n in zip(np.asarray(key_ids).tolist(), key_names))
+            taken = same and self.store.take_runs(after, through, _pieces(*runs))
+            self.counts["runs_taken" if taken else "runs_skipped"] += 1
+
+    def _sort_own(self) -> None:
+        """Runs missed: past ``FOLLOW_FLUSH`` times the writer's memtable, sort the entries held, all but the
+        newest (whose runs may be on their way)."""
+        if len(self.store.memtable) > FOLLOW_FLUSH * self.sketch.memtable_rows:
+            self.store.flush_through(self.seq - 1)
 
     def _catch_up(self) -> None:
         """Read what the store holds beyond this copy: a newer checkpoint, else the log after ``seq``."""
@@ -168,7 +220,7 @@ class ShardReader(ShardBase):
             self._rebuild(numbers[-1])
             return
         for s, name in self.journal.log_entries(self.seq):
-            self._apply_entry(self.store, self.journal.read_log(name))
+            self._apply_entry(self.store, self.journal.read_log(name), s)
             self.counts["from_store"] += 1
             self._moved(s, _incarnation(name))
         self._gap = False
@@ -188,13 +240,24 @@ class ShardReader(ShardBase):
         elif seq <= self.seq or incarnation < self.incarnation:
             self.counts["ignored"] += 1
         elif seq == self.seq + 1:
-            self._apply_entry(self.store, rb)
+            self._apply_entry(self.store, rb, seq)
             self.counts["followed"] += 1
             self._moved(seq, incarnation)
         else:
             self._gap = True
             self._catch_up()
         return self.seq
+
+    def flushed(self, after: int, through: int, incarnation: int, runs, key_ids, key_names) -> int:
+        """The writer sorted log positions ``(after, through]`` into ``runs`` (see the module text)."""
+        with self._changing:
+            if self.unavailable is None:
+                self._runs.append((int(after), int(through), int(incarnation), runs, key_ids, key_names))
+                while len(self._runs) > PENDING_RUNS:
+                    self._runs.popleft()
+                    self.counts["runs_skipped"] += 1
+                self._take_runs()
+            return self.seq
 
     def checkpointed(self, number: int) -> int:
         """Manifest ``number`` is on the store: switch to a copy built from it."""
@@ -217,8 +280,11 @@ class ShardReader(ShardBase):
             if time.time() - self._tried >= RETRY_START_S:
                 self._start()
             return False
+        if time.monotonic() - self._heard >= QUIET_SORT_S:
+            self.store.flush()  # the writer quiet: no runs are coming for what is held
+        else:
+            self._sort_own()  # else its runs come (its upkeep round flushes), unless missed
         if now is not None:
-            self.store.flush()  # as the writer's round does: what a query reads stays sorted into runs
             self.store.expire(now)
         if self._gap or time.monotonic() - self._heard >= POLL_S:
             try:

@@ -152,8 +152,15 @@ class LocalFollowers:
         for h in self.runtime.readers_of(self.index, self.folder):
             h.submit(method, args)
 
+    @property
+    def active(self) -> bool:
+        return bool(self.runtime.readers_of(self.index, self.folder))
+
     def logged(self, seq: int, incarnation: int, rb) -> None:
         self._tell("logged", seq, incarnation, rb)
+
+    def flushed(self, after: int, through: int, incarnation: int, runs, key_ids, key_names) -> None:
+        self._tell("flushed", after, through, incarnation, runs, key_ids, key_names)
 
     def checkpointed(self, number: int) -> None:
         self._tell("checkpointed", number)

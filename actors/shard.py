@@ -51,11 +51,12 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pyarrow as pa
 
 from impressions.durable.journal import CorruptObject, Fenced, ShardJournal
 from impressions.durable.layout import ShardStorage, read_layout
-from impressions.sketch import sealed
+from impressions.sketch import npx, sealed
 from impressions.sketch.arrowio import (
     node_batches,
     store_from_batches,
@@ -63,6 +64,7 @@ from impressions.sketch.arrowio import (
 )
 from impressions.sketch.events import Batch
 from impressions.sketch.reshard import reshard
+from impressions.sketch.rows import code_keys, concat
 from impressions.sketch.store import ShardStore, SketchConfig
 from impressions.sketch.tiers import Slot
 
@@ -141,6 +143,7 @@ class ShardActor(ShardBase):
             elif self._seed[0]:
                 self._seed_from(*self._seed)
             self._seed = ([], ())  # the old shards' states are not kept beyond the seeding
+            self.store.on_flush = self._flushed
             self.unavailable = AWAITING_SEED if self._await_seed else None
         except Exception as e:  # noqa: BLE001 - whatever stops a start is reported, and retried
             self.unavailable = f"{type(e).__name__}: {e}"
@@ -174,7 +177,7 @@ class ShardActor(ShardBase):
         for seq, name in self.journal.log_entries(self.seq):
             rb = self.journal.read_log(name)  # a corrupt acknowledged entry is a loud failure, never skipped
             meta = rb.schema.metadata or {}
-            self._apply_entry(self.store, rb)
+            self._apply_entry(self.store, rb, seq)
             bid = meta.get(b"batch_id", b"").decode()
             if bid:
                 rr = self.store.rr
@@ -214,6 +217,7 @@ class ShardActor(ShardBase):
                 return self.store.events
             try:
                 self._seed_from(list(seed_from), seed_states)
+                self.store.on_flush = self._flushed
             except Exception as e:
                 self.unavailable = f"seeding failed: {type(e).__name__}: {e}"
                 raise
@@ -264,19 +268,33 @@ class ShardActor(ShardBase):
             except Fenced as e:
                 self.unavailable = str(e)
                 raise ShardUnavailable(str(e)) from None
+            # never waits for them; before the apply, so that runs a flush makes of it come after it
+            self.followers.logged(self.seq + 1, self.journal.incarnation, rb)
         with self.store.lock:  # a checkpoint takes log position, registers and batch records together
             if self.journal is not None:
                 self.seq += 1
-            n = self.store.apply(batch.key_names, batch.key_index, batch.bucket, batch.coupon)
+            n = self.store.apply(batch.key_names, batch.key_index, batch.bucket, batch.coupon,
+                                 tag=self.seq if self.journal is not None else None)
             if batch_id is not None:
                 self.applied.record(batch_id, lo, hi, now, expires)
-        if self.journal is not None:
-            self.followers.logged(self.seq, self.journal.incarnation, rb)  # never waits for them
         self.applied_batches += 1
         if self.first_apply_at is None:
             self.first_apply_at = time.time()
         self.telemetry.applied(self.shard_index, len(batch))
         return n
+
+    def _flushed(self, after: int, through: int, runs) -> None:
+        """The store sorted log positions ``(after, through]`` into ``runs``: the readers take them instead of
+        sorting those entries again (``actors.reader``).  Under the store's lock, so the names are the ids'."""
+        if self.journal is None or not runs or not self.followers.active:
+            return
+        joined = concat([run for _, run in runs], 0)  # one table to send, not one per leaf
+        ids = npx.unique(code_keys(joined.code))
+        names = self.store.keys.names
+        self.followers.flushed(after, through, self.journal.incarnation,
+                               (joined, np.array([jf for jf, _ in runs], np.int64),
+                                np.cumsum([0] + [len(run) for _, run in runs])),
+                               ids, [names[i] for i in ids.tolist()])
 
     def ingest(self, batch: Batch, batch_id: str | None = None, keep_s: float = CALL_KEEP_S,
                lo: int | None = None, hi: int | None = None) -> tuple[int, int]:

@@ -100,9 +100,17 @@ class RayFollowers:
             if len(out) < self.MAX_OUT:
                 out.append(getattr(h, method).remote(*args))
 
+    @property
+    def active(self) -> bool:
+        return bool(self._readers())
+
     def logged(self, seq: int, incarnation: int, rb) -> None:
         if self._readers():
             self._tell("logged", seq, incarnation, ray.put(rb))  # the batch: stored once, for every reader
+
+    def flushed(self, after: int, through: int, incarnation: int, runs, key_ids, key_names) -> None:
+        if self._readers():  # each stored once, for every reader
+            self._tell("flushed", after, through, incarnation, ray.put(runs), ray.put(key_ids), ray.put(key_names))
 
     def checkpointed(self, number: int) -> None:
         self._tell("checkpointed", number)

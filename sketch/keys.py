@@ -34,17 +34,18 @@ class KeyTable:
         return self._ids.get(name)
 
     def ids(self, names) -> np.ndarray:
-        """Ids of ``names`` (created as needed), as uint32."""
-        out = np.empty(len(names), np.uint32)
+        """Ids of ``names`` (created as needed, in order), as uint32."""
         ids, table = self._ids, self.names
-        for i, name in enumerate(names):
+        out = np.array([ids.get(name, -1) for name in names], np.int64)
+        for i in np.flatnonzero(out < 0).tolist():  # new names (one named twice gets one id)
+            name = names[i]
             k = ids.get(name)
             if k is None:
                 k = ids[name] = len(table)
                 table.append(name)
                 self.changed.add(k // CHUNK)
             out[i] = k
-        return out
+        return out.astype(np.uint32)
 
     def drop(self, ids) -> int:
         """Forget the keys ``ids`` (none of their rows is left); their ids are

@@ -73,6 +73,10 @@ class ShardStore:
         self._rollups = Rollups(self.tiers, self.config, self.rr, self.lock, self.publish)
         self.max_bucket = -1  # newest bucket seen: time before it (less the lateness) is sealed
         self.events = 0  # events applied
+        # log positions (``apply(tag=...)``): the memtable holds the events of positions (flushed, tagged]
+        self.tagged = self.flushed = 0
+        self.flush_rows = self.config.memtable_rows  # a flush comes when the memtable holds this many rows
+        self.on_flush = None  # called as on_flush(after, through, runs) under the lock by every flush
         self._view: StoreView | None = None
         self.publish()
 
@@ -97,14 +101,18 @@ class ShardStore:
         return self.rr.shards
 
     # ================================================================ ingest
-    def apply(self, key_names, key_index: np.ndarray, buckets: np.ndarray, coupons: np.ndarray) -> int:
+    def apply(self, key_names, key_index: np.ndarray, buckets: np.ndarray, coupons: np.ndarray,
+              tag: int | None = None) -> int:
         """Add validated events: ``key_names[key_index[i]]`` saw coupon
         ``coupons[i]`` in bucket ``buckets[i]``.  Each also counts site-wide.
+        ``tag``: the log position they come from (positions come in order).
         Returns the number of events applied."""
         n = len(buckets)
-        if n == 0:
-            return 0
         with self.lock:
+            if tag is not None:
+                self.tagged = int(tag)
+            if n == 0:
+                return 0
             return self._apply(key_names, key_index, buckets, coupons, n)
 
     def _apply(self, key_names, key_index, buckets, coupons, n: int) -> int:
@@ -114,13 +122,13 @@ class ShardStore:
         own = ids != ALL_KEY  # events keyed "*" have no key of their own
         if own.all():
             self.memtable.add(np.concatenate([ids, np.zeros(n, np.uint32)]), np.concatenate([b, b]),
-                              np.concatenate([c, c]))
+                              np.concatenate([c, c]), self.tagged)
         else:
             self.memtable.add(np.concatenate([ids[own], np.zeros(n, np.uint32)]), np.concatenate([b[own], b]),
-                              np.concatenate([c[own], c]))
+                              np.concatenate([c[own], c]), self.tagged)
         self.max_bucket = max(self.max_bucket, int(b.max()))
         self.events += n
-        if len(self.memtable) >= self.config.memtable_rows:
+        if len(self.memtable) >= self.flush_rows:
             self.flush()
         else:
             self.publish()
@@ -129,21 +137,54 @@ class ShardStore:
     def flush(self) -> None:
         """Sort the memtable into level-0 runs on their leaf (or segment) slots."""
         with self.lock:
+            after, self.flushed = self.flushed, self.tagged
             if not len(self.memtable):
                 return
-            cfg = self.config
-            rows = rows_from_events(*self.memtable.take(), self.rr)
-            for jf, run in split_by_node(rows, cfg.leaf_level):
-                slot = self.tiers.slot_of_leaf(jf)
-                if slot is None:
-                    slot = self.tiers.put_slot(cfg.leaf_level, jf)
-                runs = slot.runs + (run,)
-                # bound what a query reads between maintenance passes (not under a build that took the slot:
-                # it folds them soon, and a fold now would make it drop its work, see ``rollup``)
-                if len(runs) > 4 * cfg.max_runs and (slot.level, slot.node) not in self.tiers.busy:
-                    runs = (merge(list(runs), self.rr),)
-                self.tiers.put_slot(slot.level, slot.node, slot.main, runs, slot.sealed)
+            pieces = split_by_node(rows_from_events(*self.memtable.take(), self.rr), self.config.leaf_level)
+            self._add_runs(pieces)
+            if self.on_flush is not None:
+                self.on_flush(after, self.flushed, pieces)
             self.publish()  # the events left the memtable and are in runs: both in one view
+
+    def _add_runs(self, pieces) -> None:
+        cfg = self.config
+        for jf, run in pieces:
+            slot = self.tiers.slot_of_leaf(jf)
+            if slot is None:
+                slot = self.tiers.put_slot(cfg.leaf_level, jf)
+            runs = slot.runs + (run,)
+            # bound what a query reads between maintenance passes (not under a build that took the slot:
+            # it folds them soon, and a fold now would make it drop its work, see ``rollup``)
+            if len(runs) > 4 * cfg.max_runs and (slot.level, slot.node) not in self.tiers.busy:
+                runs = (merge(list(runs), self.rr),)
+            self.tiers.put_slot(slot.level, slot.node, slot.main, runs, slot.sealed)
+
+    def flush_through(self, tag: int) -> None:
+        """Sort the memtable's events of log positions up to ``tag`` into runs (the later ones stay)."""
+        with self.lock:
+            if tag <= self.flushed:
+                return
+            rest = self.memtable.take_through(tag)
+            self.flushed = min(tag, self.tagged)
+            if len(rest[0]):
+                self._add_runs(split_by_node(rows_from_events(*rest, self.rr), self.config.leaf_level))
+                self.publish()
+
+    def take_runs(self, after: int, through: int, pieces) -> bool:
+        """Take the sorted runs another copy of this range flushed from the events of log positions
+        ``(after, through]`` (``on_flush``, with the same key ids) in place of sorting those events here.
+        Possible when this memtable holds them all: positions up to ``through`` applied, none of
+        ``(after, through]`` flushed here yet (those up to ``after`` are flushed first).  Returns
+        whether the runs were taken (else nothing changed)."""
+        with self.lock:
+            if through > self.tagged or self.flushed > after:
+                return False
+            self.flush_through(after)
+            self.memtable.drop_through(through)
+            self.flushed = through
+            self._add_runs(pieces)
+            self.publish()
+            return True
 
     # ================================================================ maintenance
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:

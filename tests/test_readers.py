@@ -109,6 +109,9 @@ def test_readers_answer_register_for_register_as_the_writer_through_checkpoints_
     direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
     _ingest(coord, runtime, batch)
     _settled(runtime, coord)
+    for h in runtime.reader_handles():  # the writers' flushes came as sorted runs, taken in place of the entries
+        s = runtime.result(runtime.call(h, "stats"), 30)
+        assert s["runs_taken"] >= 1 and s["runs_skipped"] == 0, s
     _same_everywhere(coord, runtime, ref, direct)  # followed entry by entry
     coord.maintain()
     coord.checkpoint()  # rollups, sealed files, a manifest: the readers switch to it

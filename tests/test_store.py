@@ -297,3 +297,61 @@ def test_a_build_takes_in_the_runs_that_came_meanwhile(monkeypatch):
     store.maintain()  # the dropped build is done again
     assert (SMALL.segment_level, b_lo // seg + 1) in store.tiers.slots
     _check_ranges(c, ev, rng, b_lo - 10, now_b - 10, 30)
+
+
+def _tagged_batches(rng, n_batches, b_lo, b_hi):
+    from impressions.sketch.events import prepare
+    out = []
+    for _ in range(n_batches):
+        k, b, h = _stream(rng, 1500, b_lo, b_hi)
+        batch, _ = prepare(b * 60 + 0.5, [KEYS[i] for i in k], hashes=h, now=NOW, bucket_seconds=60,
+                           retention_buckets=SMALL.retention_buckets, future_seconds=SMALL.future_seconds)
+        out.append(batch)
+    return out
+
+
+def _same_registers(a: ShardStore, b: ShardStore, b_lo: int, b_hi: int) -> None:
+    for key in [None, KEYS[0], KEYS[5]]:
+        for b0, b1 in [(b_lo, b_hi), (b_lo + 100, b_lo + 700), (b_hi - 50, b_hi)]:
+            assert np.array_equal(a.registers(key, b0, b1), b.registers(key, b0, b1)), (key, b0, b1)
+        assert a.query([key], b_lo, b_hi)[2].tolist() == b.query([key], b_lo, b_hi)[2].tolist()
+
+
+def test_a_copy_takes_the_sorted_runs_of_another_in_place_of_sorting():
+    """A reader's store given its writer's flushes (``on_flush``) takes them instead of sorting the same log
+    positions itself, and ends register for register as the writer; runs it cannot take change nothing."""
+    rng = np.random.default_rng(11)
+    now_b = int(NOW // 60)
+    b_lo, b_hi = now_b - 2000, now_b - 10
+    writer, reader = ShardStore(SMALL), ShardStore(SMALL)
+    reader.flush_rows = 1 << 30  # sorts only when told to
+    sent = []
+    writer.on_flush = lambda after, through, runs: sent.append((after, through, runs))
+    batches = _tagged_batches(rng, 12, b_lo, b_hi)
+    for seq, b in enumerate(batches[:6], 1):
+        for store in (writer, reader):
+            store.apply(b.key_names, b.key_index, b.bucket, b.coupon, tag=seq)
+    assert sent and all(reader.take_runs(*m) for m in sent)  # memtable_rows 3000: the writer flushed twice
+    assert reader.flushed == sent[-1][1] and len(reader.memtable) == len(writer.memtable)
+    _same_registers(writer, reader, b_lo, b_hi)
+    # runs whose positions the reader does not hold yet, or has sorted itself already: refused, nothing changes
+    sent.clear()
+    for seq, b in enumerate(batches[6:9], 7):
+        writer.apply(b.key_names, b.key_index, b.bucket, b.coupon, tag=seq)
+    before = reader.view()
+    assert sent and not reader.take_runs(*sent[-1]) and reader.view() is before
+    for seq, b in enumerate(batches[6:9], 7):
+        reader.apply(b.key_names, b.key_index, b.bucket, b.coupon, tag=seq)
+    reader.flush()  # the reader sorted 7..9 itself
+    assert not reader.take_runs(*sent[-1])
+    _same_registers(writer, reader, b_lo, b_hi)
+    # runs of (after, through] where the reader holds more before ``after``: it sorts those, takes the rest
+    sent.clear()
+    for seq, b in enumerate(batches[9:], 10):
+        for store in (writer, reader):
+            store.apply(b.key_names, b.key_index, b.bucket, b.coupon, tag=seq)
+    writer.flush()
+    assert sent[-1][0] > 9 and reader.take_runs(*sent[-1]) and len(reader.memtable) == 0
+    _same_registers(writer, reader, b_lo, b_hi)
+    writer.maintain(), reader.maintain()
+    _same_registers(writer, reader, b_lo, b_hi)
