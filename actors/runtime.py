@@ -116,12 +116,15 @@ class LocalShard:
         return f
 
     def submit(self, method: str, args) -> cf.Future:
-        if self.dead:
-            f = cf.Future()
-            f.set_exception(ShardUnavailable(f"{self.name} was stopped"))
-            return f
         pool = self._reads if method in READ_METHODS else self._upkeep if method in UPKEEP_METHODS else self._pool
-        return self._track(pool.submit(self._run, method, args))
+        try:
+            if not self.dead:
+                return self._track(pool.submit(self._run, method, args))
+        except RuntimeError:  # the interpreter is exiting: its pools take nothing more
+            pass
+        f = cf.Future()
+        f.set_exception(ShardUnavailable(f"{self.name} was stopped"))
+        return f
 
     def _run(self, method: str, args):
         return getattr(self._ready.result(), method)(*args)
