@@ -7,9 +7,8 @@ network per key is a few hundred bytes whatever the sketch size.  A shard
 that does not answer within ``query_timeout_s`` is left out and the answer
 is flagged partial, with the wider error that implies; the query never hangs.
 
-It also drives upkeep: every ``maintain_interval_s`` (at once while a
-shard has work left) a background thread asks each shard for a bounded
-slice of work (folding runs, building rollups, sealing; on the shard's
+It also drives upkeep: every ``maintain_interval_s`` a background thread
+asks each shard for a bounded slice of work (folding runs, building rollups, sealing; on the shard's
 upkeep thread, beside its applies), and every ``checkpoint_interval_s`` for
 a checkpoint.  It starts
 ``readers`` readers per register range (``actors.reader``) and, in each
@@ -70,7 +69,7 @@ START_TIMEOUT_S = 120.0  # how long start() waits for shards to answer before go
 RESCALE_TIMEOUT_S = 600.0  # how long a re-sharding waits for the new shards (they load whole states)
 AUTO_READERS = 2  # readers per range when the configuration leaves it to the room the cluster has
 READER_MISSES = 3  # upkeep rounds a published reader may miss its health call before it is unpublished
-UPKEEP_SLICE_S = 0.5  # the work a shard's upkeep does a round before it stops between units (beside its applies)
+UPKEEP_SLICE_S = 0.2  # the work a shard's upkeep does a round before it stops between units (beside its applies)
 CALL_TIMEOUT_S = 600.0  # the longest any other call waits for a shard (a whole maintenance, a checkpoint)
 SERIES_CHUNK = 64  # points per shard call of a series: no single call holds a shard for long
 KEYS_FACTOR = 4  # candidates per shard for a top-keys list: KEYS_FACTOR x the keys asked for
@@ -349,44 +348,36 @@ class Coordinator(Questions):
 
     def _maintain_loop(self) -> None:
         last_ckpt = time.time()
-        behind = False
         while True:
-            if not behind:  # a shard that used its whole slice and has work left gets the next one at once
-                time.sleep(self.config.maintain_interval_s)
-            behind = False
+            # every interval, not back to back when work is left: on a small machine the questions and the
+            # applies need the CPU more (a writer's restart drill answered partial with the rounds back to back)
+            time.sleep(self.config.maintain_interval_s)
             m = self.map
             if m is None:
                 continue
             due = bool(self.config.storage) and time.time() - last_ckpt >= self.config.checkpoint_interval_s
             try:
-                behind = self._upkeep(m, checkpoint=due)
+                self._upkeep(m, checkpoint=due)
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one round; the next retries
                 log.warning("upkeep round failed: %s", e, exc_info=True)
                 self._note(f"upkeep round failed: {type(e).__name__}: {e}")
             if due:
                 last_ckpt = time.time()
 
-    def _upkeep(self, m: ShardMap, checkpoint: bool) -> bool:
+    def _upkeep(self, m: ShardMap, checkpoint: bool) -> None:
         """One round: a bounded slice of maintenance on every shard (retention
-        enforced on this machine's clock), and a checkpoint when one is due.
-        Returns whether a shard used its whole slice and has work left (the
-        next round then comes at once: upkeep runs beside the applies, so it
-        may keep up with them)."""
+        enforced on this machine's clock), and a checkpoint when one is due."""
         rt = self.runtime
-        t0 = time.monotonic()
         maint = [rt.call(h, "maintain", self._now(), UPKEEP_SLICE_S) for h in m.handles]
         self._watch_readers(m)
         rt.wait(maint, CALL_TIMEOUT_S)
         failed = [i for i, p in enumerate(maint) if _failed(rt, p)]
-        behind = time.monotonic() - t0 >= UPKEEP_SLICE_S and \
-            any(rt.result(p, 0) is False for i, p in enumerate(maint) if i not in failed)
         if checkpoint:
             ckpt = [rt.call(h, "checkpoint") for h in m.handles]
             rt.wait(ckpt, CALL_TIMEOUT_S)
             failed += [i for i, p in enumerate(ckpt) if _failed(rt, p)]
         if failed:
             raise RuntimeError(f"shards {sorted(set(failed))} failed their upkeep (restarting, or see their logs)")
-        return behind
 
     # ------------------------------------------------------------ re-sharding
     def rescale(self, shards: int) -> dict:

@@ -100,7 +100,10 @@ class Followers:
 
 
 def _pieces(joined, leaves, cuts) -> list:
-    """The writer's runs as sent (one table, leaf ``leaves[i]`` in rows ``cuts[i]:cuts[i + 1]``), a run a leaf."""
+    """The writer's runs as sent (one table, leaf ``leaves[i]`` in rows ``cuts[i]:cuts[i + 1]``), a run a leaf,
+    in arrays of this process's own: as sent they are views of Ray's object store, which the runs would keep
+    pinned there for as long as they live."""
+    joined = joined.copy()
     return [(int(j), joined.slice(int(a), int(b))) for j, a, b in zip(leaves, cuts[:-1], cuts[1:])]
 
 
@@ -309,5 +312,5 @@ class ShardReader(ShardBase):
     def stats(self) -> dict:
         out = {**self.health(), "role": "reader", "pid": os.getpid(), "host": socket.gethostname(),
                "node": self.telemetry.node() or socket.gethostname(), **process_memory(),
-               "incarnation": self.incarnation, **self.counts, "uptime_s": round(time.time() - self.started, 1)}
+               "incarnation": self.incarnation, **self.counts, "uptime_s": round(time.time() - self.started, 1), "cpu_s": round(time.process_time(), 3)}
         return {**out, **self.store.stats()}

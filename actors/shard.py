@@ -269,7 +269,7 @@ class ShardActor(ShardBase):
                 self.unavailable = str(e)
                 raise ShardUnavailable(str(e)) from None
             # never waits for them; before the apply, so that runs a flush makes of it come after it
-            self.followers.logged(self.seq + 1, self.journal.incarnation, rb)
+            self._tell("logged", lambda: (self.seq + 1, self.journal.incarnation, rb))
         with self.store.lock:  # a checkpoint takes log position, registers and batch records together
             if self.journal is not None:
                 self.seq += 1
@@ -286,15 +286,26 @@ class ShardActor(ShardBase):
     def _flushed(self, after: int, through: int, runs) -> None:
         """The store sorted log positions ``(after, through]`` into ``runs``: the readers take them instead of
         sorting those entries again (``actors.reader``).  Under the store's lock, so the names are the ids'."""
-        if self.journal is None or not runs or not self.followers.active:
+        if self.journal is None or not runs:
             return
+        self._tell("flushed", lambda: (after, through, self.journal.incarnation, *self._runs_message(runs)))
+
+    def _runs_message(self, runs) -> tuple:
         joined = concat([run for _, run in runs], 0)  # one table to send, not one per leaf
         ids = npx.unique(code_keys(joined.code))
         names = self.store.keys.names
-        self.followers.flushed(after, through, self.journal.incarnation,
-                               (joined, np.array([jf for jf, _ in runs], np.int64),
-                                np.cumsum([0] + [len(run) for _, run in runs])),
-                               ids, [names[i] for i in ids.tolist()])
+        cuts = np.cumsum([0] + [len(run) for _, run in runs])
+        return (joined, np.array([jf for jf, _ in runs], np.int64), cuts), ids, [names[i] for i in ids.tolist()]
+
+    def _tell(self, what: str, args) -> None:
+        """Tell the readers (``followers``) ``what``, with the arguments ``args()`` makes (only when there are
+        readers); a failure to tell is theirs to make up (they catch up from the store), never the batch's or
+        the flush's."""
+        try:
+            if self.followers.active:
+                getattr(self.followers, what)(*args())
+        except Exception as e:  # noqa: BLE001 - see above
+            log.warning("shard %d could not tell its readers (%s): %s", self.shard_index, what, e)
 
     def ingest(self, batch: Batch, batch_id: str | None = None, keep_s: float = CALL_KEEP_S,
                lo: int | None = None, hi: int | None = None) -> tuple[int, int]:
@@ -398,7 +409,7 @@ class ShardActor(ShardBase):
             "sketch": self.sketch.identity(), "time": time.time()})
         self.manifest = number
         self.checkpointed_at = time.time()
-        self.followers.checkpointed(number)
+        self._tell("checkpointed", lambda: (number,))
         deleted = self.journal.collect_garbage(self.storage.cache_dir)
         self.telemetry.checkpoint(self.shard_index, time.perf_counter() - t0, wbytes)
         return {"shard": self.shard_index, "manifest": number, "log_seq": seq, "nodes": len(nodes),
@@ -520,5 +531,5 @@ class ShardActor(ShardBase):
                "applied_batches": self.applied_batches, "first_apply_at": self.first_apply_at, "log_seq": self.seq, "manifest": self.manifest,
                "sealed": self.sealed, "recovery": self.recovery, "batch_ids": len(self.applied),
                "checkpoint_age_s": self._checkpoint_age(),
-               "uptime_s": round(time.time() - self.started, 1)}
+               "uptime_s": round(time.time() - self.started, 1), "cpu_s": round(time.process_time(), 3)}
         return {**out, **self.store.stats()}

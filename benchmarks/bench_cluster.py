@@ -145,6 +145,13 @@ def kill_drills(coord, questions, work: str, now: float) -> list[list]:
     return rows
 
 
+def _cpu(coord) -> dict:
+    """CPU seconds the writers and the readers have used so far (their processes, every thread), summed."""
+    st = ray.get(coord.stats.remote())
+    return {"writers": sum(x.get("cpu_s", 0.0) for x in st["shards"] if x),
+            "readers": sum(x.get("cpu_s", 0.0) for x in st.get("readers", []) if x)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=float, default=20e6)
@@ -176,6 +183,7 @@ def main(argv=None):
             cfg = ClusterConfig(shards=a.shards, namespace=f"bench-{name}", maintain_interval_s=1.0 if upkeep else 3600,
                                 storage=f"file://{work}/store-{name}", readers=readers)
             coord = ensure_actors(cfg)
+            cpu0 = _cpu(coord)
             t = time.perf_counter()
             s = run_ingest([os.path.join(work, "events")], coordinator=coord, progress=False, max_tasks=workers,
                            now=now)
@@ -183,9 +191,11 @@ def main(argv=None):
             t = time.perf_counter()
             ray.get(coord.maintain.remote())
             maint_s = time.perf_counter() - t
+            cpu = {k: v - cpu0[k] for k, v in _cpu(coord).items()}
             ingest_rows.append([workers, a.shards, readers, "beside" if upkeep else "after", s.report.accepted,
                                 ingest_s, s.report.accepted / ingest_s / 1e6, maint_s,
-                                s.report.accepted / (ingest_s + maint_s) / 1e6])
+                                s.report.accepted / (ingest_s + maint_s) / 1e6, cpu["writers"] / a.shards,
+                                cpu["readers"] / (a.shards * readers) if readers else "-"])
             if (workers, readers, upkeep) != runs[-1]:
                 teardown(cfg.namespace)
         cfg = ray.get(coord.cluster_config.remote())
@@ -246,7 +256,8 @@ def main(argv=None):
         if ray.is_initialized():
             ray.shutdown()
     t1 = table(["ingest workers", "shards", "readers per range", "upkeep", "events", "ingest s (to queryable)",
-                "M events/s", "rollups left after, s", "M events/s, index built"], ingest_rows)
+                "M events/s", "rollups left after, s", "M events/s, index built", "CPU s a writer",
+                "CPU s a reader"], ingest_rows)
     t2 = table(["query", "path", "n=60 p50 ms", "p99 ms", "n=43,200 p50 ms", "p99 ms"], lat_rows)
     t3 = table(["path", "idle p50 ms", "idle p99 ms", "during ingest p50 ms", "p99 ms", "p99 / idle p99"], load_rows)
     t4 = table(["fault", "questions asked", "partial answers", "slowest answer ms", "recovered"], drills)
@@ -260,9 +271,10 @@ site-wide, as {len(files)} Parquet files ({pq_bytes / 1e6:.0f} MB; generated in 
 shard, send with bounded in-flight calls, applied in the shards' memtables and sorted runs (queryable).
 "Upkeep" is the maintenance that folds runs into segments, builds the time index and seals what will not
 change: "beside" runs the coordinator's upkeep loop during the ingest (as in service: each writer's upkeep
-thread builds beside its applies, a round at once while work is left), "after" leaves it all to the end (the
-loop off); "rollups left after" is a full maintenance once the ingest job returned, and the last column the
-events over both, i.e. Parquet to queryable with the index built.  Sketch memory on the heap after the queries: {mem / 1e6:.0f} MB over all
+thread builds beside its applies, a slice of 0.2 s a shard every second), "after" leaves it all to the end (the
+loop off); "rollups left after" is a full maintenance once the ingest job returned, "index built" the
+events over both, i.e. Parquet to queryable with the index built; "CPU s" what each writer and each reader
+process used over both (all its threads; the ingest workers and Ray's own processes not counted).  Sketch memory on the heap after the queries: {mem / 1e6:.0f} MB over all
 shards (sealed nodes are mapped files, section 5 of the design).
 
 {t1}

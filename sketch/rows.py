@@ -86,6 +86,16 @@ class RowTable:
         np.cumsum(dense >= 0, out=self.dense_cs[1:])
         self._measure = measure  # from the merge kernel, which knows a dense row's coupon count
 
+    def __reduce__(self):
+        """Pickled as its columns (the prefix sums are derived again): what crosses to another process."""
+        return RowTable, (self.level, self.code, self.off, self.dense, self.coupons, self.regs, self.imp,
+                          self._measure)
+
+    def copy(self) -> "RowTable":
+        """The same rows in arrays of its own (not views of a buffer another owner frees or pins)."""
+        return RowTable(self.level, self.code.copy(), self.off.copy(), self.dense.copy(), self.coupons.copy(),
+                        self.regs.copy(), self.imp.copy(), None if self._measure is None else self._measure.copy())
+
     @classmethod
     def empty(cls, level: int, R: int) -> "RowTable":
         return cls(level, np.zeros(0, np.uint64), np.zeros(1, np.int64), np.zeros(0, np.int32),
