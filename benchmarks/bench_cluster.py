@@ -9,9 +9,10 @@ a reader killed.
 Starts a private local Ray (all CPUs), the coordinator and ``--shards``
 shards; writes a per-ad stream (every event also counts site-wide) as
 Parquet; ingests it with the ingest job's code (parallel read/validate/hash
-tasks sending straight to the shards) with 1 and then 2 ingest workers, each
-into a fresh cluster, and with 2 workers once more without readers (today's
-engine before readers, side by side); then times queries every way, idle
+tasks sending straight to the shards), each run into a fresh cluster: 1
+worker with readers, then 2 workers without and with readers, each with the
+upkeep loop on during the ingest and off (all of it after), reporting the CPU
+each writer and reader used; then times queries every way, idle
 and during a second ingest of the same files; then kills (SIGKILL) one
 writer during an ingest, and one reader, asking all the while.
 """
