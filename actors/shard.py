@@ -333,7 +333,7 @@ class ShardActor(ShardBase):
 
     def checkpoint(self) -> dict:
         """Write what changed since the last checkpoint, then a manifest."""
-        with self._upkeep_lock:
+        with self._upkeep_lock:  # usable after a restart that may be under way on the upkeep thread
             self._usable()
             return self._checkpoint()
 

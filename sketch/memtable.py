@@ -54,18 +54,21 @@ class Memtable:
 
     def take_through(self, tag: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The events of the chunks tagged ``tag`` or less (chunks are added in tag order), taken out."""
-        k = 0
-        while k < len(self._tags) and self._tags[k] <= tag:
-            k += 1
-        out = _concat(self._chunks[:k])
-        self._chunks, self._tags = self._chunks[k:], self._tags[k:]
-        self.rows -= len(out[0])
-        self._cat = None
-        return out
+        return _concat(self._cut(tag))
 
     def drop_through(self, tag: int) -> int:
         """Forget the chunks tagged ``tag`` or less; returns the events dropped."""
-        return len(self.take_through(tag)[0])
+        return sum(len(ids) for ids, _, _ in self._cut(tag))
+
+    def _cut(self, tag: int) -> list:
+        """The chunks tagged ``tag`` or less, removed from the table."""
+        k = 0
+        while k < len(self._tags) and self._tags[k] <= tag:
+            k += 1
+        out, self._chunks, self._tags = self._chunks[:k], self._chunks[k:], self._tags[k:]
+        self.rows -= sum(len(ids) for ids, _, _ in out)
+        self._cat = None
+        return out
 
 
 def _concat(chunks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -140,11 +140,16 @@ class ShardStore:
             after, self.flushed = self.flushed, self.tagged
             if not len(self.memtable):
                 return
-            pieces = split_by_node(rows_from_events(*self.memtable.take(), self.rr), self.config.leaf_level)
-            self._add_runs(pieces)
+            pieces = self._sort_in(self.memtable.take())
             if self.on_flush is not None:
                 self.on_flush(after, self.flushed, pieces)
             self.publish()  # the events left the memtable and are in runs: both in one view
+
+    def _sort_in(self, events) -> list:
+        """Sort memtable events into level-0 runs, one a leaf, and put them on their slots; returns the runs."""
+        pieces = split_by_node(rows_from_events(*events, self.rr), self.config.leaf_level)
+        self._add_runs(pieces)
+        return pieces
 
     def _add_runs(self, pieces) -> None:
         cfg = self.config
@@ -167,7 +172,7 @@ class ShardStore:
             rest = self.memtable.take_through(tag)
             self.flushed = min(tag, self.tagged)
             if len(rest[0]):
-                self._add_runs(split_by_node(rows_from_events(*rest, self.rr), self.config.leaf_level))
+                self._sort_in(rest)
                 self.publish()
 
     def take_runs(self, after: int, through: int, pieces) -> bool:

@@ -9,12 +9,15 @@ that something else started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -71,6 +74,29 @@ def ray_cluster(tmp_path_factory):
         os.environ.pop("RAY_ADDRESS", None)
         subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, timeout=120)
         shutil.rmtree(short, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def looping(fn):
+    """Call ``fn`` over and over on a thread of its own while the block runs; yields a namespace whose
+    ``rounds`` counts the calls finished and ``errors`` holds what stopped the loop (checked by the test)."""
+    out = types.SimpleNamespace(rounds=0, errors=[])
+    stop = threading.Event()
+
+    def loop():
+        try:
+            while not stop.is_set():
+                fn()
+                out.rounds += 1
+        except Exception as e:  # noqa: BLE001 - reported by the test's assertions
+            out.errors.append(e)
+    th = threading.Thread(target=loop)
+    th.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        th.join()
 
 
 def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):

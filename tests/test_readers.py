@@ -249,29 +249,14 @@ def test_upkeep_and_checkpoints_beside_ingest_keep_every_copy_exact(tmp_path, st
     """Rollups, sealing and checkpoints run on the writers' upkeep threads while batches apply: the
     writers, their readers, and writers restarted from what the checkpoints and the log hold all answer
     register for register as the reference."""
-    import threading
+    from tests.conftest import looping
 
     batch, ref = stream
     coord, runtime = _cluster(tmp_path, readers=1)
     direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
-    stop, rounds, errors = threading.Event(), [], []
-
-    def upkeep():
-        try:
-            while not stop.is_set():
-                coord.maintain(NOW)
-                coord.checkpoint()
-                rounds.append(1)
-        except Exception as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(e)
-    th = threading.Thread(target=upkeep)
-    th.start()
-    try:
+    with looping(lambda: (coord.maintain(NOW), coord.checkpoint())) as upkeep:
         _ingest(coord, runtime, batch, parts=200)
-    finally:
-        stop.set()
-        th.join()
-    assert not errors and len(rounds) >= 2, (errors, len(rounds))
+    assert not upkeep.errors and upkeep.rounds >= 2, (upkeep.errors, upkeep.rounds)
     _settled(runtime, coord)
     _same_everywhere(coord, runtime, ref, direct)
     coord.maintain(NOW)

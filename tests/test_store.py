@@ -226,32 +226,18 @@ def test_answers_come_back_in_the_order_asked_whatever_the_key_ids():
 
 def test_maintenance_beside_applies_loses_nothing():
     """Rollups built on one thread while another applies (in time order and late): every event counts once."""
-    import threading
+    from tests.conftest import looping
 
     rng = np.random.default_rng(7)
     c = LocalCounter(SMALL, shards=1)
     ev = Events(KEYS)
     now_b = int(NOW // 60)
     b_lo, b_hi = now_b - 3000, now_b - 10
-    stop, passes, errors = threading.Event(), [], []
-
-    def upkeep():
-        try:
-            while not stop.is_set():
-                c.maintain()
-                passes.append(1)
-        except Exception as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(e)
-    th = threading.Thread(target=upkeep)
-    th.start()
-    try:
+    with looping(c.maintain) as upkeep:
         for lo in range(b_lo, b_hi, 150):
             _ingest(c, ev, *_stream(rng, 3000, lo, min(lo + 150, b_hi)))
             _ingest(c, ev, *_stream(rng, 300, b_lo, lo + 1))  # late events on time being built or built
-    finally:
-        stop.set()
-        th.join()
-    assert not errors and len(passes) > 5
+    assert not upkeep.errors and upkeep.rounds > 5
     _check_ranges(c, ev, rng, b_lo, b_hi, 30)
     c.maintain()
     st = c.stores[0].stats()
