@@ -13,16 +13,20 @@ tasks sending straight to the shards), each run into a fresh cluster: 1
 worker with readers, then 2 workers without and with readers, each with the
 upkeep loop on during the ingest and off (all of it after), reporting the CPU
 each writer and reader used; then times queries every way, idle
-and during a second ingest of the same files; then kills (SIGKILL) one
-writer during an ingest, and one reader, asking all the while.
+and while ingest jobs run in processes of their own (a live one: events of
+the last hour; a backfill: the 30 days again); then kills (SIGKILL) one
+writer during an ingest job, and one reader, asking all the while.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -58,6 +62,40 @@ def _ask_while(ask, stop, out: list) -> None:
         r = ask()
         out.append((time.perf_counter() - t, r["partial"]))
         time.sleep(0.02)
+
+
+def ingest_job(folder: str, cfg) -> subprocess.Popen:
+    """The ingest job as ``ray job submit`` runs it: a driver process of its own on this cluster (so the
+    questions asked here never share a process, or its interpreter lock, with the job's driver)."""
+    env = dict(os.environ, **cfg.job_env(), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    return subprocess.Popen([sys.executable, "-m", "impressions.cluster.ingest", folder, "--force", "--json",
+                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+@ray.remote(num_cpus=0)
+class Idle:
+    """An actor with nothing else to do: a bare call to it is what the machine itself costs a call."""
+
+    def ping(self) -> int:
+        return 1
+
+
+def asked_during(job: subprocess.Popen, asks: dict, question) -> tuple[dict, dict]:
+    """Ask every path of ``asks`` in turn (interleaved, so each sees the same moments of the job) until the job
+    ends; keep the answers given while it ingested (its own seconds, counted back from its end).  Returns
+    (seconds a path, the job's summary)."""
+    seen = {name: [] for name in asks}
+    stamps = []
+    while job.poll() is None:
+        for name, ask in asks.items():
+            t = time.perf_counter()
+            ask(*question())
+            seen[name].append(time.perf_counter() - t)
+        stamps.append(time.time())
+    summary = json.loads(job.communicate()[0])
+    start = time.time() - summary["seconds"]
+    keep = [i for i, t in enumerate(stamps) if t >= start]
+    return {name: [v[i] for i in keep] for name, v in seen.items()}, summary
 
 
 def reader_lag(coord, questions, now: float, probes: int = 20) -> list[float]:
@@ -114,26 +152,22 @@ def kill_drills(coord, questions, work: str, now: float) -> list[list]:
         return [fault, len(seen), sum(p for _, p in seen), max(t for t, _ in seen) * 1e3, recovered]
 
     writer = ray.get(coord.shard_handles.remote())[0]
-    result: dict = {}
-
-    def reingest():
-        try:
-            result["summary"] = run_ingest([os.path.join(work, "events")], coordinator=coord, progress=False,
-                                           max_tasks=2, now=now, force=True)
-        except Exception as e:  # noqa: BLE001 - reported in the table
-            result["error"] = e
+    cfg = ray.get(coord.cluster_config.remote())
 
     def writer_back(pid, killed):
         st = ray.get(writer.stats.remote(), timeout=5)
         return st["first_apply_at"] - killed if st["pid"] != pid and st.get("first_apply_at") else None
-    job = threading.Thread(target=reingest, daemon=True)
-    job.start()
-    time.sleep(2.0)
-    seen, back = _kill_while_asking(ask, writer, writer_back, 1.0, job.join)
+    before = ray.get(writer.stats.remote())["applied_batches"]
+    job = ingest_job(os.path.join(work, "events"), cfg)
+    deadline = time.time() + 60
+    while ray.get(writer.stats.remote())["applied_batches"] == before and time.time() < deadline:
+        time.sleep(0.05)  # the job started, connected and is sending
+    out: list = []
+    seen, back = _kill_while_asking(ask, writer, writer_back, 1.0, lambda: out.append(job.communicate()[0]))
+    ok = job.returncode == 0 and json.loads(out[0])["accepted"] > 0
     rows = [row("writer 0 SIGKILL during ingest", seen,
-                f"took batches {back:.1f} s after the kill; ingest {'FAILED' if 'error' in result else 'completed'}"
+                f"took batches {back:.1f} s after the kill; ingest {'completed' if ok else 'FAILED'}"
                 if back is not None else "not back within 120 s")]
-    cfg = ray.get(coord.cluster_config.remote())
     layout = SimpleNamespace(shards=cfg.shards, folder=epoch_folder(0))
     reader = ray.get_actor(reader_name(0, 0, layout), namespace=cfg.namespace)
 
@@ -230,24 +264,35 @@ def main(argv=None):
             t = time.perf_counter()
             ray.get(coord.cluster_config.remote())
             base.append(time.perf_counter() - t)
-        # one key over 30 days, idle and while an ingest job saturates the cluster (the same files again)
-        load_rows = []
-        idle = {name: timed_queries(ask, [None], 43_200, a.queries, now, rng) for name, ask in paths[:2]}
+        # one key over 30 days, idle and while an ingest job saturates the cluster: a live one (events of the
+        # last hour: the newest leaves change) and a backfill (the 30 days again: every leaf changes), each
+        # a job of its own process; the paths asked in turn, with a bare call to an idle actor for scale
+        idle_actor = Idle.remote()
+        ray.get(idle_actor.ping.remote())
+        asks = {"client -> readers": readers_q.query, "client -> writers": writers_q.query,
+                "bare call (idle actor)": lambda k, r: ray.get(idle_actor.ping.remote())}
 
-        def reingest():
-            run_ingest([os.path.join(work, "events")], coordinator=coord, progress=False, max_tasks=2, now=now,
-                       force=True)
-        th = threading.Thread(target=reingest, daemon=True)
-        th.start()
-        time.sleep(2.0)
-        busy = {}
-        for name, ask in paths[:2]:
-            busy[name] = timed_queries(ask, [None], 43_200, a.queries // 2, now, rng)
-        busy_alive = th.is_alive()
-        th.join()
-        for name, _ in paths[:2]:
-            load_rows.append([name, idle[name][0], idle[name][1], busy[name][0], busy[name][1],
-                              busy[name][1] / idle[name][1]])
+        def question():
+            end = now - 60 * int(rng.integers(0, 60))  # the newest hour: where a live ingest writes
+            return [None], SketchConfig().resolve(now=now, last=43_140, end=end)
+        live = generate(events // 2, days=1 / 24, visitors=3_000_000, keys=a.ads, seed=a.seed + 1, end=now - 60)
+        write_parquet(live, os.path.join(work, "live"), rows_per_file=1_000_000)
+        del live
+        load_rows = []
+        for label, folder in (("live (the last hour)", "live"), ("backfill (the 30 days)", "events")):
+            idle = {name: [] for name in asks}
+            for _ in range(a.queries // 2):
+                for name, ask in asks.items():
+                    t = time.perf_counter()
+                    ask(*question())
+                    idle[name].append(time.perf_counter() - t)
+            busy, summary = asked_during(ingest_job(os.path.join(work, folder), cfg), asks, question)
+            rate = summary["accepted"] / summary["seconds"] / 1e6
+            for name in asks:
+                i50, i99 = np.median(idle[name]) * 1e3, np.percentile(idle[name], 99) * 1e3
+                b50, b99 = np.median(busy[name]) * 1e3, np.percentile(busy[name], 99) * 1e3
+                load_rows.append([label, f"{summary['accepted']:,} at {rate:.2f} M/s", name, i50, i99,
+                                  b50, b99, len(busy[name]), b99 / i99])
         lag = reader_lag(coord, readers_q, now)
         drills = kill_drills(coord, readers_q, work, now)
         st = ray.get(coord.stats.remote())
@@ -260,7 +305,8 @@ def main(argv=None):
                 "M events/s", "rollups left after, s", "M events/s, index built", "CPU s a writer",
                 "CPU s a reader"], ingest_rows)
     t2 = table(["query", "path", "n=60 p50 ms", "p99 ms", "n=43,200 p50 ms", "p99 ms"], lat_rows)
-    t3 = table(["path", "idle p50 ms", "idle p99 ms", "during ingest p50 ms", "p99 ms", "p99 / idle p99"], load_rows)
+    t3 = table(["ingest job", "events, while asked", "path", "idle p50 ms", "idle p99 ms", "during p50 ms", "p99 ms",
+                "questions during", "p99 / idle p99"], load_rows)
     t4 = table(["fault", "questions asked", "partial answers", "slowest answer ms", "recovered"], drills)
     cmd = "python -m benchmarks.bench_cluster" + ("" if events == 20_000_000 else f" --events {events:g}")
     body = f"""## Actor cluster: ingest job and coordinator queries (`{cmd}`)
@@ -288,8 +334,12 @@ call to the coordinator costs {np.median(base) * 1e3:.2f} ms p50 / {np.percentil
 
 {t2}
 
-One key (site-wide) over 30 days, idle and while an ingest job of the same {events:,} events runs again
-(2 workers{"" if busy_alive else "; it ended before the questions did"}), {a.queries // 2} questions a path:
+One key (site-wide) over 30 days less an hour, ending in the newest hour, idle and while an ingest job runs, the job in a
+process of its own as `ray job submit` runs it (the questions never share a driver with it): a live job
+({events // 2:,} events of the last hour: only the newest leaves change) and a backfill (the {events:,}
+events of the 30 days again: every leaf changes, and until the upkeep folds them a question reads their raw
+runs).  The paths are asked in turn, {a.queries // 2} rounds idle and as many as fit in the job; "bare call" is
+a call to an actor with nothing else to do, what a call costs on the machine at that moment.
 
 {t3}
 
