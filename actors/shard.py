@@ -522,7 +522,7 @@ class ShardActor(ShardBase):
         self.telemetry.shard_state(self.shard_index, {
             "recovering": int(self.unavailable is not None), "checkpoint_age_s": self._checkpoint_age(),
             "rows": st["base_rows"] + st["rollup_rows"], "keys": st["keys"], "events": st["events"],
-            **process_memory()})
+            "run_rows": st["run_rows"], **process_memory()})
 
     def stats(self) -> dict:
         out = {"shard": self.shard_index, "shards": self.shards, "pid": os.getpid(), "host": socket.gethostname(),

@@ -36,6 +36,8 @@ METRICS: dict[str, tuple] = {
                                        ("shard",)),
     "impressions_shard_rows": ("gauge", "sketch rows a shard holds (base and rollups)", ("shard",)),
     "impressions_shard_keys": ("gauge", "keys a shard holds", ("shard",)),
+    "impressions_shard_run_rows": ("gauge", "rows in runs a shard's upkeep has yet to fold (questions read them raw)",
+                                   ("shard",)),
     "impressions_shard_events": ("gauge", "events a shard has counted", ("shard",)),
     "impressions_queries_in_flight": ("gauge", "questions out now, per asker (coordinator, REST replica, client)", ()),
     "impressions_answer_ms": ("histogram", "a question's fan-out and merge in the coordinator", ("partial",), MS),
@@ -44,7 +46,8 @@ METRICS: dict[str, tuple] = {
 }
 _STATE = {"recovering": "impressions_shard_recovering", "checkpoint_age_s": "impressions_shard_checkpoint_age_seconds",
           "heap_bytes": "impressions_shard_heap_bytes", "mapped_bytes": "impressions_shard_mapped_bytes",
-          "rows": "impressions_shard_rows", "keys": "impressions_shard_keys", "events": "impressions_shard_events"}
+          "rows": "impressions_shard_rows", "keys": "impressions_shard_keys", "events": "impressions_shard_events",
+          "run_rows": "impressions_shard_run_rows"}
 
 
 _MAKING = threading.Lock()

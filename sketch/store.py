@@ -397,13 +397,14 @@ class ShardStore:
 
     def _stats(self) -> dict:
         base = rollup = 0
-        base_rows = rollup_rows = 0
+        base_rows = rollup_rows = run_rows = 0
         tiers = self.tiers
         sealed = {id(n.sealed): n.sealed for n in tiers.nodes() if n.sealed is not None}
         for slot in tiers.slots.values():
             for t in slot.base_tables():
                 base += t.nbytes
                 base_rows += len(t)
+            run_rows += sum(len(t) for t in slot.runs)
             for t in (slot.main or ())[1:]:
                 rollup += t.nbytes
                 rollup_rows += len(t)
@@ -414,6 +415,8 @@ class ShardStore:
                 "slots": len(tiers.slots), "upper_nodes": len(tiers.upper), "summaries": len(tiers.summaries),
                 "base_rows": base_rows, "rollup_rows": rollup_rows, "base_bytes": base, "rollup_bytes": rollup,
                 "summary_bytes": sum(n.table.nbytes for n in tiers.summaries.values()),
+                # what upkeep has yet to fold: rows in runs, and slots whose rows the upper index may lack
+                "run_rows": run_rows, "loose_slots": len(tiers.loose),
                 "sealed_nodes": len(sealed), "sealed_bytes": sum(f.size for f in sealed.values())}
 
 

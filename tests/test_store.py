@@ -341,3 +341,20 @@ def test_a_copy_takes_the_sorted_runs_of_another_in_place_of_sorting():
     _same_registers(writer, reader, b_lo, b_hi)
     writer.maintain(), reader.maintain()
     _same_registers(writer, reader, b_lo, b_hi)
+
+
+def test_stats_count_the_rows_upkeep_has_yet_to_fold():
+    """``run_rows`` (what questions read raw until upkeep folds it) grows with flushed events and drops
+    to what lies in open time once upkeep has run."""
+    rng = np.random.default_rng(4)
+    c = LocalCounter(SMALL, 1)
+    now_b = int(NOW // 60)
+    _ingest(c, Events(KEYS), *_stream(rng, 20_000, now_b - 2000, now_b))
+    st = c.stores[0]
+    st.flush()
+    before = st.stats()
+    assert before["run_rows"] > 0 and before["loose_slots"] > 0 and before["memtable_rows"] == 0
+    c.maintain()
+    after = st.stats()
+    # folded: only the leaves of time not yet sealed (the lateness window) may keep runs
+    assert after["run_rows"] < before["run_rows"] / 20, (before, after)
