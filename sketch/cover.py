@@ -66,24 +66,36 @@ class Pieces:
     chunk with the key position of every entry (not needed, and not kept,
     when K = 1).  The counters are what the index keeps small: ``rows``
     stored rows merged, ``reads`` contiguous reads, ``bytes`` sketch bytes.
+
+    ``fold`` (the cover walk's, never the near-exact path's): a slice of a
+    table upkeep has yet to fold holding more coupons than ``count_limit``
+    is read as its registers
+    (``RowTable.folded``, computed once per table) when they alone set more
+    registers than ``count_limit``: the key is then counted from its
+    registers whatever else it gets (``finish``), so the answer is the same,
+    and a busy key's runs that upkeep has not folded yet cost a row each,
+    not their coupons, from the second question on.
     """
 
-    __slots__ = ("K", "ck", "cv", "dk", "dv", "rows", "reads", "bytes")
+    __slots__ = ("K", "bytes", "ck", "cv", "dk", "dv", "fold", "reads", "rows")
 
-    def __init__(self, K: int):
+    def __init__(self, K: int, fold: RegisterRange | None = None):
         self.K = K
+        self.fold = fold
         self.rows = self.reads = self.bytes = 0
         self.ck: list[np.ndarray] = []  # key positions of coupons (K > 1)
         self.cv: list[np.ndarray] = []  # coupons
         self.dk: list[np.ndarray] = []  # key positions of dense rows (K > 1)
         self.dv: list[np.ndarray] = []  # dense rows (n, R)
 
-    def add_slice(self, t: RowTable, p: int, r0: int, r1: int) -> None:
-        """Rows ``[r0, r1)`` of ``t`` for key position ``p``: slices, no copies."""
+    def add_slice(self, t: RowTable, p: int, r0: int, r1: int, raw: bool = False) -> None:
+        """Rows ``[r0, r1)`` of ``t`` for key position ``p``: slices, no copies.  ``raw``: ``t`` holds
+        rows upkeep has yet to fold (a run, or a leaf the upper index may lack), which ``fold`` may read
+        as registers."""
         self.rows += r1 - r0
         self.reads += 1
         c0, c1 = int(t.off[r0]), int(t.off[r1])
-        if c1 > c0:
+        if c1 > c0 and not (raw and self._folded(t, p, c0, c1)):
             self.cv.append(t.coupons[c0:c1])
             self.bytes += 4 * (c1 - c0)
             if self.K > 1:
@@ -94,6 +106,20 @@ class Pieces:
             self.bytes += (d1 - d0) * t.regs.shape[1]
             if self.K > 1:
                 self.dk.append(np.full(d1 - d0, p, np.int64))
+
+    def _folded(self, t: RowTable, p: int, c0: int, c1: int) -> bool:
+        """Coupons ``[c0, c1)`` of ``t`` added as their registers, if ``fold`` allows (see the class text)."""
+        rr = self.fold
+        if rr is None or c1 - c0 <= rr.count_limit:
+            return False
+        regs, n_set = t.folded(c0, c1, rr)
+        if n_set <= rr.count_limit:
+            return False
+        self.dv.append(regs[None, :])
+        self.bytes += len(regs)
+        if self.K > 1:
+            self.dk.append(np.full(1, p, np.int64))
+        return True
 
     def add_gather(self, t: RowTable, pos: np.ndarray, r0: np.ndarray, r1: np.ndarray) -> None:
         """Rows ``[r0[i], r1[i])`` of ``t`` for key position ``pos[i]``."""
@@ -254,8 +280,8 @@ class OneKey:
     def sizes(self, t: RowTable):
         return t.bytes_between(self.r0, self.r1)
 
-    def add_to(self, pc: Pieces, t: RowTable) -> None:
-        pc.add_slice(t, self.pos, self.r0, self.r1)
+    def add_to(self, pc: Pieces, t: RowTable, raw: bool = False) -> None:
+        pc.add_slice(t, self.pos, self.r0, self.r1, raw)
 
     def match(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mask of the entries of key ids ``k`` that are keys of the set, their positions)."""
@@ -297,7 +323,7 @@ class ManyKeys:
     def sizes(self, t: RowTable):
         return t.bytes_between(self.r0, self.r1)
 
-    def add_to(self, pc: Pieces, t: RowTable) -> None:
+    def add_to(self, pc: Pieces, t: RowTable, raw: bool = False) -> None:
         pc.add_gather(t, self.pos, self.r0, self.r1)
 
     def match(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -332,7 +358,7 @@ def gather(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, 
            pos: np.ndarray | None = None, K: int | None = None) -> Pieces:
     """The pieces of keys ``ids`` (distinct) over ``[b0, b1)``, key i at
     position ``pos[i]`` of ``K`` (default: position i of ``len(ids)``)."""
-    pc = Pieces(len(ids) if K is None else K)
+    pc = Pieces(len(ids) if K is None else K, fold=rr)
     if not len(ids):
         return pc
     keys = key_set(ids, pos)
@@ -379,7 +405,7 @@ def _node(tiers: Tiers, rr: RegisterRange, keys, lvl: int, j: int, pc: Pieces) -
     for run in slot.runs:
         some = keys.within(run, lo, hi)
         if some:
-            some.add_to(pc, run)
+            some.add_to(pc, run, raw=True)
 
 
 def _built(tables, rr: RegisterRange, keys, lvl: int, j: int, pc: Pieces) -> None:
@@ -417,7 +443,7 @@ def _loose(tiers: Tiers, keys, lo: int, hi: int, pc: Pieces) -> None:
                 t = _rows(t, keys, lo, hi)
                 some = keys.within(t, lo, hi)
                 if some:
-                    some.add_to(pc, t)
+                    some.add_to(pc, t, raw=True)
 
 
 def gather_base(tiers: Tiers, memtable, rr: RegisterRange, ids: np.ndarray, b0: int, b1: int,

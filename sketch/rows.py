@@ -36,6 +36,7 @@ KEY_SHIFT = np.uint64(32)
 NODE_MASK = np.uint64(0xFFFFFFFF)
 _EMPTY_U32 = np.zeros(0, dtype=np.uint32)
 _LITTLE = np.little_endian
+FOLDED_PER_TABLE = 4  # spans of coupons a table keeps folded into registers (``RowTable.folded``)
 
 
 def make_code(key, node):
@@ -69,7 +70,8 @@ class RowTable:
     once: ``imp_cs`` over impressions and ``dense_cs`` over dense rows.
     """
 
-    __slots__ = ("level", "code", "off", "dense", "coupons", "regs", "imp", "imp_cs", "dense_cs", "_measure")
+    __slots__ = ("level", "code", "off", "dense", "coupons", "regs", "imp", "imp_cs", "dense_cs", "_measure",
+                 "_folded")
 
     def __init__(self, level, code, off, dense, coupons, regs, imp, measure=None):
         self.level = int(level)
@@ -85,6 +87,7 @@ class RowTable:
         self.dense_cs = np.zeros(n + 1, np.int64)
         np.cumsum(dense >= 0, out=self.dense_cs[1:])
         self._measure = measure  # from the merge kernel, which knows a dense row's coupon count
+        self._folded: dict | None = None  # (c0, c1, lo, R) -> (registers, set): see ``folded``
 
     def __reduce__(self):
         """Pickled as its columns (the prefix sums are derived again): what crosses to another process."""
@@ -161,6 +164,24 @@ class RowTable:
     def bytes_between(self, r0, r1):
         """Sketch bytes of rows ``[r0, r1)`` (ints, or arrays of row numbers)."""
         return 4 * (self.off[r1] - self.off[r0]) + self.regs.shape[1] * (self.dense_cs[r1] - self.dense_cs[r0])
+
+    def folded(self, c0: int, c1: int, rr: RegisterRange) -> tuple[np.ndarray, int]:
+        """Coupons ``[c0, c1)`` scattered into ``rr``'s registers (max), and how many are set: computed once
+        per table and span (a table never changes), so a question that reads the same many coupons again
+        (a busy key's rows in a run, while upkeep has not folded it) merges one row in their place.  At most
+        ``FOLDED_PER_TABLE`` spans are kept a table, the newest."""
+        key = (c0, c1, rr.lo, rr.R)
+        cache = self._folded
+        got = cache.get(key) if cache is not None else None
+        if got is None:
+            regs = rr.registers_from_coupons(self.coupons[c0:c1])
+            got = (regs, int(np.count_nonzero(regs)))
+            cache = dict(cache or ())  # replaced whole: questions on other threads read it meanwhile
+            while len(cache) >= FOLDED_PER_TABLE:
+                del cache[next(iter(cache))]
+            cache[key] = got
+            self._folded = cache
+        return got
 
     # ------------------------------------------------------------ reshaping
     def take(self, mask: np.ndarray) -> "RowTable":

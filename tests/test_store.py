@@ -358,3 +358,41 @@ def test_stats_count_the_rows_upkeep_has_yet_to_fold():
     after = st.stats()
     # folded: only the leaves of time not yet sealed (the lateness window) may keep runs
     assert after["run_rows"] < before["run_rows"] / 20, (before, after)
+
+
+def test_a_busy_keys_unfolded_runs_are_read_as_registers_with_the_same_answers():
+    """Runs upkeep has not folded yet: a key's slice of a run holding more coupons than the count limit
+    is read as its registers (kept on the run for the next question) when they alone set more registers
+    than the limit, and every answer (registers, histogram, count) is the one its coupons give; a slice
+    of many repeats of few visitors stays coupons, and is counted."""
+    from impressions.sketch.hll import coupons_from_hashes
+    cfg = SketchConfig(p=11, leaf_level=6, segment_level=9, memtable_rows=1 << 20, lateness_buckets=2)
+    st = ShardStore(cfg)
+    rr = st.rr
+    rng = np.random.default_rng(12)
+    now_b = int(NOW // 60)
+    n = 60_000
+    h = np.r_[rng.integers(0, 2**64, n, dtype=np.uint64),  # "busy": every event a new visitor
+              rng.integers(0, 2**64, 150, dtype=np.uint64)[rng.integers(0, 150, n)]]  # "few": 150, repeating
+    k = np.r_[np.zeros(n, np.int64), np.ones(n, np.int64)]
+    b = rng.integers(now_b - 1000, now_b - 10, 2 * n)
+    for part in np.array_split(rng.permutation(2 * n), 5):  # five flushes: five runs a leaf, none folded
+        st.apply(["busy", "few"], k[part].astype(np.int32), b[part], coupons_from_hashes(h[part]))
+        st.flush()
+    ev = Events(["busy", "few"])
+    ev.add(k, b, h)
+    for b0, b1 in [(now_b - 1000, now_b), (now_b - 700, now_b - 100), (now_b - 300, now_b - 250)]:
+        for name in ("busy", "few"):
+            ids = np.array([st.keys.get(name)])
+            for _ in range(2):  # the second question finds the registers the first one folded
+                pc = cover.gather(st.tiers, st.memtable, rr, ids, b0, b1)
+                regs = pc.registers(rr)
+                hist, sparse = pc.finish(rr, -1, regs)
+                want = ev.registers(name, b0, b1, cfg.p)
+                assert np.array_equal(regs[0], want), (name, b0, b1)
+                assert np.array_equal(hist[0], np.bincount(want, minlength=rr.prec.hist_len))
+                if name == "few":
+                    assert not pc.dv and sparse[0] == ev.distinct(name, b0, b1)
+                elif b1 - b0 > 100:
+                    assert pc.dv and sparse[0] == -1  # read as registers, counted from them as its coupons are
+    assert any(t._folded for s in st.tiers.slots.values() for t in s.runs)
