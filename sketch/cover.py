@@ -180,14 +180,24 @@ class Pieces:
                 starts = np.flatnonzero(np.r_[True, dk[1:] != dk[:-1]])
                 regs[dk[starts]] = np.maximum.reduceat(dv, starts, axis=0)
         if self.cv:
-            reg, rank = rr.coupon_registers(np.concatenate(self.cv) if len(self.cv) > 1 else self.cv[0])
+            cv, ck = self._joined()
+            reg, rank = rr.coupon_registers(cv)
             if K > 1:
-                reg = np.concatenate(self.ck) * R + reg
+                reg = ck * R + reg
             np.maximum.at(regs.reshape(-1), reg, rank)
         return regs
 
+    def _joined(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The coupons and their key positions (K > 1) each in one array, joined once (``registers`` and
+        ``finish`` both read them)."""
+        if len(self.cv) > 1:
+            self.cv = [np.concatenate(self.cv)]
+            if self.K > 1:
+                self.ck = [np.concatenate(self.ck)]
+        return self.cv[0], (self.ck[0] if self.K > 1 else None)
+
     def coupon_array(self) -> np.ndarray:
-        return np.concatenate(self.cv) if len(self.cv) > 1 else (self.cv[0] if self.cv else np.zeros(0, np.uint32))
+        return self._joined()[0] if self.cv else np.zeros(0, np.uint32)
 
     def dense_positions(self) -> np.ndarray:
         """Positions fed by at least one dense piece (a bool per position)."""
@@ -221,17 +231,27 @@ class Pieces:
             dense |= (rr.R - hist[:, 0]) > limit
         sparse = np.zeros(K, np.int64)
         if self.cv and not dense.all():
-            index = (np.concatenate(self.cv) if len(self.cv) > 1 else self.cv[0]) >> np.uint32(RANK_BITS)
-            if K > 1:  # count per key: key position above the index
-                ck = np.concatenate(self.ck)
-                keep = ~dense[ck]
-                index = (ck[keep].astype(np.uint64) << np.uint64(32)) | index[keep].astype(np.uint64)
+            cv, ck = self._joined()
+            index = cv >> np.uint32(RANK_BITS)
+            if K > 1:  # count per key: key position above the index, in one word
+                if dense.any():
+                    keep = ~dense[ck]
+                    ck, index = ck[keep], index[keep]
+                # this range's coupon indices span R << low_bits values: with few keys, a 32-bit word
+                # (half the sort of a 64-bit one)
+                width = (rr.R << rr.prec.low_bits).bit_length() - 1
+                if (K - 1).bit_length() + width <= 32:
+                    shift = np.uint32(width)
+                    index = (ck.astype(np.uint32) << shift) | (index - np.uint32(rr.lo << rr.prec.low_bits))
+                else:
+                    shift = np.uint64(32)
+                    index = (ck.astype(np.uint64) << shift) | index.astype(np.uint64)
             index = np.sort(index)
             new = np.empty(len(index), bool)
             new[:1] = True
             np.not_equal(index[1:], index[:-1], out=new[1:])
             if K > 1:
-                sparse = np.bincount((index[new] >> np.uint64(32)).astype(np.int64), minlength=K)
+                sparse = np.bincount((index[new] >> shift).astype(np.int64), minlength=K)
             else:
                 sparse[0] = np.count_nonzero(new)
         sparse[dense] = -1

@@ -396,3 +396,29 @@ def test_a_busy_keys_unfolded_runs_are_read_as_registers_with_the_same_answers()
                 elif b1 - b0 > 100:
                     assert pc.dv and sparse[0] == -1  # read as registers, counted from them as its coupons are
     assert any(t._folded for s in st.tiers.slots.values() for t in s.runs)
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_many_keys_at_once_count_as_each_alone(shards):
+    """100 keys asked together (their coupons counted in one sort, a 64-bit word a coupon on one shard,
+    a 32-bit one on four) answer exactly as each asked alone, counted or not, fresh and after upkeep."""
+    keys = [f"k{i}" for i in range(100)]
+    rng = np.random.default_rng(21)
+    c = LocalCounter(SMALL, shards=shards)
+    now_b = int(NOW // 60)
+    n = 60_000
+    k = np.minimum(rng.zipf(1.3, n) - 1, len(keys) - 1)
+    visitors = rng.integers(0, 2**64, 5000, dtype=np.uint64)
+    h = visitors[rng.integers(0, len(visitors), n)]
+    b = rng.integers(now_b - 1500, now_b - 5, n)
+    c.ingest(b * 60 + 0.5, [keys[i] for i in k], hashes=h, now=NOW)
+    for stage in ("fresh", "built"):
+        if stage == "built":
+            c.maintain(NOW)
+        for last in (90, 1500):
+            together = [r.to_dict() for r in c.query(keys, last=last, now=NOW)]
+            alone = [c.query([key], last=last, now=NOW)[0].to_dict() for key in keys]
+            assert together == alone, (stage, last)
+            assert any(r["relative_error"] < 0.001 for r in together)  # some counted
+            if last == 1500:
+                assert any(r["relative_error"] > 0.001 for r in together)  # some from registers
