@@ -280,6 +280,10 @@ def main(argv=None):
         del live
         load_rows = []
         for label, folder in (("live (the last hour)", "live"), ("backfill (the 30 days)", "events")):
+            # idle means idle: the last job's upkeep done and checkpointed (the readers switch to it)
+            ray.get(coord.maintain.remote())
+            ray.get(coord.checkpoint.remote())
+            time.sleep(2.0)
             idle = {name: [] for name in asks}
             for _ in range(a.queries // 2):
                 for name, ask in asks.items():
@@ -338,8 +342,9 @@ One key (site-wide) over 30 days less an hour, ending in the newest hour, idle a
 process of its own as `ray job submit` runs it (the questions never share a driver with it): a live job
 ({events // 2:,} events of the last hour: only the newest leaves change) and a backfill (the {events:,}
 events of the 30 days again: every leaf changes, and until the upkeep folds them a question reads their raw
-runs).  The paths are asked in turn, {a.queries // 2} rounds idle and as many as fit in the job; "bare call" is
-a call to an actor with nothing else to do, what a call costs on the machine at that moment.
+runs).  The paths are asked in turn, {a.queries // 2} rounds idle (the upkeep of what came before done) and as
+many as fit in the job; "bare call" is a call to an actor with nothing else to do, what a call costs on the
+machine at that moment.
 
 {t3}
 
