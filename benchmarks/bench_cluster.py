@@ -66,10 +66,27 @@ def _ask_while(ask, stop, out: list) -> None:
 
 def ingest_job(folder: str, cfg) -> subprocess.Popen:
     """The ingest job as ``ray job submit`` runs it: a driver process of its own on this cluster (so the
-    questions asked here never share a process, or its interpreter lock, with the job's driver)."""
+    questions asked here never share a process, or its interpreter lock, with the job's driver).  Its summary
+    comes as one JSON line on stdout; its messages go to a file of its own (``job.errors``)."""
     env = dict(os.environ, **cfg.job_env(), RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    return subprocess.Popen([sys.executable, "-m", "impressions.cluster.ingest", folder, "--force", "--json",
-                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the job; closed by job_summary
+    job = subprocess.Popen([sys.executable, "-m", "impressions.cluster.ingest", folder, "--force", "--json",
+                            "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+    job.errors = errors
+    return job
+
+
+def job_summary(job: subprocess.Popen) -> tuple[dict, float]:
+    """(the job's summary, when it printed it): waits for the job; a job that failed raises, saying why."""
+    line = job.stdout.readline()
+    printed = time.time()
+    job.wait()
+    job.errors.seek(0)
+    errors = job.errors.read()
+    job.errors.close()
+    if job.returncode != 0 or not line.strip():
+        raise RuntimeError(f"the ingest job failed (exit {job.returncode}): {errors[-2000:]}")
+    return json.loads(line), printed
 
 
 @ray.remote(num_cpus=0)
@@ -82,20 +99,37 @@ class Idle:
 
 def asked_during(job: subprocess.Popen, asks: dict, question) -> tuple[dict, dict]:
     """Ask every path of ``asks`` in turn (interleaved, so each sees the same moments of the job) until the job
-    ends; keep the answers given while it ingested (its own seconds, counted back from its end).  Returns
-    (seconds a path, the job's summary)."""
+    ends; keep the answers given while it ingested (its own seconds, counted back from when it printed its
+    summary).  Returns (seconds a path, the job's summary)."""
     seen = {name: [] for name in asks}
     stamps = []
-    while job.poll() is None:
-        for name, ask in asks.items():
-            t = time.perf_counter()
-            ask(*question())
-            seen[name].append(time.perf_counter() - t)
-        stamps.append(time.time())
-    summary = json.loads(job.communicate()[0])
-    start = time.time() - summary["seconds"]
-    keep = [i for i, t in enumerate(stamps) if t >= start]
+    done: dict = {}
+    waiter = threading.Thread(target=lambda: done.update(out=_summary_or_error(job)), daemon=True)
+    waiter.start()
+    try:
+        while waiter.is_alive():
+            for name, ask in asks.items():
+                t = time.perf_counter()
+                ask(*question())
+                seen[name].append(time.perf_counter() - t)
+            stamps.append(time.time())
+    finally:
+        if job.poll() is None:  # a question failed: the job does not outlive the benchmark
+            job.kill()
+        waiter.join()
+    if isinstance(done["out"], Exception):
+        raise done["out"]
+    summary, printed = done["out"]
+    start = printed - summary["seconds"]
+    keep = [i for i, t in enumerate(stamps) if start <= t <= printed]
     return {name: [v[i] for i in keep] for name, v in seen.items()}, summary
+
+
+def _summary_or_error(job):
+    try:
+        return job_summary(job)
+    except Exception as e:  # noqa: BLE001 - raised again by the asking thread
+        return e
 
 
 def reader_lag(coord, questions, now: float, probes: int = 20) -> list[float]:
@@ -163,8 +197,8 @@ def kill_drills(coord, questions, work: str, now: float) -> list[list]:
     while ray.get(writer.stats.remote())["applied_batches"] == before and time.time() < deadline:
         time.sleep(0.05)  # the job started, connected and is sending
     out: list = []
-    seen, back = _kill_while_asking(ask, writer, writer_back, 1.0, lambda: out.append(job.communicate()[0]))
-    ok = job.returncode == 0 and json.loads(out[0])["accepted"] > 0
+    seen, back = _kill_while_asking(ask, writer, writer_back, 1.0, lambda: out.append(_summary_or_error(job)))
+    ok = not isinstance(out[0], Exception) and out[0][0]["accepted"] > 0
     rows = [row("writer 0 SIGKILL during ingest", seen,
                 f"took batches {back:.1f} s after the kill; ingest {'completed' if ok else 'FAILED'}"
                 if back is not None else "not back within 120 s")]
@@ -293,6 +327,8 @@ def main(argv=None):
             busy, summary = asked_during(ingest_job(os.path.join(work, folder), cfg), asks, question)
             rate = summary["accepted"] / summary["seconds"] / 1e6
             for name in asks:
+                if not busy[name]:
+                    raise RuntimeError(f"the {label} job ended before a question was answered during it")
                 i50, i99 = np.median(idle[name]) * 1e3, np.percentile(idle[name], 99) * 1e3
                 b50, b99 = np.median(busy[name]) * 1e3, np.percentile(busy[name], 99) * 1e3
                 load_rows.append([label, f"{summary['accepted']:,} at {rate:.2f} M/s", name, i50, i99,
