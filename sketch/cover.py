@@ -69,12 +69,13 @@ class Pieces:
 
     ``fold`` (the cover walk's, never the near-exact path's): a slice of a
     table upkeep has yet to fold holding more coupons than ``count_limit``
-    is read as its registers
-    (``RowTable.folded``, computed once per table) when they alone set more
-    registers than ``count_limit``: the key is then counted from its
-    registers whatever else it gets (``finish``), so the answer is the same,
-    and a busy key's runs that upkeep has not folded yet cost a row each,
-    not their coupons, from the second question on.
+    is read as its registers (``RowTable.folded``, computed once per table)
+    when those coupons alone hold more distinct indices than
+    ``count_limit``: the key is then not counted whatever else it gets
+    (``finish``: more registers set than the limit, or more coupons), so
+    the answer is the same, and a busy key's runs that upkeep has not
+    folded yet cost a row each, not their coupons, from the second
+    question on.
     """
 
     __slots__ = ("K", "bytes", "ck", "cv", "dk", "dv", "fold", "reads", "rows")
@@ -112,8 +113,8 @@ class Pieces:
         rr = self.fold
         if rr is None or c1 - c0 <= rr.count_limit:
             return False
-        regs, n_set = t.folded(c0, c1, rr)
-        if n_set <= rr.count_limit:
+        regs, distinct = t.folded(c0, c1, rr)
+        if distinct <= rr.count_limit:
             return False
         self.dv.append(regs[None, :])
         self.bytes += len(regs)

@@ -166,7 +166,9 @@ class RowTable:
         return 4 * (self.off[r1] - self.off[r0]) + self.regs.shape[1] * (self.dense_cs[r1] - self.dense_cs[r0])
 
     def folded(self, c0: int, c1: int, rr: RegisterRange) -> tuple[np.ndarray, int]:
-        """Coupons ``[c0, c1)`` scattered into ``rr``'s registers (max), and how many are set: computed once
+        """Coupons ``[c0, c1)`` scattered into ``rr``'s registers (max), and a lower bound of their distinct
+        coupon indices: the registers set, or, where those are within ``count_limit`` (always so from 8
+        shards on, a range holding at most that many registers), the distinct indices counted.  Computed once
         per table and span (a table never changes), so a question that reads the same many coupons again
         (a busy key's rows in a run, while upkeep has not folded it) merges one row in their place.  At most
         ``FOLDED_PER_TABLE`` spans are kept a table, the newest."""
@@ -174,8 +176,12 @@ class RowTable:
         cache = self._folded
         got = cache.get(key) if cache is not None else None
         if got is None:
-            regs = rr.registers_from_coupons(self.coupons[c0:c1])
-            got = (regs, int(np.count_nonzero(regs)))
+            coupons = self.coupons[c0:c1]
+            regs = rr.registers_from_coupons(coupons)
+            n = int(np.count_nonzero(regs))
+            if n <= rr.count_limit:
+                n = len(npx.unique(coupons >> np.uint32(RANK_BITS)))
+            got = (regs, n)
             cache = dict(cache or ())  # replaced whole: questions on other threads read it meanwhile
             while len(cache) >= FOLDED_PER_TABLE:
                 del cache[next(iter(cache))]
