@@ -312,5 +312,6 @@ class ShardReader(ShardBase):
     def stats(self) -> dict:
         out = {**self.health(), "role": "reader", "pid": os.getpid(), "host": socket.gethostname(),
                "node": self.telemetry.node() or socket.gethostname(), **process_memory(),
-               "incarnation": self.incarnation, **self.counts, "uptime_s": round(time.time() - self.started, 1), "cpu_s": round(time.process_time(), 3)}
+               "incarnation": self.incarnation, **self.counts, "uptime_s": round(time.time() - self.started, 1), "cpu_s": round(time.process_time(), 3),
+               **sealed.CACHE.stats()}
         return {**out, **self.store.stats()}

@@ -531,5 +531,6 @@ class ShardActor(ShardBase):
                "applied_batches": self.applied_batches, "first_apply_at": self.first_apply_at, "log_seq": self.seq, "manifest": self.manifest,
                "sealed": self.sealed, "recovery": self.recovery, "batch_ids": len(self.applied),
                "checkpoint_age_s": self._checkpoint_age(),
-               "uptime_s": round(time.time() - self.started, 1), "cpu_s": round(time.process_time(), 3)}
+               "uptime_s": round(time.time() - self.started, 1), "cpu_s": round(time.process_time(), 3),
+               **sealed.CACHE.stats()}
         return {**out, **self.store.stats()}

@@ -214,6 +214,11 @@ class BlockCache:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.nbytes
 
+    def stats(self) -> dict:
+        """What a shard's or reader's stats report of its cache."""
+        return {"block_cache_bytes": self.bytes, "block_cache_budget": self.budget, "block_cache_hits": self.hits,
+                "block_cache_misses": self.misses}
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

@@ -61,6 +61,9 @@ def test_sealed_nodes_answer_register_for_register(tmp_path, shards):
     _check_ranges(c, ev, rng, b_lo, b_hi, 15)
     st = c.stores[0].stats()
     assert st["sealed_nodes"] > 0 and st["sealed_bytes"] > 0
+    cs = tiny.stats()  # the cache reports its use (a shard's and a reader's stats carry it)
+    assert cs["block_cache_misses"] > 0 and cs["block_cache_hits"] > 0
+    assert 0 < cs["block_cache_bytes"] <= cs["block_cache_budget"] + max(t.nbytes for t in tiny._items.values())
 
 
 def test_a_damaged_or_foreign_file_is_refused(tmp_path):
