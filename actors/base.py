@@ -19,6 +19,7 @@ get there, else it says it is ``Behind`` and the asker goes to the next copy.
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from impressions.durable.journal import CorruptObject, ShardJournal
@@ -29,7 +30,7 @@ from impressions.sketch.store import ShardStore, SketchConfig
 from impressions.sketch.tiers import Slot, TableNode
 
 from .runtime import ShardUnavailable
-from .telemetry import Telemetry
+from .telemetry import Telemetry, process_memory
 
 
 class Behind(ShardUnavailable):
@@ -192,6 +193,13 @@ class ShardBase:
     def registers(self, key, b0: int, b1: int):
         self._usable()
         return self.store.view().registers(key, b0, b1)
+
+    def _process_stats(self) -> dict:
+        """What a writer's and a reader's stats say of their process: where it runs, its memory, its CPU
+        time (all threads) and its block cache."""
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node": self.telemetry.node() or socket.gethostname(),
+                **process_memory(), "uptime_s": round(time.time() - self.started, 1),
+                "cpu_s": round(time.process_time(), 3), **sealed.CACHE.stats()}
 
     def ping(self) -> int:
         return self.shard_index

@@ -56,8 +56,6 @@ within ``FRESH_WAIT_S`` answers ``Behind`` and the asker asks another copy.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections import deque
@@ -69,7 +67,7 @@ from impressions.sketch import sealed
 from impressions.sketch.store import ShardStore, SketchConfig
 
 from .base import Behind, ShardBase
-from .telemetry import Telemetry, process_memory
+from .telemetry import Telemetry
 
 log = logging.getLogger("impressions.reader")
 
@@ -310,8 +308,6 @@ class ShardReader(ShardBase):
                 "manifest": self.manifest}
 
     def stats(self) -> dict:
-        out = {**self.health(), "role": "reader", "pid": os.getpid(), "host": socket.gethostname(),
-               "node": self.telemetry.node() or socket.gethostname(), **process_memory(),
-               "incarnation": self.incarnation, **self.counts, "uptime_s": round(time.time() - self.started, 1), "cpu_s": round(time.process_time(), 3),
-               **sealed.CACHE.stats()}
+        out = {**self.health(), "role": "reader", **self._process_stats(), "incarnation": self.incarnation,
+               **self.counts}
         return {**out, **self.store.stats()}

@@ -46,8 +46,6 @@ No call holds one lock while waiting for the other the other way round
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 
@@ -525,12 +523,9 @@ class ShardActor(ShardBase):
             "run_rows": st["run_rows"], **process_memory()})
 
     def stats(self) -> dict:
-        out = {"shard": self.shard_index, "shards": self.shards, "pid": os.getpid(), "host": socket.gethostname(),
-               "node": self.telemetry.node() or socket.gethostname(), **process_memory(),
+        out = {"shard": self.shard_index, "shards": self.shards, **self._process_stats(),
                "available": self.unavailable is None, "reason": self.unavailable,
                "applied_batches": self.applied_batches, "first_apply_at": self.first_apply_at, "log_seq": self.seq, "manifest": self.manifest,
                "sealed": self.sealed, "recovery": self.recovery, "batch_ids": len(self.applied),
-               "checkpoint_age_s": self._checkpoint_age(),
-               "uptime_s": round(time.time() - self.started, 1), "cpu_s": round(time.process_time(), 3),
-               **sealed.CACHE.stats()}
+               "checkpoint_age_s": self._checkpoint_age()}
         return {**out, **self.store.stats()}

@@ -87,7 +87,7 @@ class RowTable:
         self.dense_cs = np.zeros(n + 1, np.int64)
         np.cumsum(dense >= 0, out=self.dense_cs[1:])
         self._measure = measure  # from the merge kernel, which knows a dense row's coupon count
-        self._folded: dict | None = None  # (c0, c1, lo, R) -> (registers, set): see ``folded``
+        self._folded: dict | None = None  # (c0, c1, lo, R) -> (registers, distinct at least): ``folded``
 
     def __reduce__(self):
         """Pickled as its columns (the prefix sums are derived again): what crosses to another process."""
