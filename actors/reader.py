@@ -49,8 +49,12 @@ reader that cannot load the store stays *unavailable* (it says why) and
 tries again; it never answers from a copy it could not build.
 
 Where an asker must read its own writes, it passes the log position its
-writer acknowledged (``ShardBase.ask``): a reader that does not hold it
-within ``FRESH_WAIT_S`` answers ``Behind`` and the asker asks another copy.
+writer acknowledged (``ShardBase.ask``).  A reader that does not hold it
+within ``FRESH_STORE_S`` reads the log on the store for it (an acknowledged
+entry is always there: a writer killed after sending its answer may never
+have sent its message, and until a new instance writes again nothing else
+would tell the reader); one that still does not hold it within
+``FRESH_WAIT_S`` answers ``Behind`` and the asker asks another copy.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from .telemetry import Telemetry
 log = logging.getLogger("impressions.reader")
 
 FRESH_WAIT_S = 0.5  # how long a question waits for the log position its asker needs (messages take ~1 ms)
+FRESH_STORE_S = 0.05  # a question still without it after this reads the log on the store for it
 POLL_S = 5.0  # without a message for this long, ``maintain`` looks at the store itself
 RETRY_START_S = 10.0  # how often an unavailable reader tries to start again
 FOLLOW_FLUSH = 4  # a reader sorts its own entries at this many times the writer's memtable (runs missed)
@@ -135,7 +140,7 @@ class ShardReader(ShardBase):
         self._heard = 0.0  # when the writer last told this reader something
         self._gap = False
         self.counts = {"followed": 0, "from_store": 0, "switches": 0, "rebuilds": 0, "ignored": 0,
-                       "runs_taken": 0, "runs_skipped": 0}
+                       "runs_taken": 0, "runs_skipped": 0, "asked_for": 0}
         self._runs: deque = deque()  # runs from the writer waiting for their log entries
         self.unavailable: str | None = "starting"
         self._tried = 0.0
@@ -296,11 +301,32 @@ class ShardReader(ShardBase):
         return True
 
     # ------------------------------------------------------------ questions
-    def _wait_for(self, after: int) -> None:
+    def _holds(self, after: int, seconds: float) -> bool:
         with self._held:
-            if not self._held.wait_for(lambda: self.seq >= after, FRESH_WAIT_S):
-                raise Behind(f"reader {self.replica} of shard {self.shard_index} holds the log up to entry "
-                             f"{self.seq}, not {after}")
+            return self._held.wait_for(lambda: self.seq >= after, max(0.0, seconds))
+
+    def _wait_for(self, after: int) -> None:
+        """Hold log entry ``after`` before answering: from the writer's message, which comes within a
+        millisecond or two; else (the message lost, as with a writer killed between sending it and its
+        process dying, or one still on its way behind a long apply) from the log on the store, which holds
+        every entry a sender was told of; else, by ``FRESH_WAIT_S``, answer ``Behind``."""
+        deadline = time.monotonic() + FRESH_WAIT_S
+        if self._holds(after, FRESH_STORE_S):
+            return
+        # whatever changes the copy takes this lock; a question waits for it no longer than it would have
+        # waited for the entry (a rebuild in progress answers for itself: it reads the store too)
+        if self._changing.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                if self.seq < after and self.unavailable is None:
+                    self.counts["asked_for"] += 1
+                    self._catch_up()
+            except (OSError, CorruptObject) as e:  # the store is away: another copy may answer
+                log.warning("reader %d of shard %d could not read the store: %s", self.replica, self.shard_index, e)
+            finally:
+                self._changing.release()
+        if not self._holds(after, deadline - time.monotonic()):
+            raise Behind(f"reader {self.replica} of shard {self.shard_index} holds the log up to entry "
+                         f"{self.seq}, not {after}")
 
     def health(self) -> dict:
         return {"shard": self.shard_index, "shards": self.shards, "replica": self.replica,

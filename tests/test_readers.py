@@ -24,6 +24,7 @@ from impressions.actors.sender import Sender
 from impressions.actors.shard import ShardActor
 from impressions.cluster.config import ClusterConfig
 from impressions.durable.layout import ShardStorage
+from impressions.sketch.counter import LocalCounter
 from tests.test_coordinator import KEYS, NOW, SK, stream  # noqa: F401 - the same stream and reference
 
 
@@ -125,16 +126,14 @@ def test_readers_answer_register_for_register_as_the_writer_through_checkpoints_
 
 def test_a_question_reads_its_own_writes_even_from_a_lagging_reader(tmp_path, stream):
     """The asker passes the log positions its writes were acknowledged at: a reader that does not hold
-    them soon says so and the writer answers; either way the answer holds every acknowledged event."""
+    them reads the log on the store for them (or says it is behind and the writer answers); either way the
+    answer holds every acknowledged event.  An asker that wrote nothing takes a reader's copy as it is."""
     batch, ref = stream
     coord, runtime = _cluster(tmp_path)
     direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
     SlowReader.DEAF = True  # the readers hear nothing: they hold only what they loaded at start (nothing)
     _ingest(coord, runtime, batch, asker=direct)
     rng = SK.resolve(now=NOW, last="2d")
-    t0 = time.perf_counter()
-    assert direct.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
-    assert time.perf_counter() - t0 < 5 * reader_mod.FRESH_WAIT_S
     # an asker that wrote nothing takes the readers' copy as it is: behind, never wrong about what it holds
     stale = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
     assert stale.query([None], rng)[0]["impressions"] == 0
@@ -146,6 +145,15 @@ def test_a_question_reads_its_own_writes_even_from_a_lagging_reader(tmp_path, st
     finally:
         reader_mod.POLL_S = old
     assert stale.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+    # a second stream, again unheard: the asker that wrote it gets it whole at once
+    more = type(batch)(batch.key_names, batch.key_index, batch.bucket + 1, batch.coupon)
+    _ingest(coord, runtime, more, tag="more", asker=direct)
+    ref = LocalCounter(SK)
+    for b in (batch, more):
+        ref.stores[0].apply(b.key_names, b.key_index, b.bucket, b.coupon)
+    t0 = time.perf_counter()
+    assert direct.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+    assert time.perf_counter() - t0 < 5 * reader_mod.FRESH_WAIT_S
 
 
 def test_a_slow_reader_is_joined_by_the_next_copy(tmp_path, stream):
@@ -169,6 +177,26 @@ def test_with_a_writer_gone_the_readers_answer_complete(tmp_path, stream):
     got = direct.query(KEYS, rng)
     assert got == [r.to_dict() for r in ref.query_range(KEYS, rng)] and not got[0]["partial"]
     assert direct.reach(["ad-0", "ad-3"], None, rng) == coord.reach(["ad-0", "ad-3"], None, rng)
+
+
+def test_a_writer_killed_before_its_messages_went_out_leaves_its_readers_answering_complete(tmp_path, stream):
+    """The asker's writes were acknowledged, but the readers never heard of them (the writer's messages lost
+    with its process) and the writer is gone: the readers find them in the log on the store and answer
+    complete, long before a new writer instance would tell them anything."""
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    SlowReader.DEAF = True
+    _ingest(coord, runtime, batch, asker=direct)
+    for h in coord.map.handles:
+        runtime.kill(h)
+    rng = SK.resolve(now=NOW, last="2d")
+    t0 = time.perf_counter()
+    got = direct.query(KEYS, rng)
+    assert got == [r.to_dict() for r in ref.query_range(KEYS, rng)] and not got[0]["partial"]
+    assert time.perf_counter() - t0 < 2 * reader_mod.FRESH_WAIT_S
+    asked = [runtime.result(runtime.call(h, "stats"), 30)["asked_for"] for rs in coord._readers for h in rs]
+    assert sum(asked) >= 2, asked  # one reader of each range read the store for the question
 
 
 def test_with_readers_gone_questions_stay_complete_and_quick(tmp_path, stream):
