@@ -59,7 +59,7 @@ class RayFollowers:
     the writer's creation arguments as names only; handles are looked up in the writer's process."""
 
     MAX_OUT = 32
-    LOOKUP_S = 10.0  # how often readers not found yet are looked up again
+    LOOKUP_S = 0.5  # how often readers not found yet are looked up again (a lookup costs a GCS round trip)
 
     def __init__(self, namespace: str, names: list[str]):
         self.namespace, self.names = namespace, list(names)

@@ -56,6 +56,8 @@ def test_a_retried_ingest_task_counts_once(clients, tmp_path):
     for attempt in range(2):  # the first run and its retry
         outs = ray.get([ingest_fragment.remote(f, cols, cfg, c.coordinator, time.time(), "auto") for f in frags])
         assert sum(o["report"]["accepted"] for o in outs) == n
+        for o in outs:  # the client reads back what the tasks wrote, as ``ingest_files`` does
+            c.questions.wrote(*o["positions"])
     assert c.unique(None, last="2d")["impressions"] == n
 
 
