@@ -19,6 +19,7 @@ get there, else it says it is ``Behind`` and the asker goes to the next copy.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 
@@ -144,6 +145,14 @@ class ShardBase:
             self._wait_for(int(after))
         return getattr(self, method)(*args)
 
+    def ask_packed(self, question: bytes) -> bytes:
+        """``ask`` with the question and its answer each packed in one bytes object (``pack_question``,
+        ``unpack_answer``): Ray serializes each argument of a call and each array of its answer apart, about
+        0.3 ms a question on this machine for six arguments and three arrays, where one bytes object each
+        way costs one."""
+        method, after, args = pickle.loads(question)
+        return pickle.dumps(self.ask(method, after, *args), protocol=pickle.HIGHEST_PROTOCOL)
+
     def query(self, keys: list, b0: int, b1: int, sent: float | None = None):
         """``(hist, sparse, impressions)`` for each key over buckets ``[b0, b1)``.
         ``sent``: when the caller sent it (epoch seconds), to report the time
@@ -210,6 +219,16 @@ class ShardBase:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def pack_question(method: str, after: int, args: tuple) -> bytes:
+    """A question for ``ShardBase.ask_packed``: sent between this cluster's own processes only, as Ray sends
+    every call (pickled)."""
+    return pickle.dumps((method, int(after), tuple(args)), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_answer(answer: bytes):
+    return pickle.loads(answer)
 
 
 QUESTIONS = frozenset({"query", "query_ranges", "reach", "overlap", "series", "key_impressions", "impressions_of",

@@ -51,7 +51,7 @@ from impressions.sketch.hll import RegisterRange
 from impressions.sketch.timeindex import BucketRange
 from impressions.sketch.windows import plan_series
 
-from .base import QUESTIONS, Behind
+from .base import QUESTIONS, Behind, pack_question, unpack_answer
 from .runtime import Runtime, ShardUnavailable, gather
 from .telemetry import Telemetry
 
@@ -144,11 +144,18 @@ class Questions:
         answers: list = [None] * len(order)
         done, asked = [False] * len(order), [0] * len(order)
         pending: dict = {}
+        packed: dict = {}  # the question as sent, by the log position it must reflect
+
+        def question(after: int) -> bytes:
+            q = packed.get(after)
+            if q is None:
+                q = packed[after] = pack_question(method, after, args)
+            return q
 
         def ask(i: int) -> None:
             h = order[i][asked[i]]
             asked[i] += 1
-            pending[rt.call(h, "ask", method, after[i], *args)] = (i, h)
+            pending[rt.call(h, "ask_packed", question(after[i]))] = (i, h)
 
         for i in range(len(order)):
             ask(i)
@@ -165,7 +172,7 @@ class Questions:
                 if done[i]:
                     continue
                 try:
-                    answers[i], done[i] = rt.result(p, 0), True
+                    answers[i], done[i] = unpack_answer(rt.result(p, 0)), True
                 except Exception as e:  # noqa: BLE001 - a copy's failure sends the question on, never up
                     if not isinstance(e, Behind):
                         self._suspects[h] = time.monotonic() + SUSPECT_S
