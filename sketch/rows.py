@@ -483,32 +483,41 @@ def build_levels(base: RowTable, top: int, rr: RegisterRange, summary: bool = Tr
         return tables, (full if summary else None)
 
     # group ids of every row at every level (rows are sorted by key, bucket)
-    gids, codes_at = [np.arange(n)], [code]
+    gids, codes_at, starts = [np.arange(n)], [code], [np.arange(n)]
     for lvl in range(1, top + 1):
         c = parent_codes(code, lvl)
         new = np.r_[True, c[1:] != c[:-1]]
         gids.append(np.cumsum(new) - 1)
         codes_at.append(c[new])
+        starts.append(np.flatnonzero(new))  # each level-l node's first row
     dense_row = base.dense >= 0
 
     # distinct coupon counts per node at every level, from one sort
     counts = [lengths.astype(np.int64)]
     if len(base.coupons):
-        ent_row = np.repeat(np.arange(n), lengths)
-        comp = (key_rank[ent_row].astype(np.uint64) << np.uint64(32 - RANK_BITS + bb)) \
-            | ((base.coupons >> np.uint32(RANK_BITS)).astype(np.uint64) << np.uint64(bb)) \
-            | (node0[ent_row] - b_lo).astype(np.uint64)
-        order = np.argsort(comp)
-        s_row = ent_row[order]
-        s_comp = comp[order]
-        ki = s_comp >> np.uint64(bb)
-        ki_new = np.r_[True, ki[1:] != ki[:-1]]
-        s_b = (s_comp & np.uint64((1 << bb) - 1)).view(np.int64) if bb else np.zeros(len(s_comp), np.int64)
+        # each coupon as (key rank, coupon index, bucket) in one word; a row is a (key, bucket), so the word
+        # also names the row (sorting the words alone is several times faster than sorting rows by them)
+        ib = 32 - RANK_BITS
+        row_word = (key_rank.astype(np.uint64) << np.uint64(ib + bb)) | (node0 - b_lo).astype(np.uint64)
+        s_comp = np.repeat(row_word, lengths)
+        s_comp |= (base.coupons >> np.uint32(RANK_BITS)).astype(np.uint64) << np.uint64(bb)
+        s_comp.sort()
+        # a coupon is new in its level-l node unless the one before it has the same key and index and a bucket
+        # differing from its own in none of the bits from l up (the bucket is the word's low ``bb`` bits): so it
+        # repeats at level l exactly when the two words differ below bit min(l, bb) only.  Most coupons are new
+        # at every level; a node's count is its coupons less its repeats.
+        x = s_comp[1:] ^ s_comp[:-1]
+        again = np.flatnonzero(x < np.uint64(1 << min(top, bb)))
+        again_x = x[again]
+        w = s_comp[again + 1]
+        high = np.uint64(ib + bb)
+        again_row = np.searchsorted(row_word, ((w >> high) << high) | (w & np.uint64((1 << bb) - 1)))
+        starts_cs = np.r_[0, np.cumsum(lengths)]  # coupons before each row
         for lvl in range(1, top + 1):
-            nb = s_b >> lvl
-            first = ki_new.copy()
-            first[1:] |= nb[1:] != nb[:-1]
-            counts.append(np.bincount(gids[lvl][s_row[first]], minlength=len(codes_at[lvl])))
+            G = len(codes_at[lvl])
+            total = np.diff(np.r_[starts_cs[starts[lvl]], starts_cs[-1]])
+            rep = again_row[again_x < np.uint64(1 << min(lvl, bb))]
+            counts.append(total - np.bincount(gids[lvl][rep], minlength=G))
     else:
         counts += [np.zeros(len(codes_at[lvl]), np.int64) for lvl in range(1, top + 1)]
 
