@@ -490,7 +490,7 @@ def build_levels(base: RowTable, top: int, rr: RegisterRange, summary: bool = Tr
         gids.append(np.cumsum(new) - 1)
         codes_at.append(c[new])
         starts.append(np.flatnonzero(new))  # each level-l node's first row
-    dense_row = base.dense >= 0
+    dense_before = np.r_[0, np.cumsum(base.dense >= 0)]  # dense rows before each row (groups are runs of rows)
 
     # distinct coupon counts per node at every level, from one sort
     counts = [lengths.astype(np.int64)]
@@ -530,10 +530,9 @@ def build_levels(base: RowTable, top: int, rr: RegisterRange, summary: bool = Tr
         # and R where a dense base row lies beneath (its coupons are unknown).
         # Unlike stored bytes this never grows under merging, which is what
         # makes the rule's bound hold (see level_up).
-        has_dense = np.bincount(g, weights=dense_row, minlength=G) > 0
+        has_dense = np.diff(np.r_[dense_before[starts[lvl]], dense_before[-1]]) > 0
         size = np.where(has_dense, R, np.minimum(R, 4 * counts[lvl]))
-        first_rows = np.flatnonzero(np.r_[True, gids[lvl - 1][1:] != gids[lvl - 1][:-1]])
-        parent_of_child = g[first_rows]  # level l-1 group -> level l group
+        parent_of_child = g[starts[lvl - 1]]  # level l-1 group -> level l group
         children = np.bincount(parent_of_child, weights=sizes[-1], minlength=G)
         kept = 2 * size <= children
         sizes.append(size)
