@@ -535,11 +535,16 @@ def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np
         return total
     keys = key_set(ids)
     codes = None
+    one = int(ids[0]) if len(ids) == 1 else None
+    whole = 0  # one key's impressions in the sealed tables wholly in range
     for slot in tiers.slots_overlapping(b0, b1):
         inside = b0 <= slot.start and slot.end <= b1
         for t in slot.base_tables():
             if not isinstance(t, RowTable) and inside:  # sealed and wholly in range: the index's per-key totals
-                total += t.key_impressions(ids)
+                if one is None:
+                    total += t.key_impressions(ids)
+                else:
+                    whole += t.key_impression(one)
                 continue
             if not isinstance(t, RowTable):  # sealed: the block index's running totals, not the rows
                 if codes is None:
@@ -550,6 +555,7 @@ def impressions(tiers: Tiers, memtable, ids: np.ndarray, b0: int, b1: int) -> np
             some = keys.within(t, b0, b1)
             if some:
                 total[some.pos] += t.imp_cs[some.r1] - t.imp_cs[some.r0]
+    total[0] += whole
     k, b, _ = memtable.columns()
     if len(k):
         m = (b >= b0) & (b < b1)

@@ -60,6 +60,7 @@ from .rows import RowTable, code_keys, code_nodes, make_code
 
 FORMAT = "impressions-sealed"
 VERSION = 2
+ONE_KEYS = 4096  # keys a table remembers the impressions of, asked one at a time (``key_impression``)
 BLOCK_BYTES = 64 * 1024  # decoded sketch bytes a block aims at: a few dense rows, or thousands of coupons
 LEVEL = 1  # zstd level: 2 % larger than level 9 and sealing 2.7x cheaper (a third of all upkeep), decoded as fast
 RAW, DENSE = 0, 2
@@ -342,6 +343,7 @@ class BlockedTable:
         self._bounds = None
         self._totals_b64 = entry.get("key_imp")
         self._totals = None
+        self._one: dict = {}  # key id -> its impressions here, for the keys asked alone (at most ONE_KEYS)
 
     def __len__(self) -> int:
         return self.rows
@@ -376,6 +378,17 @@ class BlockedTable:
             return np.zeros(len(ids), np.int64)
         at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
         return np.where(keys[at] == ids, self._totals[at], 0)
+
+    def key_impression(self, key: int) -> int:
+        """``key_impressions`` of one key id, as a Python int, remembered: a 30-day question about one key
+        asks every day's table, one lookup each, again and again for a dashboard's keys."""
+        v = self._one.get(key)
+        if v is None:
+            v = int(self.key_impressions(np.array([key], np.int64))[0])
+            if len(self._one) >= ONE_KEYS:  # a table asked about many keys one at a time: start afresh
+                self._one = {}
+            self._one[key] = v
+        return v
 
     def view_keys(self, ids: np.ndarray, n0: int, n1: int) -> RowTable:
         """The rows of keys ``ids`` (sorted) with nodes in ``[n0, n1)``: only the blocks

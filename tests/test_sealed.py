@@ -38,8 +38,23 @@ def _check_key_impressions(c, ev, rng, b_lo, b_hi, n=10):
         assert got == {k: v for k, v in want.items() if v}, (b0, b1)
 
 
+def _check_one_key_totals(store, monkeypatch):
+    """A sealed table's remembered one-key totals (``key_impression``) are its per-key totals, however many
+    keys are asked one at a time (the memory is bounded, then starts afresh)."""
+    monkeypatch.setattr(sealed, "ONE_KEYS", 3)
+    tables = [t for slot in store.tiers.slots.values() for t in slot.base_tables() if isinstance(t, sealed.BlockedTable)
+              and t.level == 0]
+    assert tables
+    for t in tables:
+        ids = t.key_ids.tolist() + [max(t.key_ids.tolist()) + 1, 10**9]  # and keys it does not hold
+        want = t.key_impressions(np.array(ids, np.int64)).tolist()
+        for _ in range(2):  # asked, then remembered (or forgotten and asked again)
+            assert [t.key_impression(k) for k in ids] == want
+            assert len(t._one) <= 3
+
+
 @pytest.mark.parametrize("shards", [1, 4])
-def test_sealed_nodes_answer_register_for_register(tmp_path, shards):
+def test_sealed_nodes_answer_register_for_register(tmp_path, shards, monkeypatch):
     rng = np.random.default_rng(shards + 40)
     c = LocalCounter(SMALL, shards=shards)
     ev = Events(KEYS)
@@ -52,6 +67,7 @@ def test_sealed_nodes_answer_register_for_register(tmp_path, shards):
     assert all(not s.sealable() for s in c.stores)
     _check_ranges(c, ev, rng, b_lo, b_hi, 30)
     _check_key_impressions(c, ev, rng, b_lo, b_hi)
+    _check_one_key_totals(c.stores[0], monkeypatch)
     # late events on sealed segments become runs there, and maintenance rebuilds from the files
     _ingest(c, ev, *_stream(rng, 4000, b_lo, b_hi))
     _check_ranges(c, ev, rng, b_lo, b_hi, 15)
