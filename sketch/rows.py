@@ -490,7 +490,6 @@ def build_levels(base: RowTable, top: int, rr: RegisterRange, summary: bool = Tr
         gids.append(np.cumsum(new) - 1)
         codes_at.append(c[new])
         starts.append(np.flatnonzero(new))  # each level-l node's first row
-    dense_before = np.r_[0, np.cumsum(base.dense >= 0)]  # dense rows before each row (groups are runs of rows)
 
     # distinct coupon counts per node at every level, from one sort
     counts = [lengths.astype(np.int64)]
@@ -512,12 +511,9 @@ def build_levels(base: RowTable, top: int, rr: RegisterRange, summary: bool = Tr
         w = s_comp[again + 1]
         high = np.uint64(ib + bb)
         again_row = np.searchsorted(row_word, ((w >> high) << high) | (w & np.uint64((1 << bb) - 1)))
-        starts_cs = np.r_[0, np.cumsum(lengths)]  # coupons before each row
         for lvl in range(1, top + 1):
-            G = len(codes_at[lvl])
-            total = np.diff(np.r_[starts_cs[starts[lvl]], starts_cs[-1]])
             rep = again_row[again_x < np.uint64(1 << min(lvl, bb))]
-            counts.append(total - np.bincount(gids[lvl][rep], minlength=G))
+            counts.append(_per_node(base.off, starts[lvl]) - np.bincount(gids[lvl][rep], minlength=len(starts[lvl])))
     else:
         counts += [np.zeros(len(codes_at[lvl]), np.int64) for lvl in range(1, top + 1)]
 
@@ -530,7 +526,7 @@ def build_levels(base: RowTable, top: int, rr: RegisterRange, summary: bool = Tr
         # and R where a dense base row lies beneath (its coupons are unknown).
         # Unlike stored bytes this never grows under merging, which is what
         # makes the rule's bound hold (see level_up).
-        has_dense = np.diff(np.r_[dense_before[starts[lvl]], dense_before[-1]]) > 0
+        has_dense = _per_node(base.dense_cs, starts[lvl]) > 0
         size = np.where(has_dense, R, np.minimum(R, 4 * counts[lvl]))
         parent_of_child = g[starts[lvl - 1]]  # level l-1 group -> level l group
         children = np.bincount(parent_of_child, weights=sizes[-1], minlength=G)
@@ -552,6 +548,12 @@ def build_levels(base: RowTable, top: int, rr: RegisterRange, summary: bool = Tr
                         impressions=False)[0] if len(rows) else RowTable.empty(top, R)
     full = merge([tables[-1], merged], rr, top, impressions=False)
     return tables, full
+
+
+def _per_node(prefix: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per node, the sum of what ``prefix`` (a prefix sum over rows, 0 first) counts over its rows; a node's
+    rows are a run starting at ``starts``."""
+    return np.diff(np.r_[prefix[starts], prefix[-1]])
 
 
 def _materialize(base, prev, prev_kept, parent_of_child, g, codes, from_kids, from_base, lvl, rr):
