@@ -22,11 +22,19 @@ its writer.  A question goes to one copy of every range, the reader chosen
 by its keys (the same keys, the same reader, whose cache holds their
 blocks; other keys spread over the others), and moves on to the next copy of a
 range whose copy failed (gone, restarting, or ``Behind`` the asker's own
-writes) or has not answered within ``hedge_s`` (a copy that is slow or
-being restarted by Ray: the first answer wins, the other call is
-cancelled).  A copy that failed is tried after the others for
-``SUSPECT_S``.  Only when every copy of a range failed, or none answered
-within the query timeout, is the answer partial.
+writes) or is late (a copy that is slow or being restarted by Ray: the
+next copy is asked too, the first answer wins, the other call is
+cancelled).  Late is measured against the other ranges, which got the same
+question: a range not answered by ``hedge_s`` *and* by ``HEDGE_RATIO``
+times the slowest answer of the ranges done, or, while none is done, by
+``HEDGE_ALONE`` times ``hedge_s``.  A heavy question (many keys, blocks
+decoded for the first time) is slow on every range alike, and asking a
+second copy of each would only double its work on the same cores (a
+second copy starts cold, and a cancelled question runs to its end); a
+copy slower than its peers is what a second copy can help.  A copy that
+failed is tried after the others for ``SUSPECT_S``.  Only when every copy
+of a range failed, or none answered within the query timeout, is the
+answer partial.
 
 Nothing here holds a lock or waits on anything that waits on it: a question
 is a fan-out with a deadline and a pure merge.
@@ -56,7 +64,9 @@ from .runtime import Runtime, ShardUnavailable, gather
 from .telemetry import Telemetry
 
 MAP_TTL_S = 10.0  # how long a direct asker trusts its copy of the shard map without news
-HEDGE_S = 0.25  # a copy that has not answered by then is joined by the next one (first answer wins)
+HEDGE_S = 0.25  # a copy that has not answered by then (and is late against the others) is joined by the next
+HEDGE_RATIO = 2.0  # late: not answered by this many times the slowest answer of the other ranges
+HEDGE_ALONE = 4.0  # with no other range answered yet, late at this many times ``hedge_s``
 SUSPECT_S = 5.0  # a copy that failed is asked after the others for this long
 
 
@@ -161,25 +171,36 @@ class Questions:
             ask(i)
         start = time.monotonic()
         deadline = start + (timeout or self.config.query_timeout_s)
-        hedge = start + float(getattr(self.config, "hedge_s", HEDGE_S)) if any(len(o) > 1 for o in order) else None
+        hedge_s = float(getattr(self.config, "hedge_s", HEDGE_S))
+        hedging = any(len(o) > 1 for o in order)
+        slowest = None  # how long the slowest range answered so far took
+
+        def hedge_at() -> float:
+            """When a range not answered yet is late (see the module text)."""
+            if slowest is None:
+                return start + HEDGE_ALONE * hedge_s
+            return start + max(hedge_s, HEDGE_RATIO * slowest)
+
         while pending and not all(done):
             now = time.monotonic()
             if now >= deadline:
                 break
-            ready, _ = rt.wait(list(pending), max(0.0, min(deadline, hedge or deadline) - now), num_returns=1)
+            until = min(deadline, hedge_at()) if hedging else deadline
+            ready, _ = rt.wait(list(pending), max(0.0, until - now), num_returns=1)
             for p in ready:
                 i, h = pending.pop(p)
                 if done[i]:
                     continue
                 try:
                     answers[i], done[i] = unpack_answer(rt.result(p, 0)), True
+                    slowest = time.monotonic() - start
                 except Exception as e:  # noqa: BLE001 - a copy's failure sends the question on, never up
                     if not isinstance(e, Behind):
                         self._suspects[h] = time.monotonic() + SUSPECT_S
                     if asked[i] < len(order[i]):
                         ask(i)
-            if hedge is not None and time.monotonic() >= hedge:
-                hedge = None  # once: a range whose two copies are both slow waits for them, not for a third
+            if hedging and not all(done) and time.monotonic() >= hedge_at():
+                hedging = False  # once: a range whose two copies are both slow waits for them, not for a third
                 for i in range(len(order)):
                     if not done[i] and asked[i] < len(order[i]):
                         ask(i)

@@ -33,6 +33,13 @@ class SlowReader(ShardReader):
 
     DELAY = 0.0
     DEAF = False  # drops the writer's messages altogether (as if they were lost)
+    ASK_DELAY: dict = {}  # shard -> seconds every question to its readers takes on top of its own work
+    ASKED: list = []  # (shard, replica) of every question asked of a reader
+
+    def ask_packed(self, q):
+        SlowReader.ASKED.append((self.shard_index, self.replica))
+        time.sleep(SlowReader.ASK_DELAY.get(self.shard_index, 0.0))
+        return super().ask_packed(q)
 
     def logged(self, *a):
         if SlowReader.DEAF:
@@ -43,9 +50,9 @@ class SlowReader(ShardReader):
 
 @pytest.fixture(autouse=True)
 def _reset():
-    SlowReader.DELAY, SlowReader.DEAF = 0.0, False
+    SlowReader.DELAY, SlowReader.DEAF, SlowReader.ASK_DELAY, SlowReader.ASKED = 0.0, False, {}, []
     yield
-    SlowReader.DELAY, SlowReader.DEAF = 0.0, False
+    SlowReader.DELAY, SlowReader.DEAF, SlowReader.ASK_DELAY, SlowReader.ASKED = 0.0, False, {}, []
 
 
 def _cluster(tmp_path, shards=2, readers=2):
@@ -164,6 +171,50 @@ def test_a_slow_reader_is_joined_by_the_next_copy(tmp_path, stream):
     _ingest(coord, runtime, batch, parts=2, asker=direct)
     rng = SK.resolve(now=NOW, last="2d")
     assert direct.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
+
+
+def test_a_copy_late_against_the_other_ranges_is_joined_by_the_next(tmp_path, stream):
+    """One range's reader hangs while the other range answers at once: by ``hedge_s`` its writer is asked
+    too, and answers."""
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path, readers=1)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    _ingest(coord, runtime, batch, asker=direct)
+    _settled(runtime, coord)
+    rng = SK.resolve(now=NOW, last="2d")
+    SlowReader.ASK_DELAY = {0: 1.5}
+    t0 = time.perf_counter()
+    got = direct.query(KEYS, rng)
+    took = time.perf_counter() - t0
+    assert got == [r.to_dict() for r in ref.query_range(KEYS, rng)] and not got[0]["partial"]
+    assert took < 1.0, took
+
+
+def test_a_question_slow_on_every_range_is_not_asked_twice(tmp_path, stream):
+    """Every range's readers take longer than ``hedge_s``, alike (a heavy question, cold blocks): asking a
+    second copy of each would only double the work on the same cores, so each range is asked once; a
+    range left alone longer than ``HEDGE_ALONE`` times ``hedge_s`` is joined all the same."""
+    from impressions.actors import questions
+    batch, ref = stream
+    coord, runtime = _cluster(tmp_path)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    _ingest(coord, runtime, batch, asker=direct)
+    _settled(runtime, coord)
+    rng = SK.resolve(now=NOW, last="2d")
+    want = [r.to_dict() for r in ref.query_range(KEYS, rng)]
+    SlowReader.ASK_DELAY = {0: 0.4, 1: 0.45}
+    assert direct.query(KEYS, rng) == want
+    assert sorted(s for s, _ in SlowReader.ASKED) == [0, 1], SlowReader.ASKED
+    # slower than the other range by more than HEDGE_RATIO: range 1 is joined by its second reader
+    SlowReader.ASKED = []
+    SlowReader.ASK_DELAY = {0: 0.3, 1: 0.3 * questions.HEDGE_RATIO + 0.6}
+    assert direct.query(KEYS, rng) == want
+    assert sorted(s for s, _ in SlowReader.ASKED) == [0, 1, 1], SlowReader.ASKED
+    # every range slow past HEDGE_ALONE * hedge_s: each joined by its second reader
+    SlowReader.ASKED = []
+    SlowReader.ASK_DELAY = {0: 1.3, 1: 1.3}
+    assert direct.query(KEYS, rng) == want
+    assert sorted(SlowReader.ASKED) == [(0, 0), (0, 1), (1, 0), (1, 1)], SlowReader.ASKED
 
 
 def test_with_a_writer_gone_the_readers_answer_complete(tmp_path, stream):
