@@ -11,6 +11,7 @@ writer's messages, fills in from the store.
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -33,8 +34,8 @@ class SlowReader(ShardReader):
 
     DELAY = 0.0
     DEAF = False  # drops the writer's messages altogether (as if they were lost)
-    ASK_DELAY: dict = {}  # shard -> seconds every question to its readers takes on top of its own work
-    ASKED: list = []  # (shard, replica) of every question asked of a reader
+    ASK_DELAY: ClassVar[dict] = {}  # shard -> seconds every question to its readers takes on top of its own work
+    ASKED: ClassVar[list] = []  # (shard, replica) of every question asked of a reader
 
     def ask_packed(self, q):
         SlowReader.ASKED.append((self.shard_index, self.replica))
