@@ -174,12 +174,8 @@ class Pieces:
                         np.max(chunk, axis=0, out=part)
                         np.maximum(regs[0], part, out=regs[0])
             else:
-                dv = np.concatenate(self.dv) if len(self.dv) > 1 else self.dv[0]
-                dk = np.concatenate(self.dk)
-                order = np.argsort(dk, kind="stable")
-                dk, dv = dk[order], dv[order]
-                starts = np.flatnonzero(np.r_[True, dk[1:] != dk[:-1]])
-                regs[dk[starts]] = np.maximum.reduceat(dv, starts, axis=0)
+                for dk, dv in zip(self.dk, self.dv):  # a chunk's rows of one key lie together
+                    npx.max_rows(regs, dk, dv)
         if self.cv:
             cv, ck = self._joined()
             reg, rank = rr.coupon_registers(cv)

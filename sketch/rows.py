@@ -287,11 +287,10 @@ def _fold(comp, n_groups, dense_gid, dense_src, regs, rr: RegisterRange):
         tgt = out_dense[dense_gid]
         order = np.argsort(tgt, kind="stable")
         t_sorted = tgt[order]
-        starts = np.flatnonzero(np.r_[True, t_sorted[1:] != t_sorted[:-1]])
-        if len(starts) == len(t_sorted):  # one dense input per output: a plain copy
+        if (t_sorted[1:] != t_sorted[:-1]).all():  # one dense input per output: a plain copy
             out_regs[t_sorted] = regs[dense_src[order]]
         else:
-            out_regs[t_sorted[starts]] = np.maximum.reduceat(regs[dense_src[order]], starts, axis=0)
+            npx.max_rows(out_regs, t_sorted, regs, dense_src[order])
     ent_dense = is_dense[g]
     if ent_dense.any():
         reg, rank = rr.coupon_registers(_low32(comp[ent_dense]))

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from impressions.sketch import npx
 from impressions.sketch.hll import RegisterRange, coupons_from_hashes
 from impressions.sketch.rows import _build_levels_by_merging, build_levels, level_up, merge, rows_from_events
 
@@ -96,3 +97,20 @@ def test_merge_adds_impressions_and_unions_visitors():
     m = merge([a, b], prec)
     assert m.imp.tolist() == [3, 1]
     assert m.lengths.tolist() == [2, 1]
+
+
+def test_max_rows_takes_the_max_of_every_row_into_its_target_whatever_the_order():
+    rng = np.random.default_rng(7)
+    rows = rng.integers(0, 40, (60, 256)).astype(np.uint8)
+    for targets in (np.sort(rng.integers(0, 9, 60)), rng.integers(0, 9, 60), np.arange(60) % 13):
+        index = rng.permutation(60)
+        for idx in (None, index):
+            out = rng.integers(0, 20, (13, 256)).astype(np.uint8)
+            want = out.copy()
+            for i, k in enumerate(targets):
+                want[k] = np.maximum(want[k], rows[i if idx is None else idx[i]])
+            npx.max_rows(out, targets, rows, idx)
+            assert np.array_equal(out, want)
+    out = np.zeros((2, 4), np.uint8)
+    npx.max_rows(out, np.zeros(0, np.int64), rows[:0])
+    assert not out.any()
