@@ -404,7 +404,8 @@ class BlockedTable:
         a, b = a[some], b[some]
         if (a[1:] <= b[:-1]).all():  # the blocks run on without a gap: one cached view
             return self.view(int(self.first[a[0]]), int(self.last[b[-1] - 1]))
-        need = np.unique(np.concatenate([np.arange(x, y) for x, y in zip(a.tolist(), b.tolist())])).tolist()
+        n = len(self.first)  # the blocks in any [a, b): where the running count of starts less ends is above 0
+        need = np.flatnonzero(np.cumsum(np.bincount(a, minlength=n + 1) - np.bincount(b, minlength=n + 1))[:n]).tolist()
         # joined once and cached as one table (a dashboard asks for the same key set again and again);
         # the blocks decoded for it are not kept beside it
         key = (self.file.token, self.index, "keys", hash(tuple(need)), len(need))

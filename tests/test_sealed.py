@@ -164,6 +164,31 @@ def test_rows_read_back_whatever_the_order_of_keys_and_nodes():
     assert np.array_equal(got.imp, lengths + 3)
 
 
+def test_view_keys_holds_every_row_of_the_keys_asked_however_far_apart(monkeypatch):
+    """A few keys far apart read only the blocks holding them: every row of theirs is in the view, from the
+    first block to the last, whether their blocks run on or not."""
+    from impressions.sketch.rows import RowTable, code_keys, code_nodes, make_code
+    monkeypatch.setattr(sealed, "BLOCK_BYTES", 512)
+    R, rng = 8, np.random.default_rng(3)
+    keys = np.repeat(np.arange(600, dtype=np.int64), 4)
+    nodes = np.tile(np.array([10, 11, 30, 31], np.int64), 600)
+    lengths = rng.integers(1, 6, len(keys))
+    off = np.r_[0, np.cumsum(lengths)]
+    coupons = rng.integers(0, 1 << 30, int(off[-1])).astype(np.uint32)
+    t = RowTable(0, make_code(keys, nodes), off, np.full(len(keys), -1, np.int32), coupons,
+                 np.zeros((0, R), np.uint8), lengths.copy())
+    table = SealedFile(encode([(0, t)], R, {"p": 11}), R, {"p": 11}, cache=BlockCache()).table(0, 0)
+    assert len(table.first) > 20
+    for ids in ([0], [599], [0, 599], [0, 300, 599], [5, 6, 7], sorted(rng.choice(600, 40, replace=False))):
+        for n0, n1 in ((0, 100), (11, 31), (30, 32)):
+            got = table.view_keys(np.array(ids, np.int64), n0, n1)
+            gk, gn = code_keys(got.code), code_nodes(got.code)
+            mine = np.isin(gk, ids) & (gn >= n0) & (gn < n1)
+            want = np.isin(keys, ids) & (nodes >= n0) & (nodes < n1)
+            assert np.array_equal(got.code[mine], t.code[want]), (ids, n0, n1)
+            assert np.array_equal(np.diff(got.off)[mine], lengths[want])
+
+
 # ---------------------------------------------------------------- the local cache of a remote store
 
 def _answers(shard, names, now_b):
