@@ -88,10 +88,12 @@ _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API k
 
 
 def require(needed: str):
-    """A route dependency: the request carries a key with scope ``needed``."""
-    def check(request: Request,
-              bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
-              header: Annotated[str | None, Security(_header)] = None) -> None:
+    """A route dependency: the request carries a key with scope ``needed``.  A coroutine: FastAPI runs a
+    plain function dependency on its thread pool, a hand-off to another thread and back on every request
+    for a check of a few dictionary lookups."""
+    async def check(request: Request,
+                    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+                    header: Annotated[str | None, Security(_header)] = None) -> None:
         keys = request.app.state.api_keys
         if not keys:
             return
