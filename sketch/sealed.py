@@ -457,20 +457,28 @@ class BlockedTable:
     def _build(self, i: int, arrays) -> RowTable:
         kd, nd, extra, cnt, mode, b0, b1, b2, b3, rank, regs = arrays
         n = len(kd)
-        keys = np.cumsum(kd.astype(np.int64))
-        new_key = np.r_[True, kd[1:] != 0] if n else np.zeros(0, bool)
+        keys = np.cumsum(kd, dtype=np.int64)
+        new_key = np.empty(n, bool)
+        new_key[:1] = True
+        np.not_equal(kd[1:], 0, out=new_key[1:])
         code = make_code(keys, _restart_cumsum(nd.astype(np.int64), new_key) + self.node_base)
         lengths = cnt.astype(np.int64)
         off = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=off[1:])
-        coupons = np.empty(int(off[-1]), np.uint32)
-        row_of = np.repeat(np.arange(n), lengths)
-        if len(coupons):
-            d = (b0.astype(np.int64) | (b1.astype(np.int64) << 8) | (b2.astype(np.int64) << 16)
-                 | (b3.astype(np.int64) << 24))
-            first = np.r_[True, row_of[1:] != row_of[:-1]]
-            idx = _restart_cumsum(d, first).astype(np.uint32)
-            coupons[:] = (idx << np.uint32(RANK_BITS)) | rank.astype(np.uint32)
+        c = int(off[-1])
+        coupons = np.empty(c, np.uint32)
+        if c:
+            planes = np.empty((c, 4), np.uint8)  # the four byte planes side by side: little-endian words
+            planes[:, 0], planes[:, 1], planes[:, 2], planes[:, 3] = b0, b1, b2, b3
+            d = planes.view("<u4").reshape(-1)
+            # running sums restarted at each row's first coupon (whose index is itself), in 32-bit words that
+            # may wrap: an index is below 2**26, so the difference of two sums is exact modulo 2**32
+            cs = np.cumsum(d, dtype=np.uint32)
+            rows = lengths > 0
+            starts = off[:-1][rows]
+            idx = cs - np.repeat(cs[starts] - d[starts], lengths[rows])
+            np.left_shift(idx, np.uint32(RANK_BITS), out=coupons)
+            coupons |= rank
         dense = np.full(n, -1, np.int32)
         dmask = mode == DENSE
         dense[dmask] = np.arange(int(dmask.sum()), dtype=np.int32)
