@@ -169,12 +169,11 @@ def _encode_block(t: RowTable, a: int, b: int, node_base: int, lengths, mode, de
     extra = (t.imp[a:b] - lengths[a:b]).astype(np.int32) if t.level == 0 else np.zeros(0, np.int32)
     c0, c1 = int(t.off[a]), int(t.off[b])
     coupons = t.coupons[c0:c1]
-    row_of = np.repeat(np.arange(b - a), lengths[a:b])
     idx = coupons >> np.uint32(RANK_BITS)
     d = idx.copy()
     if len(d):
         d[1:] -= idx[:-1]
-        first = np.r_[True, row_of[1:] != row_of[:-1]]
+        first = t.off[a:b][lengths[a:b] > 0] - c0
         d[first] = idx[first]  # each row's first index is itself
     planes = d.view(np.uint8).reshape(-1, 4) if len(d) else np.zeros((0, 4), np.uint8)
     rank = (coupons & np.uint32(RANK_MASK)).astype(np.uint8)
