@@ -62,6 +62,9 @@ def parent_codes(code: np.ndarray, up: int = 1) -> np.ndarray:
     return (code & ~NODE_MASK) | ((code & NODE_MASK) >> np.uint64(up))
 
 
+_EMPTIES: dict = {}  # (class, level, R) -> the empty table (``RowTable.empty``)
+
+
 class RowTable:
     """Sketches of many (key, node) pairs of one level; see the module docstring.
 
@@ -101,8 +104,16 @@ class RowTable:
 
     @classmethod
     def empty(cls, level: int, R: int) -> "RowTable":
-        return cls(level, np.zeros(0, np.uint64), np.zeros(1, np.int64), np.zeros(0, np.int32),
-                   _EMPTY_U32, np.zeros((0, R), np.uint8), np.zeros(0, np.int64))
+        """A table of no rows: one per (level, R), shared (a question asks for rows that are not there
+        many times, and each new one computed its prefix sums), its arrays read-only."""
+        t = _EMPTIES.get((cls, level, R))
+        if t is None:
+            t = cls(level, np.zeros(0, np.uint64), np.zeros(1, np.int64), np.zeros(0, np.int32),
+                    _EMPTY_U32, np.zeros((0, R), np.uint8), np.zeros(0, np.int64))
+            for a in (t.code, t.off, t.dense, t.regs, t.imp, t.imp_cs, t.dense_cs):
+                a.setflags(write=False)
+            _EMPTIES[(cls, level, R)] = t
+        return t
 
     # ------------------------------------------------------------ shape
     def __len__(self) -> int:
