@@ -49,6 +49,7 @@ import bisect
 import itertools
 import json
 import threading
+import time
 import zlib
 from collections import OrderedDict
 
@@ -185,50 +186,96 @@ def _encode_block(t: RowTable, a: int, b: int, node_base: int, lengths, mode, de
 # ---------------------------------------------------------------- reading
 
 class BlockCache:
-    """Decoded blocks, most recently used kept, within a byte budget (per process)."""
+    """Decoded blocks within a byte budget (per process), in two parts (a segmented LRU): a block enters
+    *on probation* and moves to the *protected* part when it is asked for again later than
+    ``CORRELATED_S`` after it came in (asked again within one question, as the blocks of a join are, it
+    stays on probation); protected blocks fill at most ``PROTECTED`` of the budget (the least recent go
+    back to probation).  What is evicted is the least recent block on probation, and only when none is
+    left, the least recent protected one.  A scan of blocks asked for by one question each (questions over
+    random hours, a top-keys read) then passes through the probation part and leaves alone the blocks
+    that questions come back to (a dashboard's key sets): with one plain LRU, 50 one-hour questions of 100
+    keys filled a 256 MB cache and the next 30-day questions of the same keys found part of their blocks
+    gone, 60-70 ms of work in place of 25."""
+
+    PROTECTED = 0.8  # the share of the budget blocks asked for again may hold
+    CORRELATED_S = 1.0  # asked for again this soon after it came in: the same question, not a new one
 
     def __init__(self, budget: int = 256 << 20):
         self.budget = budget
         self.bytes = 0
-        self._items: OrderedDict = OrderedDict()
+        self._probation: OrderedDict = OrderedDict()
+        self._protected: OrderedDict = OrderedDict()
+        self._protected_bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def get(self, key):
         with self._lock:
-            t = self._items.get(key)
+            t = self._protected.get(key)
             if t is not None:
-                self._items.move_to_end(key)
+                self._protected.move_to_end(key)
                 self.hits += 1
-            else:
+                return t
+            got = self._probation.get(key)
+            if got is None:
                 self.misses += 1
+                return None
+            self.hits += 1
+            t, came = got
+            if time.monotonic() - came < self.CORRELATED_S:
+                self._probation.move_to_end(key)
+                return t
+            del self._probation[key]
+            self._protected[key] = t  # asked for again by a later question: protected
+            self._protected_bytes += t.nbytes
+            while self._protected_bytes > self.PROTECTED * self.budget and len(self._protected) > 1:
+                k, old = self._protected.popitem(last=False)  # the least recent protected: back on probation
+                self._protected_bytes -= old.nbytes
+                self._probation[k] = (old, 0.0)
             return t
 
     def put(self, key, t: RowTable) -> None:
         with self._lock:
-            if key in self._items:
+            if key in self._probation or key in self._protected:
                 return
-            self._items[key] = t
+            self._probation[key] = (t, time.monotonic())
             self.bytes += t.nbytes
-            while self.bytes > self.budget and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
+            while self.bytes > self.budget and len(self._probation) + len(self._protected) > 1:
+                if self._probation:
+                    _, (old, _) = self._probation.popitem(last=False)
+                else:
+                    _, old = self._protected.popitem(last=False)
+                    self._protected_bytes -= old.nbytes
                 self.bytes -= old.nbytes
+
+    def __contains__(self, key) -> bool:
+        return key in self._probation or key in self._protected
+
+    def items(self) -> list:
+        """``(key, table)`` of every block held (a copy: for tests and reports)."""
+        with self._lock:
+            return [(k, t) for k, (t, _) in self._probation.items()] + list(self._protected.items())
 
     def stats(self) -> dict:
         """What a shard's or reader's stats report of its cache."""
         return {"block_cache_bytes": self.bytes, "block_cache_budget": self.budget, "block_cache_hits": self.hits,
-                "block_cache_misses": self.misses}
+                "block_cache_misses": self.misses, "block_cache_protected_bytes": self._protected_bytes}
 
     def clear(self) -> None:
         with self._lock:
-            self._items.clear()
-            self.bytes = 0
+            self._probation.clear()
+            self._protected.clear()
+            self.bytes = self._protected_bytes = 0
 
     def drop(self, prefix) -> None:
         """Forget every block of one file."""
         with self._lock:
-            for k in [k for k in self._items if k[0] == prefix]:
-                self.bytes -= self._items.pop(k).nbytes
+            for k in [k for k in self._probation if k[0] == prefix]:
+                self.bytes -= self._probation.pop(k)[0].nbytes
+            for k in [k for k in self._protected if k[0] == prefix]:
+                t = self._protected.pop(k)
+                self.bytes -= t.nbytes
+                self._protected_bytes -= t.nbytes
 
 
 CACHE = BlockCache()
@@ -247,7 +294,7 @@ class SealedFile:
         does not match its checksum is then read once more from that copy
         before it is refused."""
         self.name = name or str(source)[:64]
-        self.cache = cache or CACHE
+        self.cache = CACHE if cache is None else cache
         self.token = next(_TOKENS)  # the cache's key for this file (ids of dead objects are reused)
         self.refetch, self.refetched = refetch, 0
         self._lock = threading.Lock()

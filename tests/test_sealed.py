@@ -79,7 +79,7 @@ def test_sealed_nodes_answer_register_for_register(tmp_path, shards, monkeypatch
     assert st["sealed_nodes"] > 0 and st["sealed_bytes"] > 0
     cs = tiny.stats()  # the cache reports its use (a shard's and a reader's stats carry it)
     assert cs["block_cache_misses"] > 0 and cs["block_cache_hits"] > 0
-    assert 0 < cs["block_cache_bytes"] <= cs["block_cache_budget"] + max(t.nbytes for t in tiny._items.values())
+    assert 0 < cs["block_cache_bytes"] <= cs["block_cache_budget"] + max(t.nbytes for _, t in tiny.items())
 
 
 def test_a_damaged_or_foreign_file_is_refused(tmp_path):
@@ -162,6 +162,45 @@ def test_rows_read_back_whatever_the_order_of_keys_and_nodes():
     assert np.array_equal(got.off, off) and np.array_equal(got.coupons, coupons)
     assert np.array_equal(got.dense, dense) and np.array_equal(got.regs, regs)
     assert np.array_equal(got.imp, lengths + 3)
+
+
+class _Block:
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+
+def _held(cache: BlockCache) -> int:
+    return sum(t.nbytes for _, t in cache.items())
+
+
+def test_the_block_cache_keeps_blocks_asked_for_again_through_a_scan_of_blocks_asked_for_once():
+    cache = BlockCache(budget=100_000)
+    cache.CORRELATED_S = 0.0  # every get a later question's
+    hot = [("f", 0, i) for i in range(6)]
+    for k in hot:  # a dashboard's blocks: decoded once, then asked for again
+        cache.put(k, _Block(10_000))
+        assert cache.get(k) is not None
+    cache.CORRELATED_S = 60.0  # a block asked for again at once: the same question's
+    for i in range(200):  # questions over random hours: every block new, asked for by its question alone
+        k = ("g", 0, i)
+        assert cache.get(k) is None
+        cache.put(k, _Block(10_000))
+        assert cache.get(k) is not None  # twice in one question (a join, then its totals): not promoted
+        assert cache.bytes == _held(cache) <= cache.budget
+    assert all(cache.get(k) is not None for k in hot)  # none of them was evicted by the scan
+    # protected blocks fill at most PROTECTED of the budget: past it, the least recent go back on probation
+    cache.CORRELATED_S = 0.0
+    for i in range(12):
+        k = ("h", 0, i)
+        cache.put(k, _Block(10_000))
+        cache.get(k)
+    assert cache.stats()["block_cache_protected_bytes"] <= BlockCache.PROTECTED * cache.budget
+    assert cache.bytes == _held(cache) <= cache.budget
+    assert cache.get(hot[0]) is None  # the least recent hot block: demoted, then evicted
+    cache.drop("h")
+    assert not any(k[0] == "h" for k, _ in cache.items()) and cache.bytes == _held(cache)
+    cache.clear()
+    assert not cache.items() and cache.bytes == 0 and cache.stats()["block_cache_protected_bytes"] == 0
 
 
 def test_view_keys_holds_every_row_of_the_keys_asked_however_far_apart(monkeypatch):
