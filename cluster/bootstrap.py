@@ -25,6 +25,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from impressions.actors.coordinator import Coordinator, reader_slots
+from impressions.actors.memory import PROCESS_ENV
 from impressions.actors.reader import ShardReader
 from impressions.actors.runtime import READ_METHODS, READ_THREADS, UPKEEP_METHODS, ShardUnavailable
 from impressions.actors.shard import ShardActor
@@ -192,7 +193,7 @@ class RayRuntime:
             name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
             num_cpus=cfg.shard_cpus, resources={cfg.shard_resource: 1} if cfg.shard_resource else None,
             scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
-            max_concurrency=1).remote(
+            max_concurrency=1, runtime_env={"env_vars": PROCESS_ENV}).remote(
                 layout.sketch, index, layout.shards, storage, cfg.block_cache_mb,
                 telemetry=RayTelemetry(cfg.namespace), await_seed=bool(seeds), followers=followers)
         if seeds:
@@ -215,7 +216,8 @@ class RayRuntime:
             # no resource of the shards' (``shard_resource``): a fraction of it on a full node would keep a
             # restarted writer from coming back there; spread over every node instead
             get_if_exists=True, num_cpus=cfg.reader_cpus,
-            scheduling_strategy=where, max_restarts=-1, max_task_retries=0, max_concurrency=1).remote(
+            scheduling_strategy=where, max_restarts=-1, max_task_retries=0, max_concurrency=1,
+            runtime_env={"env_vars": PROCESS_ENV}).remote(
                 layout.sketch, index, layout.shards, self._storage(layout), cfg.block_cache_mb, replica,
                 telemetry=RayTelemetry(cfg.namespace))
 
