@@ -30,6 +30,7 @@ from impressions.sketch.events import Batch
 from impressions.sketch.store import ShardStore, SketchConfig
 from impressions.sketch.tiers import Slot, TableNode
 
+from .memory import keep_freed_memory
 from .runtime import ShardUnavailable
 from .telemetry import Telemetry, process_memory
 
@@ -52,6 +53,13 @@ class ShardBase:
     telemetry: Telemetry
     unavailable: str | None = None
     seq = 0  # the last log entry this copy holds
+
+    @staticmethod
+    def _set_up_process(block_cache_mb: float) -> None:
+        """What a copy's process holds for its questions: a block cache of ``block_cache_mb``, and the memory
+        a question frees kept for the next (``actors.memory``)."""
+        sealed.CACHE.budget = int(block_cache_mb * (1 << 20))
+        keep_freed_memory()
 
     # ------------------------------------------------------------ loading a checkpoint
     def _sealed_header(self) -> dict:

@@ -67,11 +67,9 @@ from collections import deque
 import numpy as np
 
 from impressions.durable.journal import CorruptObject, ShardJournal
-from impressions.sketch import sealed
 from impressions.sketch.store import ShardStore, SketchConfig
 
 from .base import Behind, ShardBase
-from .memory import keep_freed_memory
 from .telemetry import Telemetry
 
 log = logging.getLogger("impressions.reader")
@@ -127,8 +125,7 @@ class ShardReader(ShardBase):
         self.sketch, self.shard_index, self.shards, self.replica = sketch, shard, shards, replica
         self.storage = storage
         self.telemetry = telemetry or Telemetry()
-        sealed.CACHE.budget = int(block_cache_mb * (1 << 20))
-        keep_freed_memory()  # a question's temporaries come from memory the last one freed (``actors.memory``)
+        self._set_up_process(block_cache_mb)
         self.journal = ShardJournal(storage.objects(), storage.folder, shard)  # read only: never begin()
         self.store = ShardStore(sketch, shard, shards)
         self.started = time.time()

@@ -68,7 +68,6 @@ from impressions.sketch.tiers import Slot
 
 from .applied import AppliedBatches
 from .base import ShardBase
-from .memory import keep_freed_memory
 from .reader import Followers
 from .runtime import ShardUnavailable
 from .telemetry import Telemetry, process_memory
@@ -98,8 +97,7 @@ class ShardActor(ShardBase):
         self.storage = storage
         self.telemetry = telemetry or Telemetry()
         self._reported = 0.0
-        sealed.CACHE.budget = int(block_cache_mb * (1 << 20))
-        keep_freed_memory()  # a question's temporaries come from memory the last one freed (``actors.memory``)
+        self._set_up_process(block_cache_mb)
         self.started = time.time()
         self.applied_batches = 0
         self.first_apply_at: float | None = None  # the first batch this process applied

@@ -248,9 +248,6 @@ class BlockCache:
                     self._protected_bytes -= old.nbytes
                 self.bytes -= old.nbytes
 
-    def __contains__(self, key) -> bool:
-        return key in self._probation or key in self._protected
-
     def items(self) -> list:
         """``(key, table)`` of every block held (a copy: for tests and reports)."""
         with self._lock:

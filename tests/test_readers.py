@@ -87,6 +87,15 @@ def _ingest(coord, runtime, batch, parts=4, tag="part", asker=None):
     return sender
 
 
+def _ingested(tmp_path, batch, readers=2):
+    """A cluster that took ``batch`` through a direct asker, every copy settled: (coordinator, runtime, asker)."""
+    coord, runtime = _cluster(tmp_path, readers=readers)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    _ingest(coord, runtime, batch, asker=direct)
+    _settled(runtime, coord)
+    return coord, runtime, direct
+
+
 def _ask(runtime, h, method, *args):
     return runtime.result(runtime.call(h, "ask", method, 0, *args), 30)
 
@@ -178,10 +187,7 @@ def test_a_copy_late_against_the_other_ranges_is_joined_by_the_next(tmp_path, st
     """One range's reader hangs while the other range answers at once: by ``hedge_s`` its writer is asked
     too, and answers."""
     batch, ref = stream
-    coord, runtime = _cluster(tmp_path, readers=1)
-    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
-    _ingest(coord, runtime, batch, asker=direct)
-    _settled(runtime, coord)
+    _, _, direct = _ingested(tmp_path, batch, readers=1)
     rng = SK.resolve(now=NOW, last="2d")
     SlowReader.ASK_DELAY = {0: 1.5}
     t0 = time.perf_counter()
@@ -197,10 +203,7 @@ def test_a_question_slow_on_every_range_is_not_asked_twice(tmp_path, stream):
     range left alone longer than ``HEDGE_ALONE`` times ``hedge_s`` is joined all the same."""
     from impressions.actors import questions
     batch, ref = stream
-    coord, runtime = _cluster(tmp_path)
-    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
-    _ingest(coord, runtime, batch, asker=direct)
-    _settled(runtime, coord)
+    _, _, direct = _ingested(tmp_path, batch)
     rng = SK.resolve(now=NOW, last="2d")
     want = [r.to_dict() for r in ref.query_range(KEYS, rng)]
     SlowReader.ASK_DELAY = {0: 0.4, 1: 0.45}
@@ -220,10 +223,7 @@ def test_a_question_slow_on_every_range_is_not_asked_twice(tmp_path, stream):
 
 def test_with_a_writer_gone_the_readers_answer_complete(tmp_path, stream):
     batch, ref = stream
-    coord, runtime = _cluster(tmp_path)
-    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
-    _ingest(coord, runtime, batch, asker=direct)
-    _settled(runtime, coord)
+    coord, runtime, direct = _ingested(tmp_path, batch)
     runtime.kill(coord.map.handles[0])
     rng = SK.resolve(now=NOW, last="2d")
     got = direct.query(KEYS, rng)
@@ -253,10 +253,7 @@ def test_a_writer_killed_before_its_messages_went_out_leaves_its_readers_answeri
 
 def test_with_readers_gone_questions_stay_complete_and_quick(tmp_path, stream):
     batch, ref = stream
-    coord, runtime = _cluster(tmp_path)
-    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
-    _ingest(coord, runtime, batch, asker=direct)
-    _settled(runtime, coord)
+    coord, runtime, direct = _ingested(tmp_path, batch)
     rng = SK.resolve(now=NOW, last="2d")
     want = [r.to_dict() for r in ref.query_range(KEYS, rng)]
     runtime.kill(coord._readers[0][0])
