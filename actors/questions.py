@@ -32,9 +32,15 @@ decoded for the first time) is slow on every range alike, and asking a
 second copy of each would only double its work on the same cores (a
 second copy starts cold, and a cancelled question runs to its end); a
 copy slower than its peers is what a second copy can help.  A copy that
-failed is tried after the others for ``SUSPECT_S``.  Only when every copy
-of a range failed, or none answered within the query timeout, is the
-answer partial.
+failed is tried after the others for ``SUSPECT_S``.  A copy that answered
+``Behind`` (it does not hold the asker's own writes yet: a reader whose
+writer's messages were lost, or that is catching up) has not failed: once
+every copy of its range was asked, it is asked again (``REASK_BEHIND``
+times at most; each ``Behind`` takes the reader's own wait, so this never
+spins) while no copy has answered and time is left, so a range whose
+writer is restarting is answered by its readers as soon as they hold the
+asker's writes.  Only when every copy of a range failed, or none answered
+within the query timeout, is the answer partial.
 
 Nothing here holds a lock or waits on anything that waits on it: a question
 is a fan-out with a deadline and a pure merge.
@@ -68,6 +74,8 @@ HEDGE_S = 0.25  # a copy that has not answered by then (and is late against the 
 HEDGE_RATIO = 2.0  # late: not answered by this many times the slowest answer of the other ranges
 HEDGE_ALONE = 4.0  # with no other range answered yet, late at this many times ``hedge_s``
 SUSPECT_S = 5.0  # a copy that failed is asked after the others for this long
+REASK_BEHIND = 8  # a range with every copy asked: its copies that said Behind are asked again, up to this often
+BEHIND_MARGIN_S = 0.1  # ...while at least this much of the question's time is left
 
 
 @dataclass(frozen=True)
@@ -162,9 +170,10 @@ class Questions:
                 q = packed[after] = pack_question(method, after, args)
             return q
 
-        def ask(i: int) -> None:
-            h = order[i][asked[i]]
-            asked[i] += 1
+        def ask(i: int, h=None) -> None:
+            if h is None:
+                h = order[i][asked[i]]
+                asked[i] += 1
             pending[rt.call(h, "ask_packed", question(after[i]))] = (i, h)
 
         for i in range(len(order)):
@@ -174,6 +183,8 @@ class Questions:
         hedge_s = float(getattr(self.config, "hedge_s", HEDGE_S))
         hedging = any(len(o) > 1 for o in order)
         slowest = None  # how long the slowest range answered so far took
+        behind: list = [[] for _ in order]  # by range, the copies that answered Behind
+        again = [REASK_BEHIND] * len(order)  # how many more times a range's copies that said Behind are asked
 
         def hedge_at() -> float:
             """When a range not answered yet is late (see the module text)."""
@@ -195,10 +206,24 @@ class Questions:
                     answers[i], done[i] = unpack_answer(rt.result(p, 0)), True
                     slowest = time.monotonic() - start
                 except Exception as e:  # noqa: BLE001 - a copy's failure sends the question on, never up
-                    if not isinstance(e, Behind):
+                    if isinstance(e, Behind):
+                        if h not in behind[i]:
+                            behind[i].append(h)
+                    else:
                         self._suspects[h] = time.monotonic() + SUSPECT_S
+                        if h in behind[i]:
+                            behind[i].remove(h)
                     if asked[i] < len(order[i]):
                         ask(i)
+                    # "not yet" is not a failure: with every copy asked, one that said it is asked again (in
+                    # turn) whenever none of them is being asked, while time is left
+                    if (asked[i] >= len(order[i]) and behind[i] and again[i] > 0
+                            and deadline - time.monotonic() > BEHIND_MARGIN_S
+                            and not any(j == i and g in behind[i] for j, g in pending.values())):
+                        again[i] -= 1
+                        g = behind[i].pop(0)
+                        behind[i].append(g)
+                        ask(i, g)
             if hedging and not all(done) and time.monotonic() >= hedge_at():
                 hedging = False  # once: a range whose two copies are both slow waits for them, not for a third
                 for i in range(len(order)):

@@ -27,10 +27,15 @@ its writer; it builds its copy from what the writer leaves on the store
   times the writer's, or when its writer has been quiet for ``QUIET_SORT_S``:
   the runs are a saving, never needed for an answer.
 * **Checkpoints.** The writer tells its readers of each manifest
-  (``checkpointed(number)``); a reader then builds a new store from it
-  (nodes it already loaded are shared, being immutable; only new objects
-  are read), replays the log after it, and switches to it whole: its own
-  copy never runs rollups or sealing, it takes the writer's.
+  (``checkpointed(number)``, on the reader's upkeep thread); a reader then
+  builds a new store from it (nodes it already loaded are shared, being
+  immutable; only new objects are read) and replays the log after it, all
+  without the lock, while the writer's messages keep the current copy
+  following; then, under the lock, it replays what was logged meanwhile
+  and switches to the new copy whole: its own copy never runs rollups or
+  sealing, it takes the writer's.  A switch that takes a second never
+  holds up a message or a question (it did, when the switch held the lock
+  throughout: every question needing a fresh entry answered ``Behind``).
 * **A new writer instance.** A message from a newer incarnation of the
   writer for an entry the reader already holds means the older instance was
   superseded (``durable.journal``, fencing): the reader rebuilds from the
@@ -41,8 +46,9 @@ its writer; it builds its copy from what the writer leaves on the store
   writer instance logs, and a reader never depends on messages arriving.
 
 Everything that changes the reader's copy (the writer's messages on its
-call thread, in order; ``maintain`` on its upkeep thread) runs under one
-lock, one at a time; questions run on threads of their own and read the
+call thread, in order; ``maintain`` and the end of a switch on its upkeep
+thread) runs under one lock, one at a time, and never waits for anything
+else while holding it; questions run on threads of their own and read the
 published view (``ShardStore.view``), so they never wait for a catch-up or
 a switch.  A
 reader that cannot load the store stays *unavailable* (it says why) and
@@ -53,8 +59,10 @@ writer acknowledged (``ShardBase.ask``).  A reader that does not hold it
 within ``FRESH_STORE_S`` reads the log on the store for it (an acknowledged
 entry is always there: a writer killed after sending its answer may never
 have sent its message, and until a new instance writes again nothing else
-would tell the reader); one that still does not hold it within
-``FRESH_WAIT_S`` answers ``Behind`` and the asker asks another copy.
+would tell the reader; a question reads the log only, never builds from a
+checkpoint); one that still does not hold it within ``FRESH_WAIT_S``
+answers ``Behind`` and the asker asks another copy, and asks it again
+while no copy of the range has answered (``actors.questions``).
 """
 
 from __future__ import annotations
@@ -157,24 +165,57 @@ class ShardReader(ShardBase):
 
     def _rebuild(self, number: int | None = None) -> None:
         """Build the copy from manifest ``number`` (default: the newest that loads) and the log after it,
-        then switch to it whole."""
+        then switch to it whole (the caller holds ``_changing``, or nothing else runs yet)."""
+        self._publish(*self._build(number), switch=number is not None)
+
+    def _build(self, number: int | None = None) -> tuple:
+        """A copy from manifest ``number`` (default: the newest that loads) and the log after it:
+        ``(store, body, seq, incarnation)``.  It reads the store and touches nothing a question or a message
+        reads, so a switch builds it without the lock (see the module text)."""
         numbers = [n for n in self.journal.manifests() if number is None or n <= number]
         got = self._newest_checkpoint(numbers, lambda b: self._store_of(b, self._cached_node), [])
         body, store = (None, ShardStore(self.sketch, self.shard_index, self.shards)) if got is None else got[1:]
         seq = body["log_seq"] if body else 0
         incarnation = int(body.get("incarnation", 0)) if body else 0
+        return (store, body, *self._replay(store, seq, incarnation))
+
+    def _replay(self, store: ShardStore, seq: int, incarnation: int) -> tuple[int, int]:
+        """Apply to ``store`` the log entries on the store that follow ``seq`` one after another; returns the
+        last held and its incarnation.  A gap (entries collected because a newer checkpoint holds them) ends
+        the replay: only a copy built from that checkpoint can go further."""
         for s, name in self.journal.log_entries(seq):
+            if s != seq + 1:
+                self._gap = True
+                break
             self._apply_entry(store, self.journal.read_log(name), s)
             seq, incarnation = s, _incarnation(name)
             self.counts["from_store"] += 1
+        return seq, incarnation
+
+    def _publish(self, store: ShardStore, body: dict | None, seq: int, incarnation: int, switch: bool) -> None:
+        """Make a built copy the one questions read (under ``_changing``)."""
         keep = {self._node_key(e) for e in body["nodes"]} if body else set()
         self._nodes = {k: v for k, v in self._nodes.items() if k in keep}  # what the new copy no longer needs
         chunks = {e["object"] for e in body.get("keys", [])} if body else set()
         self._keys = {k: v for k, v in self._keys.items() if k in chunks}
         store.flush_rows = 1 << 62  # never of itself: the writer's runs come, else ``_sort_own``
         self.store, self.manifest = store, (body or {}).get("number", 0)
-        self.counts["rebuilds" if number is None else "switches"] += 1
+        self.counts["switches" if switch else "rebuilds"] += 1
         self._moved(seq, incarnation)
+
+    def _switch(self, number: int) -> None:
+        """Switch to a copy built from manifest ``number`` (or the newest before it that loads).  The build
+        reads the store without the lock, while messages and questions go on with the current copy; under
+        the lock it takes the log entries logged meanwhile (every one the current copy holds is on the store
+        before the writer sends it) and is published, unless the current copy is further on."""
+        store, body, seq, incarnation = self._build(number)
+        with self._changing:
+            if (body or {}).get("number", 0) <= self.manifest:
+                return  # another switch (or a rebuild) went as far meanwhile
+            seq, incarnation = self._replay(store, seq, incarnation)
+            if seq < self.seq:
+                return  # the log it needs was collected meanwhile: the next round builds from a newer checkpoint
+            self._publish(store, body, seq, incarnation, switch=True)
 
     @staticmethod
     def _node_key(entry: dict) -> tuple:
@@ -219,16 +260,24 @@ class ShardReader(ShardBase):
             self.store.flush_through(self.seq - 1)
 
     def _catch_up(self) -> None:
-        """Read what the store holds beyond this copy: a newer checkpoint, else the log after ``seq``."""
+        """Read what the store holds beyond this copy: a newer checkpoint (switched to, see ``_switch``), else
+        the log after ``seq``.  Takes ``_changing`` itself; never called holding it."""
         numbers = self.journal.manifests()
         if numbers and numbers[-1] > self.manifest:
-            self._rebuild(numbers[-1])
+            self._switch(numbers[-1])
             return
-        for s, name in self.journal.log_entries(self.seq):
-            self._apply_entry(self.store, self.journal.read_log(name), s)
-            self.counts["from_store"] += 1
-            self._moved(s, _incarnation(name))
+        with self._changing:
+            self._follow_log()
+
+    def _follow_log(self) -> None:
+        """Apply the log entries on the store after ``seq`` (under ``_changing``): what the writer's messages
+        did not bring."""
+        if self.unavailable is not None:
+            return
         self._gap = False
+        seq, incarnation = self._replay(self.store, self.seq, self.incarnation)
+        if seq != self.seq:
+            self._moved(seq, incarnation)
 
     # ------------------------------------------------------------ what the writer tells
     def logged(self, seq: int, incarnation: int, rb) -> int:
@@ -248,9 +297,9 @@ class ShardReader(ShardBase):
             self._apply_entry(self.store, rb, seq)
             self.counts["followed"] += 1
             self._moved(seq, incarnation)
-        else:
-            self._gap = True
-            self._catch_up()
+        else:  # a gap: fill it from the log on the store (a switch, if it needs one, is left to ``maintain``)
+            self._follow_log()
+            self._gap = self._gap or self.seq < seq
         return self.seq
 
     def flushed(self, after: int, through: int, incarnation: int, runs, key_ids, key_names) -> int:
@@ -265,12 +314,12 @@ class ShardReader(ShardBase):
             return self.seq
 
     def checkpointed(self, number: int) -> int:
-        """Manifest ``number`` is on the store: switch to a copy built from it."""
+        """Manifest ``number`` is on the store: switch to a copy built from it (on the upkeep thread, beside
+        the messages that keep the current copy following; see ``_switch``)."""
         self._heard = time.monotonic()
-        with self._changing:
-            if self.unavailable is None and int(number) > self.manifest:
-                self._rebuild(int(number))
-            return self.manifest
+        if self.unavailable is None and int(number) > self.manifest:
+            self._switch(int(number))
+        return self.manifest
 
     def maintain(self, now: float | None = None, max_seconds: float | None = None) -> bool:
         """Catch up from the store when the writer has been quiet for ``POLL_S`` or a gap was seen, and drop
@@ -278,7 +327,15 @@ class ShardReader(ShardBase):
         clock; a copy rebuilt from an older checkpoint drops it again here); an unavailable reader tries to
         start again."""
         with self._changing:
-            return self._maintain(now)
+            if not self._maintain(now):
+                return False
+        if self._gap or time.monotonic() - self._heard >= POLL_S:
+            try:
+                self._catch_up()
+            except (OSError, CorruptObject) as e:  # the store is away: answer from what is held, try later
+                log.warning("reader %d of shard %d could not read the store: %s", self.replica, self.shard_index, e)
+            self._heard = time.monotonic()
+        return True
 
     def _maintain(self, now: float | None) -> bool:
         if self.unavailable is not None:
@@ -291,12 +348,6 @@ class ShardReader(ShardBase):
             self._sort_own()  # else its runs come (its upkeep round flushes), unless missed
         if now is not None:
             self.store.expire(now)
-        if self._gap or time.monotonic() - self._heard >= POLL_S:
-            try:
-                self._catch_up()
-            except (OSError, CorruptObject) as e:  # the store is away: answer from what is held, try later
-                log.warning("reader %d of shard %d could not read the store: %s", self.replica, self.shard_index, e)
-            self._heard = time.monotonic()
         return True
 
     # ------------------------------------------------------------ questions
@@ -318,7 +369,7 @@ class ShardReader(ShardBase):
             try:
                 if self.seq < after and self.unavailable is None:
                     self.counts["asked_for"] += 1
-                    self._catch_up()
+                    self._follow_log()  # the log only: a switch to a checkpoint is never a question's to make
             except (OSError, CorruptObject) as e:  # the store is away: another copy may answer
                 log.warning("reader %d of shard %d could not read the store: %s", self.replica, self.shard_index, e)
             finally:

@@ -92,8 +92,9 @@ def gather(runtime: Runtime, pending: list, timeout: float | None) -> list:
 READ_METHODS = frozenset({"ask", "ask_packed", "health", "query", "query_ranges", "reach", "overlap", "series",
                           "key_impressions", "impressions_of", "registers"})
 READ_THREADS = 2
-# Upkeep: on a thread of its own too, beside the applies (``actors.shard``; a reader's upkeep takes its lock)
-UPKEEP_METHODS = frozenset({"maintain", "checkpoint"})
+# Upkeep: on a thread of its own too, beside the applies (``actors.shard``); a reader's switches to its writer's
+# checkpoints (``checkpointed``) too, beside the messages that keep its copy following (``actors.reader``)
+UPKEEP_METHODS = frozenset({"maintain", "checkpoint", "checkpointed"})
 
 
 class LocalShard:

@@ -99,7 +99,10 @@ class RayFollowers:
                 except Exception:  # noqa: BLE001, S110 - a reader's failure is its own; it catches up from the store
                     pass
             if len(out) < self.MAX_OUT:
-                out.append(getattr(h, method).remote(*args))
+                call = getattr(h, method)
+                if method in UPKEEP_METHODS:  # a switch to a checkpoint: beside the log messages, never ahead of them
+                    call = call.options(concurrency_group="upkeep")
+                out.append(call.remote(*args))
 
     @property
     def active(self) -> bool:

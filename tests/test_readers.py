@@ -36,11 +36,20 @@ class SlowReader(ShardReader):
     DEAF = False  # drops the writer's messages altogether (as if they were lost)
     ASK_DELAY: ClassVar[dict] = {}  # shard -> seconds every question to its readers takes on top of its own work
     ASKED: ClassVar[list] = []  # (shard, replica) of every question asked of a reader
+    BEHIND_UNTIL: ClassVar[dict] = {}  # shard -> until when (monotonic) its readers answer Behind, as a lagging one
+    BUILD_DELAY = 0.0  # seconds added to every copy built from a checkpoint (a large one, a slow store)
 
     def ask_packed(self, q):
         SlowReader.ASKED.append((self.shard_index, self.replica))
         time.sleep(SlowReader.ASK_DELAY.get(self.shard_index, 0.0))
+        if time.monotonic() < SlowReader.BEHIND_UNTIL.get(self.shard_index, 0.0):
+            time.sleep(0.1)
+            raise reader_mod.Behind(f"reader {self.replica} of shard {self.shard_index} is behind")
         return super().ask_packed(q)
+
+    def _store_of(self, body, load_node=None):
+        time.sleep(SlowReader.BUILD_DELAY)
+        return super()._store_of(body, load_node)
 
     def logged(self, *a):
         if SlowReader.DEAF:
@@ -51,9 +60,12 @@ class SlowReader(ShardReader):
 
 @pytest.fixture(autouse=True)
 def _reset():
-    SlowReader.DELAY, SlowReader.DEAF, SlowReader.ASK_DELAY, SlowReader.ASKED = 0.0, False, {}, []
+    def reset():
+        SlowReader.DELAY, SlowReader.DEAF, SlowReader.ASK_DELAY, SlowReader.ASKED = 0.0, False, {}, []
+        SlowReader.BEHIND_UNTIL, SlowReader.BUILD_DELAY = {}, 0.0
+    reset()
     yield
-    SlowReader.DELAY, SlowReader.DEAF, SlowReader.ASK_DELAY, SlowReader.ASKED = 0.0, False, {}, []
+    reset()
 
 
 def _cluster(tmp_path, shards=2, readers=2):
@@ -249,6 +261,52 @@ def test_a_writer_killed_before_its_messages_went_out_leaves_its_readers_answeri
     assert time.perf_counter() - t0 < 2 * reader_mod.FRESH_WAIT_S
     asked = [runtime.result(runtime.call(h, "stats"), 30)["asked_for"] for rs in coord._readers for h in rs]
     assert sum(asked) >= 2, asked  # one reader of each range read the store for the question
+
+
+def test_readers_behind_while_their_writer_restarts_are_asked_again_not_left_out(tmp_path, stream):
+    """Range 0's writer is gone and both its readers answer Behind for a while (they do not hold the asker's
+    writes yet): Behind is "not yet", so they are asked again until one answers, and the answer is complete
+    as soon as they hold the writes, not partial."""
+    batch, ref = stream
+    coord, runtime, direct = _ingested(tmp_path, batch)
+    runtime.kill(coord.map.handles[0])
+    rng = SK.resolve(now=NOW, last="2d")
+    SlowReader.BEHIND_UNTIL = {0: time.monotonic() + 0.8}
+    t0 = time.perf_counter()
+    got = direct.query(KEYS, rng)
+    took = time.perf_counter() - t0
+    assert got == [r.to_dict() for r in ref.query_range(KEYS, rng)] and not got[0]["partial"]
+    assert 0.8 <= took < 2.0, took
+    assert sum(s == 0 for s, _ in SlowReader.ASKED) > 2, SlowReader.ASKED  # its readers asked more than once
+
+
+def test_a_reader_switching_to_a_slow_checkpoint_follows_and_answers_meanwhile(tmp_path, stream):
+    """A reader builds the copy of a new checkpoint slowly (a large one, a slow store): meanwhile it goes on
+    following its writer and answers, complete and at once, questions that need the newest writes; then it
+    switches, register for register the same."""
+    batch, ref = stream
+    first, second = (type(batch)(batch.key_names, batch.key_index[s], batch.bucket[s], batch.coupon[s])
+                     for s in (slice(0, len(batch) // 2), slice(len(batch) // 2, None)))
+    coord, runtime = _cluster(tmp_path, readers=1)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    _ingest(coord, runtime, first, parts=3, tag="first", asker=direct)
+    _settled(runtime, coord)
+    SlowReader.BUILD_DELAY = 1.5
+    coord.checkpoint()  # each reader is told, and builds its new copy for 1.5 s
+    _ingest(coord, runtime, second, parts=3, tag="second", asker=direct)
+    for h in coord.map.handles:  # only the readers can answer
+        runtime.kill(h)
+    rng = SK.resolve(now=NOW, last="2d")
+    t0 = time.perf_counter()
+    got = direct.query(KEYS, rng)
+    took = time.perf_counter() - t0
+    assert got == [r.to_dict() for r in ref.query_range(KEYS, rng)] and not got[0]["partial"]
+    assert took < 1.0, took  # neither waited for the switch nor answered Behind
+    _settled(runtime, coord)
+    for h in runtime.reader_handles():
+        assert runtime.result(runtime.call(h, "stats"), 30)["switches"] >= 1
+    SlowReader.BUILD_DELAY = 0.0
+    assert direct.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
 
 
 def test_with_readers_gone_questions_stay_complete_and_quick(tmp_path, stream):
