@@ -48,6 +48,7 @@ is a fan-out with a deadline and a pure merge.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from dataclasses import dataclass
@@ -114,6 +115,12 @@ def range_answers(m: ShardMap, keys: list, answers: list, start: int, end: int) 
     return [RangeResult(k, start, end, est, imp).to_dict() for k, (est, imp) in zip(keys, merged)]
 
 
+def _retrieved(f: asyncio.Future) -> None:
+    """Take a finished future's outcome, so a call nobody waited for is not reported as an error never seen."""
+    if not f.cancelled():
+        f.exception()
+
+
 class MapChanged(Exception):
     """The shard map changed while a question was out: ask again on the new one."""
 
@@ -148,11 +155,44 @@ class Questions:
 
     def _fan_out(self, m: ShardMap, method: str, *args, timeout: float | None) -> list:
         """Call ``method`` on every register range of ``m``: a question (``QUESTIONS``) on one copy
-        of each, moving on as the module text says; anything else on the writers.  The answer of a
-        range that no copy gave within ``timeout`` is None."""
+        of each, moving on as the module text says (``_steps``, its waits done here); anything else on
+        the writers.  The answer of a range that no copy gave within ``timeout`` is None."""
         rt = self.runtime
         if method not in QUESTIONS:
             return gather(rt, [rt.call(h, method, *args) for h in m.handles], timeout)
+        steps = self._steps(m, method, *args, timeout=timeout)
+        try:
+            pending, seconds = next(steps)
+            while True:
+                ready, _ = rt.wait(pending, seconds, num_returns=1)
+                pending, seconds = steps.send(ready)
+        except StopIteration as done:
+            return done.value
+
+    async def _afan_out(self, m: ShardMap, method: str, *args, timeout: float | None) -> list:
+        """``_fan_out`` of a question for an event loop: the same steps, each wait awaited (the loop goes on
+        with other requests meanwhile, and no thread is handed the question)."""
+        rt, futures = self.runtime, {}
+        steps = self._steps(m, method, *args, timeout=timeout)
+        try:
+            pending, seconds = next(steps)
+            while True:
+                for p in pending:
+                    if p not in futures:
+                        futures[p] = asyncio.wrap_future(rt.future(p))
+                done, _ = await asyncio.wait([futures[p] for p in pending], timeout=seconds,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                pending, seconds = steps.send([p for p in pending if futures[p] in done])
+        except StopIteration as done:
+            return done.value
+        finally:
+            for f in futures.values():  # a call left behind (cancelled, or late) is never waited for
+                f.add_done_callback(_retrieved)
+
+    def _steps(self, m: ShardMap, method: str, *args, timeout: float | None):
+        """The fan-out of a question, as steps: yields ``(pending calls, seconds)`` to wait until one of
+        them is done or that time passed, and is sent back the calls done; returns the answers."""
+        rt = self.runtime
         epoch, wrote = self._wrote
         after = [wrote.get(i, 0) if epoch == m.epoch else 0 for i in range(len(m.handles))]
         # the same keys go to the same reader of a range (each reader keeps its own cache of decoded blocks,
@@ -197,7 +237,7 @@ class Questions:
             if now >= deadline:
                 break
             until = min(deadline, hedge_at()) if hedging else deadline
-            ready, _ = rt.wait(list(pending), max(0.0, until - now), num_returns=1)
+            ready = yield list(pending), max(0.0, until - now)
             for p in ready:
                 i, h = pending.pop(p)
                 if done[i]:
@@ -239,20 +279,43 @@ class Questions:
         answer per shard, None where it did not answer; ``ShardUnavailable``
         when none did."""
         timeout = timeout or self.config.query_timeout_s
-        t0 = time.perf_counter()
-        token = object()
-        self._asking.add(token)
-        self.telemetry.in_flight(len(self._asking))
+        t0, token = self._asked_in()
         try:
             answers = self._fan_out(m, method, *args, time.time(), timeout=timeout)
         finally:
             self._asking.discard(token)
+        if self._missing(answers, t0):
+            self._missed(m)
+        return self._complete_enough(answers, timeout)
+
+    async def _aask(self, m: ShardMap, method: str, *args, timeout: float | None = None) -> list:
+        """``_ask`` for an event loop (``_afan_out``; the look at the map after a missing answer, which may
+        call the coordinator, on a thread)."""
+        timeout = timeout or self.config.query_timeout_s
+        t0, token = self._asked_in()
+        try:
+            answers = await self._afan_out(m, method, *args, time.time(), timeout=timeout)
+        finally:
+            self._asking.discard(token)
+        if self._missing(answers, t0):
+            await asyncio.to_thread(self._missed, m)
+        return self._complete_enough(answers, timeout)
+
+    def _asked_in(self) -> tuple[float, object]:
+        token = object()
+        self._asking.add(token)
+        self.telemetry.in_flight(len(self._asking))
+        return time.perf_counter(), token
+
+    def _missing(self, answers: list, t0: float) -> list:
         self.queries += 1
         missing = [i for i, a in enumerate(answers) if a is None]
         self.telemetry.answer(time.perf_counter() - t0, bool(missing), missing)
-        if missing:
-            self._missed(m)
-        if len(missing) == len(answers):
+        return missing
+
+    @staticmethod
+    def _complete_enough(answers: list, timeout: float) -> list:
+        if all(a is None for a in answers):
             raise ShardUnavailable(f"no shard answered within {timeout} s")
         return answers
 
@@ -267,9 +330,33 @@ class Questions:
         except MapChanged:
             return question(self._shard_map())
 
+    def _map_at_hand(self) -> ShardMap | None:
+        """The shard map if it can be had without a call (a subclass that keeps a copy gives it)."""
+        return None
+
+    async def _amap(self) -> ShardMap:
+        m = self._map_at_hand()
+        return m if m is not None else await asyncio.to_thread(self._shard_map)
+
+    async def _aon_map(self, method: str, args: tuple, merge):
+        """``merge(m, answers)`` of question ``method(*args)`` asked on the current map, as ``_on_map``,
+        for an event loop."""
+        async def ask(m: ShardMap):
+            return merge(m, await self._aask(m, method, *args))
+        try:
+            return await ask(await self._amap())
+        except MapChanged:
+            return await ask(await self._amap())
+
+    def _sync_on_map(self, method: str, args: tuple, merge):
+        return self._on_map(lambda m: merge(m, self._ask(m, method, *args)))
+
     @staticmethod
     def _got(answers: list) -> list:
         return [a for a in answers if a is not None]
+
+    # Each question below is its method, its arguments and how its answers merge (``_q_*``), asked either
+    # way: from a thread (``query``, ...) or on an event loop (``aquery``, ...; the REST replicas).
 
     def query(self, keys: list, rng: BucketRange) -> list[dict]:
         """Unique visitors and impressions of each key (None = site-wide) over ``rng``.
@@ -277,32 +364,47 @@ class Questions:
         Shards that do not answer within ``query_timeout_s`` (restarting, or
         gone) are left out: the answer is then ``partial``, extrapolated from
         the register ranges that answered, with the wider error that implies."""
-        keys = list(keys)
+        return self._sync_on_map(*self._q_query(keys, rng))
 
-        def ask(m: ShardMap):
-            return range_answers(m, keys, self._ask(m, "query", keys, rng.b0, rng.b1), rng.start, rng.end)
-        return self._on_map(ask)
+    async def aquery(self, keys: list, rng: BucketRange) -> list[dict]:
+        return await self._aon_map(*self._q_query(keys, rng))
+
+    @staticmethod
+    def _q_query(keys: list, rng: BucketRange) -> tuple:
+        keys = list(keys)
+        return "query", (keys, rng.b0, rng.b1), lambda m, answers: range_answers(m, keys, answers, rng.start,
+                                                                                  rng.end)
 
     def reach(self, keys: list, prefix: str | None, rng: BucketRange) -> dict:
         """Unique visitors of the union of a key set (listed ``keys`` and every
         key starting with ``prefix``) over ``rng``, with summed impressions and
         the average frequency: one call per shard, which merges the set's
         registers and answers one histogram."""
-        def ask(m: ShardMap):
-            got = self._got(self._ask(m, "reach", list(keys), prefix or None, rng.b0, rng.b1))
-            return merge_reach(got, m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end, prefix)
-        return self._on_map(ask)
+        return self._sync_on_map(*self._q_reach(keys, prefix, rng))
+
+    async def areach(self, keys: list, prefix: str | None, rng: BucketRange) -> dict:
+        return await self._aon_map(*self._q_reach(keys, prefix, rng))
+
+    def _q_reach(self, keys: list, prefix: str | None, rng: BucketRange) -> tuple:
+        def merge(m: ShardMap, answers: list) -> dict:
+            return merge_reach(self._got(answers), m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end, prefix)
+        return "reach", (list(keys), prefix or None, rng.b0, rng.b1), merge
 
     def overlap(self, a: tuple, b: tuple, rng: BucketRange) -> dict:
         """Visitors of both key sets ``a`` and ``b`` (each ``(keys, prefix)``)
         over ``rng``: the joint estimate with its interval, inclusion-exclusion
         beside it, Jaccard and each side's share (``sketch.sets``)."""
+        return self._sync_on_map(*self._q_overlap(a, b, rng))
+
+    async def aoverlap(self, a: tuple, b: tuple, rng: BucketRange) -> dict:
+        return await self._aon_map(*self._q_overlap(a, b, rng))
+
+    def _q_overlap(self, a: tuple, b: tuple, rng: BucketRange) -> tuple:
         a, b = (list(a[0]), a[1] or None), (list(b[0]), b[1] or None)
 
-        def ask(m: ShardMap):
-            got = self._got(self._ask(m, "overlap", a, b, rng.b0, rng.b1))
-            return merge_overlap(got, m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end)
-        return self._on_map(ask)
+        def merge(m: ShardMap, answers: list) -> dict:
+            return merge_overlap(self._got(answers), m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end)
+        return "overlap", (a, b, rng.b0, rng.b1), merge
 
     def rolling(self, keys: list, prefix: str | None, rng: BucketRange, step: int, window: int | None) -> dict:
         """A series over ``rng``: with ``window``, the trailing ``window`` buckets
@@ -354,6 +456,10 @@ class DirectQuestions(Questions):
             self._map, self._fetched = m, time.monotonic()
             self.refreshes += 1
         return m
+
+    def _map_at_hand(self) -> ShardMap | None:
+        m = self._map
+        return m if m is not None and time.monotonic() - self._fetched <= MAP_TTL_S else None
 
     def _missed(self, m: ShardMap) -> None:
         if self._shard_map(refresh=True).epoch != m.epoch:  # re-sharded away, or merely slow or restarting?

@@ -28,6 +28,9 @@ A runtime offers:
 ``wait(pending, timeout, num_returns=None)`` -> (ready, not ready)
     wait until every call (or ``num_returns`` of them) is done, or
     ``timeout`` seconds passed.
+``future(pending)`` -> concurrent.futures.Future
+    done when the call is (for an event loop to await; its value is still
+    taken with ``result``).
 ``result(pending, timeout)``
     the call's value; raises the shard's own exception (``ShardMoved``,
     ``ValueError``, ...) as it was raised, or ``ShardUnavailable`` when the
@@ -63,6 +66,8 @@ class Runtime(Protocol):
 
     def wait(self, pending: list, timeout: float | None = None,
              num_returns: int | None = None) -> tuple[list, list]: ...
+
+    def future(self, pending) -> cf.Future: ...
 
     def result(self, pending, timeout: float | None = None) -> Any: ...
 
@@ -243,6 +248,9 @@ class LocalRuntime:
                                  return_when=cf.ALL_COMPLETED if want == len(pending) else cf.FIRST_COMPLETED)
             if len(done) >= want or left == 0.0:
                 return [p for p in pending if p in done], [p for p in pending if p in rest]
+
+    def future(self, pending: cf.Future) -> cf.Future:
+        return pending
 
     def result(self, pending: cf.Future, timeout: float | None = None):
         try:

@@ -254,6 +254,9 @@ class RayRuntime:
             return [], []
         return ray.wait(pending, num_returns=len(pending) if num_returns is None else num_returns, timeout=timeout)
 
+    def future(self, pending):
+        return pending.future()
+
     def result(self, pending, timeout: float | None = None):
         try:
             return ray.get(pending, timeout=timeout)

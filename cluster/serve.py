@@ -61,7 +61,7 @@ class RayBackend:
     async def _ask(self, ref, timeout: float | None = None):
         try:
             return await asyncio.wait_for(ref, timeout or self.ask_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             ray.cancel(ref)
             raise ShardUnavailable(f"the coordinator did not answer within {timeout or self.ask_s:g} s") from None
         except ray.exceptions.RayActorError:
@@ -73,13 +73,23 @@ class RayBackend:
         """A question asked of the shards directly, on a worker thread (its waits are Ray's, bounded)."""
         try:
             return await asyncio.wait_for(asyncio.to_thread(question, *args), self.ask_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
+            raise ShardUnavailable(f"no answer within {self.ask_s:g} s") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            raise ShardUnavailable("the coordinator, which keeps the shard map, is restarting") from None
+
+    async def _on_loop(self, question):
+        """A question asked of the shards directly, on this replica's event loop (``DirectQuestions.aquery``
+        and its kin: no thread is handed the question; its waits are Ray's, bounded)."""
+        try:
+            return await asyncio.wait_for(question, self.ask_s)
+        except TimeoutError:
             raise ShardUnavailable(f"no answer within {self.ask_s:g} s") from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             raise ShardUnavailable("the coordinator, which keeps the shard map, is restarting") from None
 
     async def query(self, keys, rng):
-        return await self._direct(self.questions.query, keys, rng)
+        return await self._on_loop(self.questions.aquery(keys, rng))
 
     async def series(self, key, rng, step):
         return await self._ask(self.coordinator.series.remote(key, rng, step))
@@ -88,10 +98,10 @@ class RayBackend:
         return await self._ask(self.coordinator.keys.remote(rng, prefix, limit))
 
     async def reach(self, keys, prefix, rng):
-        return await self._direct(self.questions.reach, keys, prefix, rng)
+        return await self._on_loop(self.questions.areach(keys, prefix, rng))
 
     async def overlap(self, a, b, rng):
-        return await self._direct(self.questions.overlap, a, b, rng)
+        return await self._on_loop(self.questions.aoverlap(a, b, rng))
 
     async def rolling(self, keys, prefix, rng, step, window):
         return await self._direct(self.questions.rolling, keys, prefix, rng, step, window)

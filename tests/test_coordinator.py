@@ -6,6 +6,7 @@ with a fault injected at every step of a re-sharding.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -214,21 +215,32 @@ def test_direct_questions_answer_as_the_coordinator_and_follow_a_re_sharding(tmp
     now_b = int(NOW // 60)
     rng = SK.resolve(now=NOW, start=(now_b - 700) * 60, end=(now_b + 1) * 60)
 
+    def on_loop(question):  # as a REST replica asks: on an event loop
+        return asyncio.run(question)
+
     def same():
-        assert direct.query(KEYS, rng) == coord.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
-        assert direct.reach(["ad-0", "ad-3"], "ad-1", rng) == coord.reach(["ad-0", "ad-3"], "ad-1", rng)
-        assert direct.overlap((["ad-0"], None), ([], "ad-1"), rng) == coord.overlap((["ad-0"], None), ([], "ad-1"), rng)
+        want = [r.to_dict() for r in ref.query_range(KEYS, rng)]
+        assert on_loop(direct.aquery(KEYS, rng)) == direct.query(KEYS, rng) == coord.query(KEYS, rng) == want
+        want = coord.reach(["ad-0", "ad-3"], "ad-1", rng)
+        assert direct.reach(["ad-0", "ad-3"], "ad-1", rng) == on_loop(direct.areach(["ad-0", "ad-3"], "ad-1", rng)) \
+            == want
+        want = coord.overlap((["ad-0"], None), ([], "ad-1"), rng)
+        assert direct.overlap((["ad-0"], None), ([], "ad-1"), rng) == want
+        assert on_loop(direct.aoverlap((["ad-0"], None), ([], "ad-1"), rng)) == want
         a, b = (x.rolling(["ad-0"], None, rng, 60, 240) for x in (direct, coord))
         assert [{k: v for k, v in p.items() if k != "complete"} for p in a["points"]] == \
             [{k: v for k, v in p.items() if k != "complete"} for p in b["points"]]
     same()
     assert direct.refreshes == 1
     coord.rescale(4)  # the copy still names the two old shards, now stopped
-    same()
+    # asked on an event loop first: the stale copy noticed there, the question asked again of the new layout
+    assert on_loop(direct.aquery(KEYS, rng)) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
     assert direct.refreshes == 2 and len(direct._shard_map().handles) == 4
+    same()
+    assert direct.refreshes == 2
     runtime.kill(coord.map.handles[3])  # a shard gone, no new layout: partial, from the three that answer
     got = direct.query(["ad-0"], rng)[0]
-    assert got["partial"] and got == coord.query(["ad-0"], rng)[0]
+    assert got["partial"] and got == coord.query(["ad-0"], rng)[0] == on_loop(direct.aquery(["ad-0"], rng))[0]
 
 
 class NappingShard(FaultyShard):

@@ -309,6 +309,48 @@ def test_a_reader_switching_to_a_slow_checkpoint_follows_and_answers_meanwhile(t
     assert direct.query(KEYS, rng) == [r.to_dict() for r in ref.query_range(KEYS, rng)]
 
 
+def test_questions_on_an_event_loop_hedge_and_ask_behind_copies_again_without_blocking_it(tmp_path, stream):
+    """The REST replicas ask on their event loop (``aquery``): the same answers as from a thread, a late
+    range joined by its next copy, Behind copies asked again with the writer gone, and the loop free all
+    along (another task on it runs every 10 ms while the questions wait)."""
+    import asyncio
+
+    batch, ref = stream
+    coord, runtime, direct = _ingested(tmp_path, batch, readers=1)
+    rng = SK.resolve(now=NOW, last="2d")
+    want = [r.to_dict() for r in ref.query_range(KEYS, rng)]
+
+    async def ticking(question):  # question() on the loop, and how long the loop went without running the ticks
+        gaps, stop = [], asyncio.Event()
+
+        async def tick():
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                gaps.append(time.perf_counter() - last)
+                last = time.perf_counter()
+        ticker = asyncio.create_task(tick())
+        t0 = time.perf_counter()
+        try:
+            got = await question()
+        finally:
+            took = time.perf_counter() - t0
+            stop.set()
+            await ticker
+        return got, took, max(gaps)
+
+    got, _, _ = asyncio.run(ticking(lambda: asyncio.gather(*[direct.aquery(KEYS, rng) for _ in range(8)])))
+    assert got == [want] * 8
+    SlowReader.ASK_DELAY = {0: 1.5}  # range 0's reader hangs: by the hedge its writer answers
+    got, took, gap = asyncio.run(ticking(lambda: direct.aquery(KEYS, rng)))
+    assert got == want and took < 1.2 and gap < 0.2, (took, gap)
+    SlowReader.ASK_DELAY = {}
+    runtime.kill(coord.map.handles[0])
+    SlowReader.BEHIND_UNTIL = {0: time.monotonic() + 0.8}  # and its reader behind for a while
+    got, took, gap = asyncio.run(ticking(lambda: direct.aquery(KEYS, rng)))
+    assert got == want and not got[0]["partial"] and 0.8 <= took < 2.0 and gap < 0.2, (took, gap)
+
+
 def test_with_readers_gone_questions_stay_complete_and_quick(tmp_path, stream):
     batch, ref = stream
     coord, runtime, direct = _ingested(tmp_path, batch)
