@@ -431,10 +431,13 @@ def test_upkeep_and_checkpoints_beside_ingest_keep_every_copy_exact(tmp_path, st
     batch, ref = stream
     coord, runtime = _cluster(tmp_path, readers=1)
     direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    SlowReader.BUILD_DELAY = 0.05  # the readers' switches overlap the entries and runs their writers send
     with looping(lambda: (coord.maintain(NOW), coord.checkpoint())) as upkeep:
         _ingest(coord, runtime, batch, parts=200)
     assert not upkeep.errors and upkeep.rounds >= 2, (upkeep.errors, upkeep.rounds)
     _settled(runtime, coord)
+    stats = [runtime.result(runtime.call(h, "stats"), 30) for h in runtime.reader_handles()]
+    assert all(st["switches"] >= 1 and st["runs_taken"] >= 1 for st in stats), stats
     _same_everywhere(coord, runtime, ref, direct)
     coord.maintain(NOW)
     coord.checkpoint()
