@@ -338,25 +338,50 @@ class Questions:
         m = self._map_at_hand()
         return m if m is not None else await asyncio.to_thread(self._shard_map)
 
-    async def _aon_map(self, method: str, args: tuple, merge):
-        """``merge(m, answers)`` of question ``method(*args)`` asked on the current map, as ``_on_map``,
-        for an event loop."""
-        async def ask(m: ShardMap):
-            return merge(m, await self._aask(m, method, *args))
-        try:
-            return await ask(await self._amap())
-        except MapChanged:
-            return await ask(await self._amap())
+    # A question is a *plan*: ``plan(m)`` is a generator that yields ``(method, args, timeout)`` for each fan-out
+    # over map ``m`` it needs, is sent back the answers, and returns the merged answer.  ``_asked`` runs it from a
+    # thread, ``_aasked`` on an event loop (the REST replicas), each on the current map and once more on the new
+    # one if the map changed meanwhile.
 
-    def _sync_on_map(self, method: str, args: tuple, merge):
-        return self._on_map(lambda m: merge(m, self._ask(m, method, *args)))
+    def _asked(self, plan):
+        def run(m: ShardMap):
+            steps = plan(m)
+            try:
+                method, args, timeout = next(steps)
+                while True:
+                    method, args, timeout = steps.send(self._ask(m, method, *args, timeout=timeout))
+            except StopIteration as done:
+                return done.value
+        return self._on_map(run)
+
+    async def _aasked(self, plan):
+        async def run(m: ShardMap):
+            steps = plan(m)
+            try:
+                method, args, timeout = next(steps)
+                while True:
+                    method, args, timeout = steps.send(await self._aask(m, method, *args, timeout=timeout))
+            except StopIteration as done:
+                return done.value
+        try:
+            return await run(await self._amap())
+        except MapChanged:
+            return await run(await self._amap())
+
+    @staticmethod
+    def _one(method: str, args: tuple, merge):
+        """The plan of a question that is one fan-out, its answers merged by ``merge(m, answers)``."""
+        def plan(m: ShardMap):
+            answers = yield method, args, None
+            return merge(m, answers)
+        return plan
 
     @staticmethod
     def _got(answers: list) -> list:
         return [a for a in answers if a is not None]
 
-    # Each question below is its method, its arguments and how its answers merge (``_q_*``), asked either
-    # way: from a thread (``query``, ...) or on an event loop (``aquery``, ...; the REST replicas).
+    # Each question below is a plan (``_q_*``), asked either way: from a thread (``query``, ...) or on an event
+    # loop (``aquery``, ...).
 
     def query(self, keys: list, rng: BucketRange) -> list[dict]:
         """Unique visitors and impressions of each key (None = site-wide) over ``rng``.
@@ -364,47 +389,46 @@ class Questions:
         Shards that do not answer within ``query_timeout_s`` (restarting, or
         gone) are left out: the answer is then ``partial``, extrapolated from
         the register ranges that answered, with the wider error that implies."""
-        return self._sync_on_map(*self._q_query(keys, rng))
+        return self._asked(self._q_query(keys, rng))
 
     async def aquery(self, keys: list, rng: BucketRange) -> list[dict]:
-        return await self._aon_map(*self._q_query(keys, rng))
+        return await self._aasked(self._q_query(keys, rng))
 
-    @staticmethod
-    def _q_query(keys: list, rng: BucketRange) -> tuple:
+    def _q_query(self, keys: list, rng: BucketRange):
         keys = list(keys)
-        return "query", (keys, rng.b0, rng.b1), lambda m, answers: range_answers(m, keys, answers, rng.start,
-                                                                                  rng.end)
+        return self._one("query", (keys, rng.b0, rng.b1),
+                         lambda m, answers: range_answers(m, keys, answers, rng.start, rng.end))
 
     def reach(self, keys: list, prefix: str | None, rng: BucketRange) -> dict:
         """Unique visitors of the union of a key set (listed ``keys`` and every
         key starting with ``prefix``) over ``rng``, with summed impressions and
         the average frequency: one call per shard, which merges the set's
         registers and answers one histogram."""
-        return self._sync_on_map(*self._q_reach(keys, prefix, rng))
+        return self._asked(self._q_reach(keys, prefix, rng))
 
     async def areach(self, keys: list, prefix: str | None, rng: BucketRange) -> dict:
-        return await self._aon_map(*self._q_reach(keys, prefix, rng))
+        return await self._aasked(self._q_reach(keys, prefix, rng))
 
     def _q_reach(self, keys: list, prefix: str | None, rng: BucketRange) -> tuple:
         def merge(m: ShardMap, answers: list) -> dict:
             return merge_reach(self._got(answers), m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end, prefix)
-        return "reach", (list(keys), prefix or None, rng.b0, rng.b1), merge
+        return self._one("reach", (list(keys), prefix or None, rng.b0, rng.b1), merge)
 
     def overlap(self, a: tuple, b: tuple, rng: BucketRange) -> dict:
         """Visitors of both key sets ``a`` and ``b`` (each ``(keys, prefix)``)
         over ``rng``: the joint estimate with its interval, inclusion-exclusion
         beside it, Jaccard and each side's share (``sketch.sets``)."""
-        return self._sync_on_map(*self._q_overlap(a, b, rng))
+        return self._asked(self._q_overlap(a, b, rng))
 
     async def aoverlap(self, a: tuple, b: tuple, rng: BucketRange) -> dict:
-        return await self._aon_map(*self._q_overlap(a, b, rng))
+        return await self._aasked(self._q_overlap(a, b, rng))
 
     def _q_overlap(self, a: tuple, b: tuple, rng: BucketRange) -> tuple:
         a, b = (list(a[0]), a[1] or None), (list(b[0]), b[1] or None)
 
         def merge(m: ShardMap, answers: list) -> dict:
             return merge_overlap(self._got(answers), m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end)
-        return "overlap", (a, b, rng.b0, rng.b1), merge
+        return self._one("overlap", (a, b, rng.b0, rng.b1), merge)
 
     def rolling(self, keys: list, prefix: str | None, rng: BucketRange, step: int, window: int | None) -> dict:
         """A series over ``rng``: with ``window``, the trailing ``window`` buckets
@@ -415,19 +439,25 @@ class Questions:
         every shard in one pass over the cells the windows share
         (``sketch.windows``).  The start is moved forward to a whole number
         of steps before the end; points report what they cover."""
+        return self._asked(self._q_rolling(keys, prefix, rng, step, window))
+
+    async def arolling(self, keys: list, prefix: str | None, rng: BucketRange, step: int, window: int | None) -> dict:
+        return await self._aasked(self._q_rolling(keys, prefix, rng, step, window))
+
+    def _q_rolling(self, keys: list, prefix: str | None, rng: BucketRange, step: int, window: int | None):
         chunks = plan_series(rng.b0, rng.b1, step, window)
         w = rng.bucket_seconds
 
-        def ask(m: ShardMap):
+        def plan(m: ShardMap):
             now = time.time()
             points = []
             for first, g, n, starts, ends in chunks:
-                answers = self._ask(m, "series", list(keys), prefix or None, first, g, n, starts, ends,
-                                    timeout=self.config.query_timeout_s * 2)
+                answers = yield "series", (list(keys), prefix or None, first, g, n, starts, ends), \
+                    self.config.query_timeout_s * 2
                 points += series_points(self._got(answers), m.rr.prec.m, m.rr.R, len(m.handles), first, g, starts,
                                         ends, w, now)
             return series_answer(keys, prefix, step, window, w, points)
-        return self._on_map(ask)
+        return plan
 
 
 class DirectQuestions(Questions):

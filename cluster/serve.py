@@ -69,15 +69,6 @@ class RayBackend:
         except ray.exceptions.RayTaskError as e:
             raise (e.cause if isinstance(e.cause, Exception) else e) from None
 
-    async def _direct(self, question, *args):
-        """A question asked of the shards directly, on a worker thread (its waits are Ray's, bounded)."""
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(question, *args), self.ask_s)
-        except TimeoutError:
-            raise ShardUnavailable(f"no answer within {self.ask_s:g} s") from None
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            raise ShardUnavailable("the coordinator, which keeps the shard map, is restarting") from None
-
     async def _on_loop(self, question):
         """A question asked of the shards directly, on this replica's event loop (``DirectQuestions.aquery``
         and its kin: no thread is handed the question; its waits are Ray's, bounded)."""
@@ -104,7 +95,7 @@ class RayBackend:
         return await self._on_loop(self.questions.aoverlap(a, b, rng))
 
     async def rolling(self, keys, prefix, rng, step, window):
-        return await self._direct(self.questions.rolling, keys, prefix, rng, step, window)
+        return await self._on_loop(self.questions.arolling(keys, prefix, rng, step, window))
 
     async def health(self):
         return await self._ask(self.coordinator.health.remote())

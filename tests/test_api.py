@@ -106,6 +106,14 @@ def test_ingest_json_jsonlines_and_arrow_then_query_within_a_second(api):
     s = api.get("/v1/series", params={"key": "ad-json", "last": "1h", "step": "15m"}, headers=R).json()
     assert s["step"] == 900 and len(s["points"]) == 4
     assert sum(p["impressions"] for p in s["points"]) == 300
+    # the audience questions, each awaited on the replica's event loop
+    reach = api.get("/v1/reach", params={"key": ["ad-json", "ad-arrow"], "last": "15m"}, headers=R).json()
+    assert (reach["unique_visitors"], reach["impressions"], reach["exact"]) == (800, 800, True), reach
+    ov = api.get("/v1/overlap", params=[("a", "ad-json"), ("b", "ad-lines"), ("last", "15m")], headers=R).json()
+    assert (ov["a"]["unique_visitors"], ov["b"]["unique_visitors"], ov["both"]["unique_visitors"]) == (300, 200, 200)
+    roll = api.get("/v1/rolling", params={"key": "ad-json", "cumulative": "true", "step": "15m", "last": "1h"},
+                   headers=R).json()
+    assert len(roll["points"]) == 4 and roll["points"][-1]["impressions"] == 300, roll
 
 
 def test_every_bad_input_is_a_4xx_with_a_message_and_changes_nothing(api):

@@ -228,8 +228,11 @@ def test_direct_questions_answer_as_the_coordinator_and_follow_a_re_sharding(tmp
         assert direct.overlap((["ad-0"], None), ([], "ad-1"), rng) == want
         assert on_loop(direct.aoverlap((["ad-0"], None), ([], "ad-1"), rng)) == want
         a, b = (x.rolling(["ad-0"], None, rng, 60, 240) for x in (direct, coord))
+        c = on_loop(direct.arolling(["ad-0"], None, rng, 60, 240))
         assert [{k: v for k, v in p.items() if k != "complete"} for p in a["points"]] == \
-            [{k: v for k, v in p.items() if k != "complete"} for p in b["points"]]
+            [{k: v for k, v in p.items() if k != "complete"} for p in b["points"]] == \
+            [{k: v for k, v in p.items() if k != "complete"} for p in c["points"]]
+        assert len(c["points"]) > 1
     same()
     assert direct.refreshes == 1
     coord.rescale(4)  # the copy still names the two old shards, now stopped
