@@ -223,3 +223,40 @@ def test_readme_curl_examples_work(api):
                              text=True)
         assert out.returncode == 0, (c, out.stderr, out.stdout)
         json.loads(out.stdout)
+
+
+def test_rest_answers_stay_complete_while_a_writer_and_a_reader_are_killed(api):
+    """Questions awaited on the replica's loop go on to the next copy of a range: with a writer SIGKILLed, and
+    then a reader, every answer is a 200, complete and the same."""
+    import os
+    import signal
+
+    from impressions.cluster.bootstrap import get_coordinator
+    coord = get_coordinator("api")
+    wait_for(lambda: all(len(r) >= 1 for r in ray.get(coord.read_route.remote())[2]), timeout=60,
+             what="a reader for every range")
+    assert api.post("/v1/events", json=_events(300, time.time(), "ad-kill"), headers=W).json()["accepted"] == 300
+    params = {"key": ["ad-kill", None], "last": "1h"}
+
+    def counts(results):  # what must not change (the range's ends move with the clock)
+        return [(x["key"], x["unique_visitors"], x["impressions"], x["partial"]) for x in results]
+    want = counts(api.get("/v1/unique", params=params, headers=R).json()["results"])
+    assert not any(partial for *_, partial in want) and want[0][1] == 300
+    writer = ray.get(coord.shard_handles.remote())[0]
+    reader = ray.get(coord.read_route.remote())[2][1][0]
+    for victim in (writer, reader):
+        pid = ray.get(victim.pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 3.0:
+            r = api.get("/v1/unique", params=params, headers=R)
+            assert r.status_code == 200 and counts(r.json()["results"]) == want, r.text
+            time.sleep(0.05)
+        wait_for(lambda v=victim, p=pid: _answers_with_new_pid(v, p), timeout=60, what="the killed copy back")
+
+
+def _answers_with_new_pid(handle, old: int) -> bool:
+    try:
+        return ray.get(handle.pid.remote(), timeout=5) != old
+    except Exception:  # noqa: BLE001 - still restarting
+        return False
