@@ -284,7 +284,7 @@ class Questions:
             answers = self._fan_out(m, method, *args, time.time(), timeout=timeout)
         finally:
             self._asking.discard(token)
-        if self._missing(answers, t0):
+        if self._counted(answers, t0):
             self._missed(m)
         return self._complete_enough(answers, timeout)
 
@@ -297,7 +297,7 @@ class Questions:
             answers = await self._afan_out(m, method, *args, time.time(), timeout=timeout)
         finally:
             self._asking.discard(token)
-        if self._missing(answers, t0):
+        if self._counted(answers, t0):
             await asyncio.to_thread(self._missed, m)
         return self._complete_enough(answers, timeout)
 
@@ -307,7 +307,8 @@ class Questions:
         self.telemetry.in_flight(len(self._asking))
         return time.perf_counter(), token
 
-    def _missing(self, answers: list, t0: float) -> list:
+    def _counted(self, answers: list, t0: float) -> list:
+        """Count a question in the metrics; returns the ranges that did not answer."""
         self.queries += 1
         missing = [i for i, a in enumerate(answers) if a is None]
         self.telemetry.answer(time.perf_counter() - t0, bool(missing), missing)
@@ -409,7 +410,7 @@ class Questions:
     async def areach(self, keys: list, prefix: str | None, rng: BucketRange) -> dict:
         return await self._aasked(self._q_reach(keys, prefix, rng))
 
-    def _q_reach(self, keys: list, prefix: str | None, rng: BucketRange) -> tuple:
+    def _q_reach(self, keys: list, prefix: str | None, rng: BucketRange):
         def merge(m: ShardMap, answers: list) -> dict:
             return merge_reach(self._got(answers), m.rr.prec.m, m.rr.R, len(m.handles), rng.start, rng.end, prefix)
         return self._one("reach", (list(keys), prefix or None, rng.b0, rng.b1), merge)
@@ -423,7 +424,7 @@ class Questions:
     async def aoverlap(self, a: tuple, b: tuple, rng: BucketRange) -> dict:
         return await self._aasked(self._q_overlap(a, b, rng))
 
-    def _q_overlap(self, a: tuple, b: tuple, rng: BucketRange) -> tuple:
+    def _q_overlap(self, a: tuple, b: tuple, rng: BucketRange):
         a, b = (list(a[0]), a[1] or None), (list(b[0]), b[1] or None)
 
         def merge(m: ShardMap, answers: list) -> dict:

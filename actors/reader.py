@@ -182,7 +182,8 @@ class ShardReader(ShardBase):
     def _replay(self, store: ShardStore, seq: int, incarnation: int) -> tuple[int, int]:
         """Apply to ``store`` the log entries on the store that follow ``seq`` one after another; returns the
         last held and its incarnation.  A gap (entries collected because a newer checkpoint holds them) ends
-        the replay: only a copy built from that checkpoint can go further."""
+        the replay and is noted (``_gap``): only a copy built from that checkpoint can go further, which
+        ``maintain`` switches to."""
         for s, name in self.journal.log_entries(seq):
             if s != seq + 1:
                 self._gap = True

@@ -45,6 +45,15 @@ HEAD_RESOURCE = "node:__internal_head__"  # a resource Ray gives the head node o
 GROUPS = {"reads": READ_THREADS, "upkeep": 1}  # a shard's or reader's thread groups (``actors.runtime``)
 
 
+def call_actor(handle, method: str, *args):
+    """Start ``method`` on a shard or reader actor, on the thread group it belongs to."""
+    if method in READ_METHODS:  # questions: on the shard's reading threads, never behind its writes
+        return getattr(handle, method).options(concurrency_group="reads").remote(*args)
+    if method in UPKEEP_METHODS:  # rollups, sealing, checkpoints, a reader's switches: beside the applies
+        return getattr(handle, method).options(concurrency_group="upkeep").remote(*args)
+    return getattr(handle, method).remote(*args)
+
+
 def shard_name(i: int, layout) -> str:
     return f"shard-{i}-of-{layout.shards}-{layout.folder}"
 
@@ -99,10 +108,7 @@ class RayFollowers:
                 except Exception:  # noqa: BLE001, S110 - a reader's failure is its own; it catches up from the store
                     pass
             if len(out) < self.MAX_OUT:
-                call = getattr(h, method)
-                if method in UPKEEP_METHODS:  # a switch to a checkpoint: beside the log messages, never ahead of them
-                    call = call.options(concurrency_group="upkeep")
-                out.append(call.remote(*args))
+                out.append(call_actor(h, method, *args))  # a switch to a checkpoint on the upkeep thread
 
     @property
     def active(self) -> bool:
@@ -243,11 +249,7 @@ class RayRuntime:
             pass
 
     def call(self, handle, method: str, *args):
-        if method in READ_METHODS:  # questions: on the shard's reading threads, never behind its writes
-            return getattr(handle, method).options(concurrency_group="reads").remote(*args)
-        if method in UPKEEP_METHODS:  # rollups, sealing, checkpoints: beside the applies, never in their way
-            return getattr(handle, method).options(concurrency_group="upkeep").remote(*args)
-        return getattr(handle, method).remote(*args)
+        return call_actor(handle, method, *args)
 
     def wait(self, pending: list, timeout: float | None = None, num_returns: int | None = None):
         if not pending:
