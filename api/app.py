@@ -31,6 +31,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import Executor
 from typing import Annotated, Protocol, Union
 
 import pyarrow as pa
@@ -118,9 +119,12 @@ class Metrics:
 
 
 def configure(app: FastAPI, backend: Backend, *, api_keys: str | None = None, max_body: int = MAX_BODY,
-              max_rows: int = MAX_ROWS, failed_auth_per_minute: int = 20, metrics: Metrics | None = None) -> FastAPI:
-    """Give the app what answers, its keys and limits."""
+              max_rows: int = MAX_ROWS, failed_auth_per_minute: int = 20, metrics: Metrics | None = None,
+              bulk: Executor | None = None) -> FastAPI:
+    """Give the app what answers, its keys and limits; ``bulk``, the threads that parse ingest bodies (default:
+    the event loop's own pool)."""
     app.state.backend = backend
+    app.state.bulk = bulk
     app.state.api_keys = parse_api_keys(api_keys)
     app.state.failed_auth = FailedAuth(limit=failed_auth_per_minute)
     app.state.max_body = max_body
@@ -368,9 +372,9 @@ def create_app() -> FastAPI:
             if len(body) > limit:
                 raise HTTPException(413, f"body is over the {limit:,}-byte limit")
         body = bytes(body)
-        # parsing is CPU work: off the event loop
-        table, malformed = await asyncio.to_thread(events_table, body, request.headers.get("content-type", ""),
-                                                   state.max_rows)
+        # parsing is CPU work: off the event loop, on the threads for bulk work
+        table, malformed = await asyncio.get_running_loop().run_in_executor(
+            state.bulk, events_table, body, request.headers.get("content-type", ""), state.max_rows)
         out = await backend(request).ingest(table, malformed, idempotency_key or None, hashlib.sha256(body).hexdigest())
         state.metrics.events("accepted", out["accepted"])
         state.metrics.events("rejected", out["rejected"])

@@ -132,6 +132,51 @@ def _summary_or_error(job):
         return e
 
 
+def under_load(coord, cfg, work: str, now: float, rng, queries: int, readers_q, writers_q, idle_actor,
+               bulk: str) -> list[list]:
+    """One key over 30 days, idle and while an ingest job saturates the cluster: a live one (events of the last
+    hour: the newest leaves change) and a backfill (the 30 days again: every leaf changes), each a job of its
+    own process; the paths asked in turn, with a bare call to an idle actor for scale.  ``bulk`` names the
+    cluster's ``questions_first`` setting in the rows."""
+    asks = {"client -> readers": readers_q.query, "client -> writers": writers_q.query,
+            "bare call (idle actor)": lambda k, r: ray.get(idle_actor.ping.remote())}
+
+    def question():
+        end = now - 60 * int(rng.integers(0, 60))  # the newest hour: where a live ingest writes
+        return [None], SketchConfig().resolve(now=now, last=43_140, end=end)
+    rows = []
+    for label, folder in (("live (the last hour)", "live"), ("backfill (the 30 days)", "events")):
+        # idle means idle: the last job's upkeep done and checkpointed (the readers switch to it)
+        ray.get(coord.maintain.remote())
+        ray.get(coord.checkpoint.remote())
+        time.sleep(2.0)
+        idle = {name: [] for name in asks}
+        for _ in range(queries // 2):
+            for name, ask in asks.items():
+                t = time.perf_counter()
+                ask(*question())
+                idle[name].append(time.perf_counter() - t)
+        busy, summary = asked_during(ingest_job(os.path.join(work, folder), cfg), asks, question)
+        rate = summary["accepted"] / summary["seconds"] / 1e6
+        for name in asks:
+            if not busy[name]:
+                raise RuntimeError(f"the {label} job ended before a question was answered during it")
+            i50, i99 = np.median(idle[name]) * 1e3, np.percentile(idle[name], 99) * 1e3
+            b50, b99 = np.median(busy[name]) * 1e3, np.percentile(busy[name], 99) * 1e3
+            rows.append([label, bulk, f"{summary['accepted']:,} at {rate:.2f} M/s", name, i50, i99,
+                         b50, b99, len(busy[name]), b99 / i99])
+    return rows
+
+
+def wait_for_readers(coord, shards: int) -> None:
+    """Publish the readers that answer now (the upkeep loop would within a round); at most 120 s."""
+    deadline = time.time() + 120
+    while time.time() < deadline and ray.get(coord.watch_readers.remote()) != [2] * shards:
+        time.sleep(0.5)
+    if ray.get(coord.watch_readers.remote()) != [2] * shards:
+        raise RuntimeError("the readers did not answer within 120 s")
+
+
 def reader_lag(coord, questions, now: float, probes: int = 20) -> list[float]:
     """How long after an acknowledged write another driver's question (no log positions of its own, so the
     readers answer as they are) sees it: one event to a key of its own, then ask until it is counted."""
@@ -269,12 +314,7 @@ def main(argv=None):
                 teardown(cfg.namespace)
         cfg = ray.get(coord.cluster_config.remote())
         ray.get(coord.checkpoint.remote())  # the readers switch to the checkpoint holding the rollups
-        deadline = time.time() + 120
-        # publish the readers that answer now (the upkeep loop would within a round)
-        while time.time() < deadline and ray.get(coord.watch_readers.remote()) != [2] * a.shards:
-            time.sleep(0.5)
-        if ray.get(coord.watch_readers.remote()) != [2] * a.shards:
-            raise RuntimeError("the readers did not answer within 120 s")
+        wait_for_readers(coord, a.shards)
         # queries on the last cluster, three paths side by side
         keys100 = [f"ad-{i}" for i in range(100)]
         p = SketchConfig().p
@@ -301,42 +341,29 @@ def main(argv=None):
         # one key over 30 days, idle and while an ingest job saturates the cluster: a live one (events of the
         # last hour: the newest leaves change) and a backfill (the 30 days again: every leaf changes), each
         # a job of its own process; the paths asked in turn, with a bare call to an idle actor for scale
-        idle_actor = Idle.remote()
-        ray.get(idle_actor.ping.remote())
-        asks = {"client -> readers": readers_q.query, "client -> writers": writers_q.query,
-                "bare call (idle actor)": lambda k, r: ray.get(idle_actor.ping.remote())}
-
-        def question():
-            end = now - 60 * int(rng.integers(0, 60))  # the newest hour: where a live ingest writes
-            return [None], SketchConfig().resolve(now=now, last=43_140, end=end)
         live = generate(events // 2, days=1 / 24, visitors=3_000_000, keys=a.ads, seed=a.seed + 1, end=now - 60)
         write_parquet(live, os.path.join(work, "live"), rows_per_file=1_000_000)
         del live
-        load_rows = []
-        for label, folder in (("live (the last hour)", "live"), ("backfill (the 30 days)", "events")):
-            # idle means idle: the last job's upkeep done and checkpointed (the readers switch to it)
-            ray.get(coord.maintain.remote())
-            ray.get(coord.checkpoint.remote())
-            time.sleep(2.0)
-            idle = {name: [] for name in asks}
-            for _ in range(a.queries // 2):
-                for name, ask in asks.items():
-                    t = time.perf_counter()
-                    ask(*question())
-                    idle[name].append(time.perf_counter() - t)
-            busy, summary = asked_during(ingest_job(os.path.join(work, folder), cfg), asks, question)
-            rate = summary["accepted"] / summary["seconds"] / 1e6
-            for name in asks:
-                if not busy[name]:
-                    raise RuntimeError(f"the {label} job ended before a question was answered during it")
-                i50, i99 = np.median(idle[name]) * 1e3, np.percentile(idle[name], 99) * 1e3
-                b50, b99 = np.median(busy[name]) * 1e3, np.percentile(busy[name], 99) * 1e3
-                load_rows.append([label, f"{summary['accepted']:,} at {rate:.2f} M/s", name, i50, i99,
-                                  b50, b99, len(busy[name]), b99 / i99])
+        idle_actor = Idle.remote()
+        ray.get(idle_actor.ping.remote())
+        load_rows = under_load(coord, cfg, work, now, rng, a.queries, readers_q, writers_q, idle_actor, "give way")
         lag = reader_lag(coord, readers_q, now)
         drills = kill_drills(coord, readers_q, work, now)
         st = ray.get(coord.stats.remote())
         mem = sum(x["base_bytes"] + x["rollup_bytes"] for x in st["shards"])
+        # the same under load, side by side: a cluster whose bulk threads run at the questions' priority (the
+        # engine before ``questions_first``), the same events in it
+        teardown(cfg.namespace)
+        alike = cfg.replace(namespace="bench-alike", storage=f"file://{work}/store-alike", questions_first=False)
+        coord = ensure_actors(alike)
+        run_ingest([os.path.join(work, "events")], coordinator=coord, progress=False, now=now)
+        ray.get(coord.maintain.remote())
+        ray.get(coord.checkpoint.remote())
+        wait_for_readers(coord, a.shards)
+        readers_q = DirectQuestions(lambda: ray.get(coord.read_route.remote()), RayRuntime(), alike, p)
+        writers_q = DirectQuestions(lambda: ray.get(coord.route.remote()), RayRuntime(), alike, p)
+        load_rows += under_load(coord, alike, work, now, rng, a.queries, readers_q, writers_q, idle_actor, "alike")
+        load_rows.sort(key=lambda r: (r[0] != "live (the last hour)", r[3], r[1] != "give way"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if ray.is_initialized():
@@ -345,7 +372,7 @@ def main(argv=None):
                 "M events/s", "rollups left after, s", "M events/s, index built", "CPU s a writer",
                 "CPU s a reader"], ingest_rows)
     t2 = table(["query", "path", "n=60 p50 ms", "p99 ms", "n=43,200 p50 ms", "p99 ms"], lat_rows)
-    t3 = table(["ingest job", "events, while asked", "path", "idle p50 ms", "idle p99 ms", "during p50 ms", "p99 ms",
+    t3 = table(["ingest job", "bulk threads", "events, while asked", "path", "idle p50 ms", "idle p99 ms", "during p50 ms", "p99 ms",
                 "questions during", "p99 / idle p99"], load_rows)
     t4 = table(["fault", "questions asked", "partial answers", "slowest answer ms", "recovered"], drills)
     cmd = "python -m benchmarks.bench_cluster" + ("" if events == 20_000_000 else f" --events {events:g}")
@@ -380,7 +407,10 @@ process of its own as `ray job submit` runs it (the questions never share a driv
 events of the 30 days again: every leaf changes, and until the upkeep folds them a question reads their raw
 runs).  The paths are asked in turn, {a.queries // 2} rounds idle (the upkeep of what came before done) and as
 many as fit in the job; "bare call" is a call to an actor with nothing else to do, what a call costs on the
-machine at that moment.
+machine at that moment.  "Bulk threads": "give way" is the cluster as it runs by default (`questions_first`:
+the ingest tasks, the writers' applies and upkeep and the readers' following of their writers run on threads
+at idle priority, `cluster/priority.py`); "alike", side by side, a cluster with the setting off, the same
+events ingested into it, asked after the rest of this run.
 
 {t3}
 

@@ -31,6 +31,7 @@ from impressions.actors.runtime import READ_METHODS, READ_THREADS, UPKEEP_METHOD
 from impressions.actors.shard import ShardActor
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.metrics import RayTelemetry
+from impressions.cluster.priority import giving_way
 from impressions.durable.layout import ShardStorage
 from impressions.durable.objects import absolute
 
@@ -198,7 +199,7 @@ class RayRuntime:
             if storage is not None and slots > 0 else None
         # questions on a group of threads of their own (``READ_METHODS``), upkeep on a thread of its own
         # (``UPKEEP_METHODS``), every other call on one thread, in order
-        handle = ray.remote(concurrency_groups=GROUPS)(ShardActor).options(
+        handle = ray.remote(concurrency_groups=GROUPS)(self._class(ShardActor)).options(
             name=shard_name(index, layout), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
             num_cpus=cfg.shard_cpus, resources={cfg.shard_resource: 1} if cfg.shard_resource else None,
             scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
@@ -211,6 +212,11 @@ class RayRuntime:
             handle.seed.remote([(i, n) for i, n, _ in seeds], *[p for _, _, p in seeds])
         return handle
 
+    def _class(self, cls):
+        """The actor class as the cluster runs it: with ``questions_first``, every call but a question on a thread
+        at idle priority (``cluster.priority``)."""
+        return giving_way(cls, READ_METHODS) if self.config.questions_first else cls
+
     def cpus(self) -> float:
         return float(ray.cluster_resources().get("CPU", 0.0))
 
@@ -220,7 +226,7 @@ class RayRuntime:
         where = NodeAffinitySchedulingStrategy(near, soft=True) if near else "SPREAD"
         # its calls are not retried across its restarts: a question to a reader that is gone moves on to the
         # next copy of the range at once (``actors.questions``); the reader catches up from the store
-        return ray.remote(concurrency_groups=GROUPS)(ShardReader).options(
+        return ray.remote(concurrency_groups=GROUPS)(self._class(ShardReader)).options(
             name=reader_name(index, replica, layout), namespace=cfg.namespace, lifetime="detached",
             # no resource of the shards' (``shard_resource``): a fraction of it on a full node would keep a
             # restarted writer from coming back there; spread over every node instead

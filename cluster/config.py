@@ -57,6 +57,9 @@ class ClusterConfig:
     reader_cpus: float = 0.001  # logical CPUs each reader reserves: next to none, so readers never take the CPUs
     # ingest tasks need (they work only when asked); not zero, because Ray places an actor that needs no resource
     # anywhere, ignoring the node asked for (measured: 3 of 12 on the node asked at 0 CPU, 12 of 12 at 0.001)
+    # bulk work (ingest tasks, a writer's applies and upkeep, a reader's following) on idle-priority threads, so a
+    # question's threads take a core from it the moment they wake (cluster/priority.py); off: all alike
+    questions_first: bool = True
     hedge_s: float = 0.25  # a copy of a range that has not answered by then is joined by the next one
     batch_rows: int = 262_144  # rows per batch read by an ingest task
     max_inflight: int = 4  # apply calls in flight per ingest task to each register range (backpressure)
@@ -115,6 +118,11 @@ class ClusterConfig:
                 continue
             typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             try:
+                if typ.startswith("bool"):
+                    if v.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError
+                    kw[name] = v.lower() in ("1", "true", "yes", "on")
+                    continue
                 kw[name] = int(v) if typ.startswith("int") else float(v) if typ.startswith("float") else (v or None)
             except ValueError:
                 raise ValueError(f"IMPRESSIONS_{name.upper()}={v!r} is not a valid {typ}") from None

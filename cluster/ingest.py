@@ -35,6 +35,7 @@ from impressions.actors.shard import CALL_KEEP_S
 from impressions.cluster.bootstrap import RayRuntime, coordinator_route
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.metrics import RayTelemetry
+from impressions.cluster.priority import BULK_ENV, give_way
 from impressions.cluster.readers import Fragment, MissingColumn, fragments, parse_ts, read_fragment
 from impressions.cluster.sources import list_sources
 from impressions.durable.ledger import SourceLedger, digest
@@ -128,6 +129,8 @@ def ingest_fragment(frag: Fragment, cols: dict, cfg: ClusterConfig, coordinator,
     """One task: read, validate, hash and send one fragment.  Its batch ids
     follow from the source (``fragment_id`` and each batch's first row), so
     Ray's retry of this task, or a rerun of the job, counts nothing twice."""
+    if cfg.questions_first:
+        give_way()  # bulk work: questions take the core from it (``cluster.priority``)
     sender = _sender(coordinator, cfg)
     report = IngestReport()
     base = fragment_id(frag, force)
@@ -210,10 +213,13 @@ def run_ingest(sources: list[str], *, coordinator=None, config: ClusterConfig | 
     free = _free_cpus() if frags else 0
     max_tasks = max_tasks or max(2, 2 * int(free))
     pending, queue = {}, list(frags)
+    # with ``questions_first`` a task's thread gives way for good, so its workers are a pool of their own (a runtime
+    # environment of their own): no other task of the job lands on a process whose thread gave way
+    task = ingest_fragment.options(runtime_env={"env_vars": BULK_ENV}) if cfg.questions_first else ingest_fragment
     while queue or pending:
         while queue and len(pending) < max_tasks:
             f = queue.pop(0)
-            pending[ingest_fragment.remote(f, cols, cfg, coord, now, ts_unit, nonce)] = f
+            pending[task.remote(f, cols, cfg, coord, now, ts_unit, nonce)] = f
         ready, _ = ray.wait(list(pending), num_returns=1)
         frag = pending.pop(ready[0])
         try:

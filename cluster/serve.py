@@ -18,6 +18,7 @@ exports the app's figures through Ray's metrics (Prometheus).
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray import serve
@@ -31,10 +32,12 @@ from impressions.cluster.bootstrap import RayRuntime, ensure_actors, get_coordin
 from impressions.cluster.config import ClusterConfig, placeholder_secrets
 from impressions.cluster.ingest import ingest_table
 from impressions.cluster.metrics import RayTelemetry
+from impressions.cluster.priority import answer_quickly, give_way
 from impressions.durable.ledger import IdempotencyLedger, digest
 from impressions.durable.objects import ObjectStore
 
 INGEST_DEADLINE_S = 20.0  # a POST waits this long for its shards, then answers 503 (retry with the same key)
+BULK_THREADS = 4  # a replica's threads for ingest bodies: parsing them, sending them and waiting for the shards
 
 class RayBackend:
     """The app's questions, asked of the coordinator actor of ``namespace``.
@@ -57,6 +60,12 @@ class RayBackend:
         # questions go straight to the shards (one hop) on this replica's copy of the shard map
         self.questions = DirectQuestions(lambda: ray.get(self.coordinator.read_route.remote(), timeout=self.ask_s),
                                          RayRuntime(), self.config, self.sketch.p, RayTelemetry(namespace))
+        # ingest bodies on threads of their own, at idle priority with ``questions_first`` (``cluster.priority``):
+        # a question awaited on the event loop takes the core from a body being parsed
+        self.bulk = ThreadPoolExecutor(BULK_THREADS, thread_name_prefix="bulk",
+                                       initializer=give_way if self.config.questions_first else None)
+        if self.config.questions_first:
+            answer_quickly()  # a JSON body parsed holds the interpreter lock: the loop gets it back sooner
 
     async def _ask(self, ref, timeout: float | None = None):
         try:
@@ -128,7 +137,8 @@ class RayBackend:
 
     async def ingest(self, table, malformed, idempotency_key, body_sha):
         # the shard calls block until the batches are durable: on a thread, not the event loop
-        return await asyncio.to_thread(self._ingest, table, malformed, idempotency_key, body_sha)
+        return await asyncio.get_running_loop().run_in_executor(self.bulk, self._ingest, table, malformed,
+                                                                idempotency_key, body_sha)
 
 
 class RayMetrics(Metrics):
@@ -163,7 +173,8 @@ class ImpressionsApi:
                  failed_auth_per_minute: int = 20, create_actors: bool = False):
         backend = RayBackend(namespace, create_actors=create_actors)
         self._rest_app = configure(create_app(), backend, api_keys=api_keys, max_body=max_body,
-                                   failed_auth_per_minute=failed_auth_per_minute, metrics=RayMetrics())
+                                   failed_auth_per_minute=failed_auth_per_minute, metrics=RayMetrics(),
+                                   bulk=backend.bulk)
 
     def __serve_build_asgi_app__(self):
         return self._rest_app

@@ -99,6 +99,19 @@ def looping(fn):
         th.join()
 
 
+def thread_policies(pid: int) -> dict[int, int]:
+    """Each thread of process ``pid``: its scheduling policy (``/proc``)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        out[int(tid)] = int(stat[stat.rindex(")") + 2:].split()[38])
+    return out
+
+
 def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:

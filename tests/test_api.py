@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import ray
 
 from impressions.cluster.config import ClusterConfig
 from impressions.sketch.store import SketchConfig
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, thread_policies, wait_for
 
 KEYS = "reader:read,writer:write,both:read+write"
 R = {"Authorization": "Bearer reader"}
@@ -46,6 +47,19 @@ def _ok(url):
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _processes(name: bytes) -> list[int]:
+    """The processes on this machine whose command line holds ``name`` (a Ray actor's process title)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if name in f.read():
+                    pids.append(int(pid))
+        except OSError:  # ended meanwhile
+            pass
+    return pids
 
 
 def _events(n, now, key="ad-1", start=0):
@@ -95,6 +109,11 @@ def test_ingest_json_jsonlines_and_arrow_then_query_within_a_second(api):
     assert time.time() - t0 < 1.0
     assert [(x["key"], x["unique_visitors"], x["impressions"], x["exact"]) for x in got["results"]] == [
         ("ad-json", 300, 300, True), ("ad-lines", 200, 200, True), ("ad-arrow", 500, 500, True)]
+    # the bodies were parsed and sent on the replica's threads for bulk work, at idle priority (questions first);
+    # the process's main thread kept its priority
+    (replica,) = _processes(b"ServeReplica:api-test:ImpressionsApi")
+    policies = thread_policies(replica)
+    assert policies[replica] != os.SCHED_IDLE and sum(p == os.SCHED_IDLE for p in policies.values()) >= 1
     one = api.get("/v1/unique", params={"key": "ad-json", "last": "15m"}, headers=R).json()
     assert one["unique_visitors"] == 300 and set(one) == {"key", "start", "end", "unique_visitors", "impressions",
                                                           "relative_error", "interval", "exact", "partial"}

@@ -188,3 +188,50 @@ def test_ingest_job_with_ray_job_submit_then_query_from_another_driver(ray_clust
     ref.ingest(stream["ts"].to_numpy(), stream["key"], visitors=stream["visitor"], now=end)
     want = [r.to_dict() for r in ref.query([None, "ad-0", "ad-3"], last="2d", now=end)]
     assert got == want
+
+
+def _bulk_workers() -> list[int]:
+    """The processes on this machine started for ingest tasks with questions first (``priority.BULK_ENV``)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if b"IMPRESSIONS_BULK_WORKER=1" in f.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:  # not ours to read, or ended meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="thread scheduling classes are Linux's")
+def test_bulk_threads_give_way_where_questions_come_first_and_answers_are_the_same(clients, stream, tmp_path):
+    """With ``questions_first`` every writer and reader runs its writes on threads at idle priority while its
+    main thread and its question threads keep theirs, and the ingest tasks run in processes of their own at idle
+    priority; off, no thread of theirs gave way.  Either way the answers are the core's."""
+    from tests.conftest import thread_policies, wait_for
+    pq.write_table(stream, tmp_path / "events.parquet", row_group_size=20_000)
+    ref = _reference(stream)
+    for first in (True, False):
+        client = clients(ClusterConfig(sketch=SMALL, shards=2, namespace=f"priority-{int(first)}", readers=1,
+                                       questions_first=first))
+        before = set(_bulk_workers())
+        summary = client.ingest_files([str(tmp_path)], now=NOW, progress=False)
+        assert summary.report.accepted == stream.num_rows
+        client.maintain()
+        client.checkpoint()
+        wait_for(lambda c=client: len(c.stats().get("readers", [])) == 2 and all(c.stats()["readers"]),
+                 what="both readers' stats")
+        st = client.stats()
+        for copy in st["shards"] + st["readers"]:
+            threads = thread_policies(copy["pid"])
+            idle = [t for t, policy in threads.items() if policy == os.SCHED_IDLE]
+            assert threads[copy["pid"]] != os.SCHED_IDLE  # the main thread: Ray's, never given way
+            # the writes' thread and the upkeep thread, and what they started; the question threads not
+            assert (2 <= len(idle) < len(threads) - 2) if first else not idle, (copy["pid"], idle, len(threads))
+        if first:  # started now, or by an earlier ingest of this driver (Ray keeps a job's idle workers a while)
+            workers = _bulk_workers()
+            assert workers and all(thread_policies(p)[p] == os.SCHED_IDLE for p in workers)
+        else:
+            assert not set(_bulk_workers()) - before
+        for key in (None, "ad-0", "ad-7"):
+            assert client.unique(key, last="2d", now=NOW) == ref.unique(key, last="2d", now=NOW).to_dict()
