@@ -102,7 +102,9 @@ def one_setting(a, work: str, now: float, first: bool) -> tuple[list, list, int]
     one = lambda cl=c: cl.get("/v1/unique", params={"key": "ad-0", "last": "1h"}).raise_for_status()  # noqa: E731
     one_30d = lambda cl=c: cl.get("/v1/unique", params={"key": "ad-0", "last": "7d"}).raise_for_status()  # noqa: E731
     hundred = lambda cl=c: cl.post("/v1/unique", json={"keys": keys100, "last": "1h"}).raise_for_status()  # noqa: E731
-    for _ in range(20):
+    time.sleep(2.0)  # settled: the app's first requests and the shards' upkeep after the load out of the way
+    for _ in range(50):
+        c.get("/healthz").raise_for_status()
         one()
     rows = []
 

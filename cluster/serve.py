@@ -32,7 +32,7 @@ from impressions.cluster.bootstrap import RayRuntime, ensure_actors, get_coordin
 from impressions.cluster.config import ClusterConfig, placeholder_secrets
 from impressions.cluster.ingest import ingest_table
 from impressions.cluster.metrics import RayTelemetry
-from impressions.cluster.priority import answer_quickly, give_way
+from impressions.cluster.priority import give_way
 from impressions.durable.ledger import IdempotencyLedger, digest
 from impressions.durable.objects import ObjectStore
 
@@ -64,8 +64,6 @@ class RayBackend:
         # a question awaited on the event loop takes the core from a body being parsed
         self.bulk = ThreadPoolExecutor(BULK_THREADS, thread_name_prefix="bulk",
                                        initializer=give_way if self.config.questions_first else None)
-        if self.config.questions_first:
-            answer_quickly()  # a JSON body parsed holds the interpreter lock: the loop gets it back sooner
 
     async def _ask(self, ref, timeout: float | None = None):
         try:
