@@ -21,8 +21,8 @@ Where one process holds both, they share Python's interpreter lock: a
 question waiting for it waits for the bulk thread to let go, by default after
 5 ms.  Writers and readers hand the lock over after ``SWITCH_INTERVAL_S``
 instead (one thread alone is never interrupted: the interval matters only
-while two want the lock); a REST replica keeps 5 ms (at 0.5 ms Serve's own
-threads took the lock from its questions, and its idle p99 rose).  Threads a bulk thread starts inherit its priority (Arrow's
+while two want the lock); a REST replica keeps 5 ms (at 0.5 ms its p99
+under ingest was no lower).  Threads a bulk thread starts inherit its priority (Arrow's
 pool threads, started by a checkpoint or a load): a question never hands work
 to such a pool (it decodes blocks on its own thread), so none waits on them.
 
