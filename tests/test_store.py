@@ -426,3 +426,50 @@ def test_many_keys_at_once_count_as_each_alone(shards):
             assert any(r["relative_error"] < 0.001 for r in together)  # some counted
             if last == 1500:
                 assert any(r["relative_error"] > 0.001 for r in together)  # some from registers
+
+
+def test_memtable_copies_keep_their_events_while_the_table_grows_and_is_cut():
+    """Questions read frozen copies of the memtable while applies append and flushes cut it: every copy keeps
+    exactly the events it was made with, its columns are slices of the table's buffers (no concatenation per
+    copy), and cuts by log position take what they say."""
+    from impressions.sketch.memtable import Memtable
+
+    rng = np.random.default_rng(5)
+    m, ref, copies = Memtable(), [], []
+
+    def chunk(n):
+        return tuple(rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32) for _ in range(3))
+
+    def check():
+        for copy, want in copies:
+            got = copy.columns()
+            assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+    tag = 0
+    for n in (1, 5000, 3, 9000, 0, 12_000, 700):  # past the first capacity, then doubling
+        tag += 1
+        c = chunk(n)
+        m.add(*c, tag=tag)
+        ref.append((tag, c))
+        cols = m.columns()
+        assert len(m) == sum(len(x[0]) for _, x in ref) == len(cols[0])
+        assert all(np.array_equal(col, np.concatenate([x[i] for _, x in ref])) for i, col in enumerate(cols))
+        copy = m.frozen()
+        assert all(a.base is not None and b.base is a.base for a, b in zip(copy.columns(), m.columns()))
+        copies.append((copy, tuple(col.copy() for col in cols)))
+        check()
+    # take the chunks through tag 3: exactly their events, in order; the rest stay, the copies untouched
+    taken = m.take_through(3)
+    assert all(np.array_equal(t, np.concatenate([x[i] for tg, x in ref if tg <= 3])) for i, t in enumerate(taken))
+    ref = [(tg, x) for tg, x in ref if tg > 3]
+    assert len(m) == sum(len(x[0]) for _, x in ref)
+    m.add(*chunk(50), tag=8)  # appends after a cut go to buffers no copy reads
+    check()
+    assert m.drop_through(5) == sum(len(x[0]) for tg, x in ref if tg <= 5)
+    check()
+    assert m.drop_through(5) == 0 and m.take_through(0)[0].size == 0
+    rest = m.take()
+    assert len(m) == 0 and len(rest[0]) == sum(len(x[0]) for tg, x in ref if tg > 5) + 50
+    m.add(*chunk(10), tag=9)
+    check()
+    assert len(m.columns()[0]) == 10
