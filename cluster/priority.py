@@ -27,8 +27,8 @@ pool threads, started by a checkpoint or a load): a question never hands work
 to such a pool (it decodes blocks on its own thread), so none waits on them.
 
 Measured side by side with the setting off (``benchmarks/bench_cluster.py``,
-docs/benchmarks.md): one key over 30 days while an ingest job runs, p99 18-28
-ms against 37-62 ms.
+docs/benchmarks.md): one key over 30 days while an ingest job runs, p99 16-27
+ms against 40-60 ms.
 """
 
 from __future__ import annotations
