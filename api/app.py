@@ -26,6 +26,8 @@ coordinator actor and the ingest sender) and serves this app with Ray Serve.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import hashlib
 import json
 import math
@@ -373,8 +375,9 @@ def create_app() -> FastAPI:
                 raise HTTPException(413, f"body is over the {limit:,}-byte limit")
         body = bytes(body)
         # parsing is CPU work: off the event loop, on the threads for bulk work
-        table, malformed = await asyncio.get_running_loop().run_in_executor(
-            state.bulk, events_table, body, request.headers.get("content-type", ""), state.max_rows)
+        parse = functools.partial(contextvars.copy_context().run, events_table, body,
+                                  request.headers.get("content-type", ""), state.max_rows)
+        table, malformed = await asyncio.get_running_loop().run_in_executor(state.bulk, parse)
         out = await backend(request).ingest(table, malformed, idempotency_key or None, hashlib.sha256(body).hexdigest())
         state.metrics.events("accepted", out["accepted"])
         state.metrics.events("rejected", out["rejected"])

@@ -199,7 +199,7 @@ replica; client, proxy, replica and shards share the 2 cores.  {int(a.events):,}
 ({a.queries // 5} for 100 keys), then 5 s from 8 threads.  "During Arrow ingest": another thread posts
 100,000-event Arrow batches back to back ({posted[0]:,} and {posted[1]:,} events while measuring).  "Bulk
 threads": "give way" is the cluster as it runs by default (`questions_first`: the replica parses and sends
-ingest bodies on threads at idle priority, the writers apply on such threads, `cluster/priority.py`);
+ingest bodies on threads at nice 19, the writers apply on such threads, `cluster/priority.py`);
 "alike", side by side in the same run, a cluster and app with the setting off.
 
 {t1}

@@ -408,9 +408,9 @@ events of the 30 days again: every leaf changes, and until the upkeep folds them
 runs).  The paths are asked in turn, {a.queries // 2} rounds idle (the upkeep of what came before done) and as
 many as fit in the job; "bare call" is a call to an actor with nothing else to do, what a call costs on the
 machine at that moment.  "Bulk threads": "give way" is the cluster as it runs by default (`questions_first`:
-the ingest tasks, the writers' applies and upkeep and the readers' following of their writers run on threads
-at idle priority, `cluster/priority.py`); "alike", side by side, a cluster with the setting off, the same
-events ingested into it, asked after the rest of this run.
+the writers' applies and upkeep and the readers' following of their writers run on threads at nice 19, the
+ingest tasks' processes in the idle class, `cluster/priority.py`); "alike", side by side, a cluster with the
+setting off, the same events ingested into it, asked after the rest of this run.
 
 {t3}
 

@@ -214,7 +214,7 @@ class RayRuntime:
 
     def _class(self, cls):
         """The actor class as the cluster runs it: with ``questions_first``, every call but a question on a thread
-        at idle priority (``cluster.priority``)."""
+        below the questions' (``cluster.priority``)."""
         return giving_way(cls, READ_METHODS) if self.config.questions_first else cls
 
     def cpus(self) -> float:

@@ -57,8 +57,9 @@ class ClusterConfig:
     reader_cpus: float = 0.001  # logical CPUs each reader reserves: next to none, so readers never take the CPUs
     # ingest tasks need (they work only when asked); not zero, because Ray places an actor that needs no resource
     # anywhere, ignoring the node asked for (measured: 3 of 12 on the node asked at 0 CPU, 12 of 12 at 0.001)
-    # bulk work (ingest tasks, a writer's applies and upkeep, a reader's following) on idle-priority threads, so a
-    # question's threads take a core from it the moment they wake (cluster/priority.py); off: all alike
+    # bulk work (a writer's applies and upkeep, a reader's following, REST ingest bodies) on threads below the
+    # questions', the ingest tasks in the idle class, so a question gets the core ahead of it
+    # (cluster/priority.py); off: all threads alike
     questions_first: bool = True
     hedge_s: float = 0.25  # a copy of a range that has not answered by then is joined by the next one
     batch_rows: int = 262_144  # rows per batch read by an ingest task

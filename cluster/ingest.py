@@ -35,7 +35,7 @@ from impressions.actors.shard import CALL_KEEP_S
 from impressions.cluster.bootstrap import RayRuntime, coordinator_route
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.metrics import RayTelemetry
-from impressions.cluster.priority import BULK_ENV, give_way
+from impressions.cluster.priority import BULK_ENV, give_way_for_good
 from impressions.cluster.readers import Fragment, MissingColumn, fragments, parse_ts, read_fragment
 from impressions.cluster.sources import list_sources
 from impressions.durable.ledger import SourceLedger, digest
@@ -130,7 +130,7 @@ def ingest_fragment(frag: Fragment, cols: dict, cfg: ClusterConfig, coordinator,
     follow from the source (``fragment_id`` and each batch's first row), so
     Ray's retry of this task, or a rerun of the job, counts nothing twice."""
     if cfg.questions_first:
-        give_way()  # bulk work: questions take the core from it (``cluster.priority``)
+        give_way_for_good()  # a process of bulk work only: questions take the core from it (``cluster.priority``)
     sender = _sender(coordinator, cfg)
     report = IngestReport()
     base = fragment_id(frag, force)

@@ -1,34 +1,44 @@
 """Questions first: the threads that ingest and keep up give way to the threads that answer.
 
-Linux schedules threads, not processes.  A thread moved to ``SCHED_IDLE``
-gets a core when no ordinary thread wants it, and an ordinary thread that
-wakes takes the core from it at once; it is never starved outright (it keeps
-a small share of a busy core), so a question flood slows ingest, never stops
-it.  With ``ClusterConfig.questions_first`` (the default) the cluster moves
-there every thread whose work is bulk:
+Linux schedules threads, not processes, and a thread may lower its own
+priority (never raise it again: an unprivileged thread cannot).  With
+``ClusterConfig.questions_first`` (the default) every thread whose work is
+bulk lowers itself before it works, so a question's thread, when it wakes,
+gets the core ahead of it:
 
-* a writer's calls but its questions (``READ_METHODS``): applies, log writes,
-  rollups, sealing, checkpoints (``giving_way``);
-* a reader's: following its writer's log, switching to a checkpoint;
-* the ingest tasks (reading, hashing and sending Parquet: a pool of worker
-  processes of their own, ``BULK_ENV``, since a thread that gave way cannot
-  come back) and a REST replica's threads for ingest bodies.
+* in a process that also answers questions (a writer, a reader, a REST
+  replica), a bulk thread goes to nice ``BULK_NICE`` (``give_way``): a
+  writer's and a reader's calls but their questions (``READ_METHODS``:
+  applies, log writes, rollups, sealing, checkpoints, following the writer's
+  log, switching to a checkpoint; ``giving_way``) and a replica's threads
+  for ingest bodies.  Such a thread keeps a fair share of the core, smaller
+  than a question's, because it may hold what a question of its process
+  waits for: Python's interpreter lock, which only a running thread lets go
+  of, or a reader's lock.  In the idle class (``SCHED_IDLE``) it would get
+  next to nothing of a core busy with questions elsewhere, and the question
+  waiting in its process would wait with it: 1.4 s measured, where at nice
+  19 against Ray's 15 the wait stays within milliseconds
+  (``tests/test_priority.py``);
+* a process that does bulk work only, an ingest task's worker, goes whole to
+  ``SCHED_IDLE`` (``give_way_for_good``): no question waits on anything it
+  holds.  Those workers are a pool of their own (a runtime environment of
+  their own, ``BULK_ENV``), so no other task lands on a process that gave
+  way.
 
-The threads that answer (a shard's and a reader's reading threads, a REST
-replica's event loop), Ray's own threads and the drivers keep their priority.
+The threads that answer (a writer's and a reader's reading threads, a REST
+replica's event loop), Ray's own threads, the coordinator and the drivers
+keep their priority.  Writers and readers also hand the interpreter lock to a
+waiting thread after ``SWITCH_INTERVAL_S`` rather than Python's 5 ms (one
+thread alone is never interrupted: the interval matters only while two want
+the lock); a REST replica keeps 5 ms (at 0.5 ms its p99 under ingest was no
+lower).  Threads a bulk thread starts inherit its priority (Arrow's pool
+threads, started by a checkpoint or a load): a question hands no work to such
+a pool (blocks are decoded on its own thread, and the log it reads for its
+asker's writes with ``use_threads=False``).
 
-Where one process holds both, they share Python's interpreter lock: a
-question waiting for it waits for the bulk thread to let go, by default after
-5 ms.  Writers and readers hand the lock over after ``SWITCH_INTERVAL_S``
-instead (one thread alone is never interrupted: the interval matters only
-while two want the lock); a REST replica keeps 5 ms (at 0.5 ms its p99
-under ingest was no lower).  Threads a bulk thread starts inherit its priority (Arrow's
-pool threads, started by a checkpoint or a load): a question never hands work
-to such a pool (it decodes blocks on its own thread), so none waits on them.
-
-Measured side by side with the setting off (``benchmarks/bench_cluster.py``,
-docs/benchmarks.md): one key over 30 days while an ingest job runs, p99 16-27
-ms against 40-60 ms.
+Measured side by side with the setting off: ``benchmarks/bench_cluster.py``
+and ``benchmarks/bench_api.py``, docs/benchmarks.md and docs/design.md
+(section 7).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import os
 import sys
 import threading
 
+BULK_NICE = 19  # the lowest; Ray starts its workers at 15: a bulk thread weighs 15 against a question's 36
 SWITCH_INTERVAL_S = 0.0005  # 0.2 ms measured no better (docs/benchmarks.md)
 BULK_ENV = {"IMPRESSIONS_BULK_WORKER": "1"}  # the ingest tasks' runtime environment: workers of their own
 
@@ -46,9 +57,20 @@ _state = threading.local()
 
 
 def give_way() -> bool:
-    """Move the calling thread to ``SCHED_IDLE``, once (it cannot come back: an unprivileged thread may lower
-    its priority, never raise it).  True if it is there; False where the system does not allow it (not
-    Linux, or a sandbox that refuses), and then the thread runs as before."""
+    """Lower the calling thread to nice ``BULK_NICE``, once (it cannot come back).  True if it is there;
+    False where the system does not allow it, and then the thread runs as before."""
+    if getattr(_state, "nice", None) is None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICE)  # Linux: this thread only
+            _state.nice = True
+        except (AttributeError, OSError):
+            _state.nice = False
+    return _state.nice
+
+
+def give_way_for_good() -> bool:
+    """Move the calling thread to ``SCHED_IDLE``, once: for a process whose every thread does bulk work (an
+    ingest task's), where nothing a question waits for is ever held.  True if it is there."""
     if getattr(_state, "idle", None) is None:
         try:
             os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
@@ -59,9 +81,10 @@ def give_way() -> bool:
 
 
 def gave_way() -> bool:
-    """Whether the calling thread runs at idle priority."""
+    """Whether the calling thread runs below the questions: at ``BULK_NICE`` or in the idle class."""
+    tid = threading.get_native_id()
     try:
-        return os.sched_getscheduler(threading.get_native_id()) == os.SCHED_IDLE
+        return os.getpriority(os.PRIO_PROCESS, tid) >= BULK_NICE or os.sched_getscheduler(tid) == os.SCHED_IDLE
     except (AttributeError, OSError):
         return False
 
@@ -74,7 +97,7 @@ def answer_quickly() -> None:
 
 def giving_way(cls, keep: frozenset):
     """Actor class ``cls`` as the cluster runs it with questions first: a subclass whose public methods, but
-    those named in ``keep`` (its questions), move their thread to idle priority before they run; its
+    those named in ``keep`` (its questions), lower their thread (``give_way``) before they run; its
     constructor sets the process's switch interval (``answer_quickly``)."""
     def wrap(f):
         @functools.wraps(f)

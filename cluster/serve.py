@@ -18,6 +18,8 @@ exports the app's figures through Ray's metrics (Prometheus).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -37,7 +39,7 @@ from impressions.durable.ledger import IdempotencyLedger, digest
 from impressions.durable.objects import ObjectStore
 
 INGEST_DEADLINE_S = 20.0  # a POST waits this long for its shards, then answers 503 (retry with the same key)
-BULK_THREADS = 4  # a replica's threads for ingest bodies: parsing them, sending them and waiting for the shards
+BULK_THREADS = 8  # a replica's threads for ingest bodies: parsing them, sending them and waiting for the shards
 
 class RayBackend:
     """The app's questions, asked of the coordinator actor of ``namespace``.
@@ -60,8 +62,8 @@ class RayBackend:
         # questions go straight to the shards (one hop) on this replica's copy of the shard map
         self.questions = DirectQuestions(lambda: ray.get(self.coordinator.read_route.remote(), timeout=self.ask_s),
                                          RayRuntime(), self.config, self.sketch.p, RayTelemetry(namespace))
-        # ingest bodies on threads of their own, at idle priority with ``questions_first`` (``cluster.priority``):
-        # a question awaited on the event loop takes the core from a body being parsed
+        # ingest bodies on threads of their own, below the questions with ``questions_first`` (``cluster.priority``):
+        # a question awaited on the event loop gets the core ahead of a body being parsed
         self.bulk = ThreadPoolExecutor(BULK_THREADS, thread_name_prefix="bulk",
                                        initializer=give_way if self.config.questions_first else None)
 
@@ -135,8 +137,9 @@ class RayBackend:
 
     async def ingest(self, table, malformed, idempotency_key, body_sha):
         # the shard calls block until the batches are durable: on a thread, not the event loop
-        return await asyncio.get_running_loop().run_in_executor(self.bulk, self._ingest, table, malformed,
-                                                                idempotency_key, body_sha)
+        call = functools.partial(contextvars.copy_context().run, self._ingest, table, malformed, idempotency_key,
+                                 body_sha)  # the request's context goes along, as with asyncio.to_thread
+        return await asyncio.get_running_loop().run_in_executor(self.bulk, call)
 
 
 class RayMetrics(Metrics):

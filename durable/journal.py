@@ -86,6 +86,9 @@ def batches_to_bytes(batches: list[pa.RecordBatch]) -> bytes:
     return out.getvalue()
 
 
+_ONE_THREAD = pa.ipc.IpcReadOptions(use_threads=False)
+
+
 def batches_from_bytes(data: bytes) -> list[pa.RecordBatch]:
     out, pos = [], 0
     while pos < len(data):
@@ -95,7 +98,9 @@ def batches_from_bytes(data: bytes) -> list[pa.RecordBatch]:
         pos += 8
         if pos + n > len(data):
             raise CorruptObject(f"object is truncated ({len(data) - pos} of {n} bytes)")
-        reader = pa.ipc.open_stream(pa.py_buffer(data[pos:pos + n]))
+        # on the calling thread: a question that reads the log for its asker's writes hands no work to Arrow's
+        # pool, whose threads may have been started by a bulk thread and share its priority (cluster.priority)
+        reader = pa.ipc.open_stream(pa.py_buffer(data[pos:pos + n]), options=_ONE_THREAD)
         batches = list(reader)
         out.extend(batches if batches else [pa.RecordBatch.from_pylist([], schema=reader.schema)])
         pos += n

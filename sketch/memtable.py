@@ -36,7 +36,10 @@ class Memtable:
         return self.rows
 
     def add(self, ids: np.ndarray, buckets: np.ndarray, coupons: np.ndarray, tag: int = 0) -> None:
+        """Append one chunk: three uint32 arrays of one length (anything else is refused, never cast)."""
         n = len(ids)
+        if any(getattr(v, "dtype", None) != np.uint32 or len(v) != n for v in (ids, buckets, coupons)):
+            raise ValueError("a memtable chunk is three uint32 arrays of one length")
         end = self.rows + n
         if end > len(self._buf[0]):  # a new buffer: the rows copies see stay where they are
             cap = max(end, 2 * len(self._buf[0]), self.MIN_CAPACITY)

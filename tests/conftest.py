@@ -99,8 +99,8 @@ def looping(fn):
         th.join()
 
 
-def thread_policies(pid: int) -> dict[int, int]:
-    """Each thread of process ``pid``: its scheduling policy (``/proc``)."""
+def thread_priorities(pid: int) -> dict[int, tuple[int, int]]:
+    """Each thread of process ``pid``: (its scheduling policy, its nice value), from ``/proc``."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -108,7 +108,8 @@ def thread_policies(pid: int) -> dict[int, int]:
                 stat = f.read()
         except OSError:  # ended meanwhile
             continue
-        out[int(tid)] = int(stat[stat.rindex(")") + 2:].split()[38])
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(tid)] = (int(fields[38]), int(fields[16]))
     return out
 
 

@@ -14,8 +14,9 @@ import pytest
 import ray
 
 from impressions.cluster.config import ClusterConfig
+from impressions.cluster.priority import BULK_NICE
 from impressions.sketch.store import SketchConfig
-from tests.conftest import free_port, thread_policies, wait_for
+from tests.conftest import free_port, thread_priorities, wait_for
 
 KEYS = "reader:read,writer:write,both:read+write"
 R = {"Authorization": "Bearer reader"}
@@ -109,11 +110,12 @@ def test_ingest_json_jsonlines_and_arrow_then_query_within_a_second(api):
     assert time.time() - t0 < 1.0
     assert [(x["key"], x["unique_visitors"], x["impressions"], x["exact"]) for x in got["results"]] == [
         ("ad-json", 300, 300, True), ("ad-lines", 200, 200, True), ("ad-arrow", 500, 500, True)]
-    # the bodies were parsed and sent on the replica's threads for bulk work, at idle priority (questions first);
-    # the process's main thread kept its priority
+    # the bodies were parsed and sent on the replica's threads for bulk work, at nice 19 (questions first); the
+    # process's main thread kept Ray's priority, and no thread of it is in the idle class
     (replica,) = _processes(b"ServeReplica:api-test:ImpressionsApi")
-    policies = thread_policies(replica)
-    assert policies[replica] != os.SCHED_IDLE and sum(p == os.SCHED_IDLE for p in policies.values()) >= 1
+    threads = thread_priorities(replica)
+    assert threads[replica][1] < BULK_NICE and sum(nice == BULK_NICE for _, nice in threads.values()) >= 1
+    assert not any(policy == os.SCHED_IDLE for policy, _ in threads.values())
     one = api.get("/v1/unique", params={"key": "ad-json", "last": "15m"}, headers=R).json()
     assert one["unique_visitors"] == 300 and set(one) == {"key", "start", "end", "unique_visitors", "impressions",
                                                           "relative_error", "interval", "exact", "partial"}
