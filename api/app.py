@@ -120,6 +120,13 @@ class Metrics:
     def checkpoint_age(self, seconds: float) -> None: ...
 
 
+async def on_threads(pool: Executor | None, fn, *args):
+    """``fn(*args)`` on a thread of ``pool`` (None: the event loop's own pool), in the caller's context, as
+    ``asyncio.to_thread`` runs it on the loop's pool."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(pool, call)
+
+
 def configure(app: FastAPI, backend: Backend, *, api_keys: str | None = None, max_body: int = MAX_BODY,
               max_rows: int = MAX_ROWS, failed_auth_per_minute: int = 20, metrics: Metrics | None = None,
               bulk: Executor | None = None) -> FastAPI:
@@ -375,9 +382,8 @@ def create_app() -> FastAPI:
                 raise HTTPException(413, f"body is over the {limit:,}-byte limit")
         body = bytes(body)
         # parsing is CPU work: off the event loop, on the threads for bulk work
-        parse = functools.partial(contextvars.copy_context().run, events_table, body,
-                                  request.headers.get("content-type", ""), state.max_rows)
-        table, malformed = await asyncio.get_running_loop().run_in_executor(state.bulk, parse)
+        table, malformed = await on_threads(state.bulk, events_table, body, request.headers.get("content-type", ""),
+                                            state.max_rows)
         out = await backend(request).ingest(table, malformed, idempotency_key or None, hashlib.sha256(body).hexdigest())
         state.metrics.events("accepted", out["accepted"])
         state.metrics.events("rejected", out["rejected"])

@@ -56,28 +56,29 @@ BULK_ENV = {"IMPRESSIONS_BULK_WORKER": "1"}  # the ingest tasks' runtime environ
 _state = threading.local()
 
 
-def give_way() -> bool:
-    """Lower the calling thread to nice ``BULK_NICE``, once (it cannot come back).  True if it is there;
-    False where the system does not allow it, and then the thread runs as before."""
-    if getattr(_state, "nice", None) is None:
+def _lower(how: str, lower) -> bool:
+    """Lower the calling thread with ``lower(tid)``, once per thread and ``how`` (it cannot come back): True if
+    it is there; False where the system does not allow it, and then the thread runs as before."""
+    done = getattr(_state, how, None)
+    if done is None:
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICE)  # Linux: this thread only
-            _state.nice = True
+            lower(threading.get_native_id())
+            done = True
         except (AttributeError, OSError):
-            _state.nice = False
-    return _state.nice
+            done = False
+        setattr(_state, how, done)
+    return done
+
+
+def give_way() -> bool:
+    """Lower the calling thread to nice ``BULK_NICE`` (on Linux, this thread only)."""
+    return _lower("nice", lambda tid: os.setpriority(os.PRIO_PROCESS, tid, BULK_NICE))
 
 
 def give_way_for_good() -> bool:
-    """Move the calling thread to ``SCHED_IDLE``, once: for a process whose every thread does bulk work (an
-    ingest task's), where nothing a question waits for is ever held.  True if it is there."""
-    if getattr(_state, "idle", None) is None:
-        try:
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-            _state.idle = True
-        except (AttributeError, OSError):
-            _state.idle = False
-    return _state.idle
+    """Move the calling thread to ``SCHED_IDLE``: for a process whose every thread does bulk work (an ingest
+    task's), where nothing a question waits for is ever held."""
+    return _lower("idle", lambda tid: os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0)))
 
 
 def gave_way() -> bool:

@@ -18,8 +18,6 @@ exports the app's figures through Ray's metrics (Prometheus).
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -27,7 +25,7 @@ from ray import serve
 
 from impressions.actors.questions import DirectQuestions
 from impressions.actors.runtime import ShardUnavailable
-from impressions.api.app import MAX_BODY, Metrics, configure, create_app
+from impressions.api.app import MAX_BODY, Metrics, configure, create_app, on_threads
 from impressions.api.auth import parse_api_keys
 from impressions.api.errors import Conflict
 from impressions.cluster.bootstrap import RayRuntime, ensure_actors, get_coordinator
@@ -137,9 +135,7 @@ class RayBackend:
 
     async def ingest(self, table, malformed, idempotency_key, body_sha):
         # the shard calls block until the batches are durable: on a thread, not the event loop
-        call = functools.partial(contextvars.copy_context().run, self._ingest, table, malformed, idempotency_key,
-                                 body_sha)  # the request's context goes along, as with asyncio.to_thread
-        return await asyncio.get_running_loop().run_in_executor(self.bulk, call)
+        return await on_threads(self.bulk, self._ingest, table, malformed, idempotency_key, body_sha)
 
 
 class RayMetrics(Metrics):

@@ -113,6 +113,19 @@ def thread_priorities(pid: int) -> dict[int, tuple[int, int]]:
     return out
 
 
+def processes(where: str, holds) -> list[int]:
+    """The processes on this machine whose ``/proc/<pid>/<where>`` (``cmdline``, ``environ``) ``holds(bytes)``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/{where}", "rb") as f:
+                if holds(f.read()):
+                    pids.append(int(pid))
+        except OSError:  # not ours to read, or ended meanwhile
+            pass
+    return pids
+
+
 def wait_for(cond, timeout=30.0, interval=0.1, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:

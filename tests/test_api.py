@@ -16,7 +16,7 @@ import ray
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.priority import BULK_NICE
 from impressions.sketch.store import SketchConfig
-from tests.conftest import free_port, thread_priorities, wait_for
+from tests.conftest import free_port, processes, thread_priorities, wait_for
 
 KEYS = "reader:read,writer:write,both:read+write"
 R = {"Authorization": "Bearer reader"}
@@ -48,19 +48,6 @@ def _ok(url):
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _processes(name: bytes) -> list[int]:
-    """The processes on this machine whose command line holds ``name`` (a Ray actor's process title)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if name in f.read():
-                    pids.append(int(pid))
-        except OSError:  # ended meanwhile
-            pass
-    return pids
 
 
 def _events(n, now, key="ad-1", start=0):
@@ -112,7 +99,7 @@ def test_ingest_json_jsonlines_and_arrow_then_query_within_a_second(api):
         ("ad-json", 300, 300, True), ("ad-lines", 200, 200, True), ("ad-arrow", 500, 500, True)]
     # the bodies were parsed and sent on the replica's threads for bulk work, at nice 19 (questions first); the
     # process's main thread kept Ray's priority, and no thread of it is in the idle class
-    (replica,) = _processes(b"ServeReplica:api-test:ImpressionsApi")
+    (replica,) = processes("cmdline", lambda cmd: b"ServeReplica:api-test:ImpressionsApi" in cmd)
     threads = thread_priorities(replica)
     assert threads[replica][1] < BULK_NICE and sum(nice == BULK_NICE for _, nice in threads.values()) >= 1
     assert not any(policy == os.SCHED_IDLE for policy, _ in threads.values())

@@ -193,15 +193,8 @@ def test_ingest_job_with_ray_job_submit_then_query_from_another_driver(ray_clust
 
 def _bulk_workers() -> list[int]:
     """The processes on this machine started for ingest tasks with questions first (``priority.BULK_ENV``)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if b"IMPRESSIONS_BULK_WORKER=1" in f.read().split(b"\0"):
-                    pids.append(int(pid))
-        except OSError:  # not ours to read, or ended meanwhile
-            pass
-    return pids
+    from tests.conftest import processes
+    return processes("environ", lambda env: b"IMPRESSIONS_BULK_WORKER=1" in env.split(b"\0"))
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="thread scheduling classes are Linux's")
