@@ -18,6 +18,7 @@ get there, else it says it is ``Behind`` and the asker goes to the next copy.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -152,6 +153,33 @@ class ShardBase:
         if after:
             self._wait_for(int(after))
         return getattr(self, method)(*args)
+
+    # ------------------------------------------------------------ questions on a port of this copy's own
+    port = None  # ``actors.wire.QuestionPort`` when this copy answers on one
+
+    def _open_port(self, hosts) -> None:
+        """Answer questions on a TCP port of this copy's own too (``actors.wire``), on each of ``hosts`` (a list,
+        or a function of none that gives it: run here, in the copy's process).  A port that cannot open is
+        logged and done without: askers then ask through Ray."""
+        from .wire import QuestionPort
+        try:
+            hosts = hosts() if callable(hosts) else hosts
+            self.port = QuestionPort(self._answer_wire, list(hosts), name=f"shard-{self.shard_index}-questions")
+        except OSError as e:
+            logging.getLogger("impressions.shard").error("shard %d: no question port (%s); asked through Ray only",
+                                                         self.shard_index, e)
+
+    def _answer_wire(self, method: str, after: int, args: list) -> bytes:
+        return pickle.dumps(self.ask(method, after, *args), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def question_address(self):
+        """Where this copy answers questions (``actors.wire.Address``, its token with it: for the coordinator,
+        which publishes it to askers in ``read_route``), or None."""
+        return None if self.port is None else self.port.address
+
+    def _port_health(self) -> dict:
+        """What ``health`` says of the port: which one it is, never its token."""
+        return {"port": None if self.port is None else self.port.address.ident}
 
     def ask_packed(self, question: bytes) -> bytes:
         """``ask`` with the question and its answer each packed in one bytes object (``pack_question``,

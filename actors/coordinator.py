@@ -90,6 +90,7 @@ class Coordinator(Questions):
         self._readers: tuple = ()  # per register range, every reader started (``map.readers``: those that answer)
         self._reader_upkeep: dict = {}  # reader -> its catch-up call still out
         self._misses: dict = {}  # reader -> upkeep rounds in a row it did not answer its health call
+        self._ports: dict = {}  # reader -> (its port's ident, ``actors.wire.Address``) as last asked
         self._suspects: dict = {}
         self._map_lock = threading.Lock()  # the map is replaced whole, by upkeep (readers) or a re-sharding
         self._maint: threading.Thread | None = None
@@ -206,11 +207,28 @@ class Coordinator(Questions):
             if (a is not None and a.get("available")) or (a is None and h in published
                                                           and self._misses[h] < READER_MISSES):
                 live[i].append(h)
+        self._look_up_ports(flat, health)
         readers = tuple(tuple(x) for x in live)
+        ports = tuple(tuple(self._ports.get(h, (None, None))[1] for h in x) for x in live)
         with self._map_lock:
-            if self.map is m and m.readers != readers:
-                self.map = dataclasses.replace(m, readers=readers)
-                self._note(f"readers answering per range: {[len(x) for x in readers]}")
+            if self.map is m and (m.readers != readers or m.ports != ports):
+                self.map = dataclasses.replace(m, readers=readers, ports=ports)
+                if m.readers != readers:
+                    self._note(f"readers answering per range: {[len(x) for x in readers]}")
+
+    def _look_up_ports(self, flat: list, health: list) -> None:
+        """Where each reader answers questions (``actors.wire``): asked of a reader whose port ``health`` names
+        differently from the one known (started, or restarted with a new port); forgotten for one without."""
+        rt = self.runtime
+        ask = [h for (_, h), a in zip(flat, health)
+               if a is not None and a.get("port") and self._ports.get(h, (None,))[0] != a["port"]]
+        for (_, h), a in zip(flat, health):
+            if a is not None and not a.get("port"):
+                self._ports.pop(h, None)
+        for h, addr in zip(ask, gather(rt, [rt.call(h, "question_address") for h in ask],
+                                       self.config.query_timeout_s)):
+            if addr is not None:
+                self._ports[h] = (addr.ident, addr)
 
     def _settle_intent(self, objects: ObjectStore) -> bool:
         """A re-sharding interrupted by a crash: finished if the layout was
@@ -257,10 +275,12 @@ class Coordinator(Questions):
         m = self._ensure()
         return m.epoch, list(m.handles)
 
-    def read_route(self) -> tuple[int, list, list]:
-        """(epoch, writers, readers per register range): what an asker needs (``DirectQuestions``)."""
+    def read_route(self) -> tuple[int, list, list, list]:
+        """(epoch, writers, readers per register range, where each reader answers on a port of its own or
+        None): what an asker needs (``DirectQuestions``).  The ports' tokens are in it: it is for askers inside
+        the cluster, never shown by the REST API."""
         m = self._ensure()
-        return m.epoch, list(m.handles), [list(r) for r in m.readers]
+        return m.epoch, list(m.handles), [list(r) for r in m.readers], [list(p) for p in m.ports]
 
     def shard_map(self) -> dict:
         m = self._ensure()
@@ -451,6 +471,7 @@ class Coordinator(Questions):
         for h in list(old.handles) + [h for hs in old_readers for h in hs]:
             rt.kill(h)
             self._reader_upkeep.pop(h, None)
+            self._ports.pop(h, None)
         if objects is not None:  # the old layout is superseded
             drop_folder(objects, old_layout.folder)
             clear_intent(objects)

@@ -69,6 +69,7 @@ from impressions.sketch.windows import plan_series
 from .base import QUESTIONS, Behind, pack_question, unpack_answer
 from .runtime import Runtime, ShardUnavailable, gather
 from .telemetry import Telemetry
+from .wire import encode_question
 
 MAP_TTL_S = 10.0  # how long a direct asker trusts its copy of the shard map without news
 HEDGE_S = 0.25  # a copy that has not answered by then (and is late against the others) is joined by the next
@@ -87,6 +88,15 @@ class ShardMap:
     rr: RegisterRange  # the register range of shard 0; shard i's starts at i * rr.R
     epoch: int = 0
     readers: tuple = ()  # per register range, the readers that answer (may be empty)
+    ports: tuple = ()  # per register range, where each of those readers answers on a port of its own (or None)
+
+    def address(self, i: int, h):
+        """Where copy ``h`` of range ``i`` answers on a port of its own (``actors.wire.Address``), or None."""
+        if i < len(self.ports):
+            for r, a in zip(self.readers[i], self.ports[i]):
+                if r == h:
+                    return a
+        return None
 
     def copies(self, i: int, turn: int, suspect=lambda h: False) -> list:
         """The copies of range ``i`` in the order to ask them: its readers from ``turn`` on (questions
@@ -203,6 +213,8 @@ class Questions:
         done, asked = [False] * len(order), [0] * len(order)
         pending: dict = {}
         packed: dict = {}  # the question as sent, by the log position it must reflect
+        wired: dict = {}  # the same for a copy's own port (``actors.wire``): None where it cannot go there
+        by_port = getattr(rt, "ask_at", None)
 
         def question(after: int) -> bytes:
             q = packed.get(after)
@@ -210,11 +222,19 @@ class Questions:
                 q = packed[after] = pack_question(method, after, args)
             return q
 
+        def wire_question(after: int) -> bytes | None:
+            if after not in wired:
+                wired[after] = encode_question(method, after, args)
+            return wired[after]
+
         def ask(i: int, h=None) -> None:
             if h is None:
                 h = order[i][asked[i]]
                 asked[i] += 1
-            pending[rt.call(h, "ask_packed", question(after[i]))] = (i, h)
+            at = m.address(i, h) if by_port is not None else None
+            body = wire_question(after[i]) if at is not None else None
+            p = by_port(at, body) if body is not None else rt.call(h, "ask_packed", question(after[i]))
+            pending[p] = (i, h)
 
         for i in range(len(order)):
             ask(i)
@@ -481,9 +501,10 @@ class DirectQuestions(Questions):
     def _shard_map(self, refresh: bool = False) -> ShardMap:
         m = self._map  # read once: another thread may replace it, never change it
         if refresh or m is None or time.monotonic() - self._fetched > MAP_TTL_S:
-            epoch, handles, *readers = self.route()
-            m = ShardMap(tuple(handles), RegisterRange(self.p, len(handles)), epoch,
-                         tuple(tuple(r) for r in readers[0]) if readers else ())
+            epoch, handles, *rest = self.route()
+            readers = tuple(tuple(r) for r in rest[0]) if rest else ()
+            ports = tuple(tuple(p) for p in rest[1]) if len(rest) > 1 else ()
+            m = ShardMap(tuple(handles), RegisterRange(self.p, len(handles)), epoch, readers, ports)
             self._map, self._fetched = m, time.monotonic()
             self.refreshes += 1
         return m

@@ -127,7 +127,7 @@ class ShardReader(ShardBase):
     """Reader ``replica`` of shard ``shard`` of ``shards``, following the objects of ``storage``."""
 
     def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage, block_cache_mb: float = 256.0,
-                 replica: int = 0, telemetry: Telemetry | None = None):
+                 replica: int = 0, telemetry: Telemetry | None = None, question_hosts=None):
         if storage is None:
             raise ValueError("a reader follows its writer through the store: it needs storage")
         self.sketch, self.shard_index, self.shards, self.replica = sketch, shard, shards, replica
@@ -151,6 +151,8 @@ class ShardReader(ShardBase):
         self._runs: deque = deque()  # runs from the writer waiting for their log entries
         self.unavailable: str | None = "starting"
         self._tried = 0.0
+        if question_hosts:  # before the copy is built: a question meanwhile is answered "unavailable", at once
+            self._open_port(question_hosts)
         self._start()
 
     # ------------------------------------------------------------ building the copy
@@ -382,9 +384,9 @@ class ShardReader(ShardBase):
     def health(self) -> dict:
         return {"shard": self.shard_index, "shards": self.shards, "replica": self.replica,
                 "available": self.unavailable is None, "reason": self.unavailable, "log_seq": self.seq,
-                "manifest": self.manifest}
+                "manifest": self.manifest, **self._port_health()}
 
     def stats(self) -> dict:
         out = {**self.health(), "role": "reader", **self._process_stats(), "incarnation": self.incarnation,
-               **self.counts}
+               **self.counts, **(self.port.stats() if self.port is not None else {})}
         return {**out, **self.store.stats()}

@@ -94,7 +94,7 @@ def gather(runtime: Runtime, pending: list, timeout: float | None) -> list:
 # threads of their own, beside the one that runs applies and every other call in order and the one that
 # runs upkeep: a question never waits behind an apply or a maintenance slice, and writes never wait for
 # questions.
-READ_METHODS = frozenset({"ask", "ask_packed", "health", "query", "query_ranges", "reach", "overlap", "series",
+READ_METHODS = frozenset({"ask", "ask_packed", "question_address", "health", "query", "query_ranges", "reach", "overlap", "series",
                           "key_impressions", "impressions_of", "registers"})
 READ_THREADS = 2
 # Upkeep: on a thread of its own too, beside the applies (``actors.shard``); a reader's switches to its writer's

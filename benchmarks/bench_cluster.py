@@ -132,13 +132,14 @@ def _summary_or_error(job):
         return e
 
 
-def under_load(coord, cfg, work: str, now: float, rng, queries: int, readers_q, writers_q, idle_actor,
+def under_load(coord, cfg, work: str, now: float, rng, queries: int, readers_q, ray_q, writers_q, idle_actor,
                bulk: str) -> list[list]:
     """One key over 30 days, idle and while an ingest job saturates the cluster: a live one (events of the last
     hour: the newest leaves change) and a backfill (the 30 days again: every leaf changes), each a job of its
     own process; the paths asked in turn, with a bare call to an idle actor for scale.  ``bulk`` names the
     cluster's ``questions_first`` setting in the rows."""
-    asks = {"client -> readers": readers_q.query, "client -> writers": writers_q.query,
+    asks = {"client -> readers' ports": readers_q.query, "client -> readers by Ray": ray_q.query,
+            "client -> writers": writers_q.query,
             "bare call (idle actor)": lambda k, r: ray.get(idle_actor.ping.remote())}
 
     def question():
@@ -319,8 +320,12 @@ def main(argv=None):
         keys100 = [f"ad-{i}" for i in range(100)]
         p = SketchConfig().p
         readers_q = DirectQuestions(lambda: ray.get(coord.read_route.remote()), RayRuntime(), cfg, p)
+        # the same readers asked by Ray calls (the route without their ports), as before ``question_ports``
+        ray_q = DirectQuestions(lambda: ray.get(coord.read_route.remote())[:3], RayRuntime(), cfg, p)
         writers_q = DirectQuestions(lambda: ray.get(coord.route.remote()), RayRuntime(), cfg, p)
-        paths = (("client -> readers", readers_q.query), ("client -> writers", writers_q.query),
+        assert all(a is not None for r in readers_q._shard_map().ports for a in r), "readers without ports"
+        paths = (("client -> readers' ports", readers_q.query), ("client -> readers by Ray", ray_q.query),
+                 ("client -> writers", writers_q.query),
                  ("via coordinator", lambda k, r: ray.get(coord.query.remote(k, r))))
         lat_rows = []
         for label, keys in (("1 key (site-wide)", [None]), ("1 key (ad-0, busy)", ["ad-0"]),
@@ -346,7 +351,8 @@ def main(argv=None):
         del live
         idle_actor = Idle.remote()
         ray.get(idle_actor.ping.remote())
-        load_rows = under_load(coord, cfg, work, now, rng, a.queries, readers_q, writers_q, idle_actor, "give way")
+        load_rows = under_load(coord, cfg, work, now, rng, a.queries, readers_q, ray_q, writers_q, idle_actor,
+                               "give way")
         lag = reader_lag(coord, readers_q, now)
         drills = kill_drills(coord, readers_q, work, now)
         st = ray.get(coord.stats.remote())
@@ -361,8 +367,10 @@ def main(argv=None):
         ray.get(coord.checkpoint.remote())
         wait_for_readers(coord, a.shards)
         readers_q = DirectQuestions(lambda: ray.get(coord.read_route.remote()), RayRuntime(), alike, p)
+        ray_q = DirectQuestions(lambda: ray.get(coord.read_route.remote())[:3], RayRuntime(), alike, p)
         writers_q = DirectQuestions(lambda: ray.get(coord.route.remote()), RayRuntime(), alike, p)
-        load_rows += under_load(coord, alike, work, now, rng, a.queries, readers_q, writers_q, idle_actor, "alike")
+        load_rows += under_load(coord, alike, work, now, rng, a.queries, readers_q, ray_q, writers_q, idle_actor,
+                                "alike")
         load_rows.sort(key=lambda r: (r[0] != "live (the last hour)", r[3], r[1] != "give way"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -393,11 +401,13 @@ shards (sealed nodes are mapped files, section 5 of the design).
 
 {t1}
 
-Query latency, {a.queries} queries per cell ({a.queries // 4} for 100 keys), random end times, three paths side
-by side on the same cluster: the Python client's to the readers (one hop: the driver asks one copy of every
-register range in parallel on its copy of the shard map and combines), the same to the writers only (the
-engine before readers), and through the coordinator (driver -> coordinator -> writers -> combine).  A bare
-call to the coordinator costs {np.median(base) * 1e3:.2f} ms p50 / {np.percentile(base, 99) * 1e3:.2f} ms p99 here.
+Query latency, {a.queries} queries per cell ({a.queries // 4} for 100 keys), random end times, four paths side
+by side on the same cluster: the Python client's to the readers on their own ports (one round trip: the driver
+asks one copy of every register range in parallel on its copy of the shard map and combines; `question_ports`,
+the default), the same by Ray calls (the route without the ports: the engine before them), the same to the
+writers only by Ray calls (the engine before readers), and through the coordinator (driver -> coordinator ->
+readers' ports -> combine).  A bare call to the coordinator costs {np.median(base) * 1e3:.2f} ms p50 /
+{np.percentile(base, 99) * 1e3:.2f} ms p99 here.
 
 {t2}
 

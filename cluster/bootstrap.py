@@ -16,6 +16,7 @@ ones by name.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import tempfile
 import time
@@ -29,6 +30,7 @@ from impressions.actors.memory import PROCESS_ENV
 from impressions.actors.reader import ShardReader
 from impressions.actors.runtime import READ_METHODS, READ_THREADS, UPKEEP_METHODS, ShardUnavailable
 from impressions.actors.shard import ShardActor
+from impressions.actors.wire import wire_client
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.metrics import RayTelemetry
 from impressions.cluster.priority import giving_way
@@ -53,6 +55,12 @@ def call_actor(handle, method: str, *args):
     if method in UPKEEP_METHODS:  # rollups, sealing, checkpoints, a reader's switches: beside the applies
         return getattr(handle, method).options(concurrency_group="upkeep").remote(*args)
     return getattr(handle, method).remote(*args)
+
+
+def question_hosts() -> list[str]:
+    """Where a reader listens for questions (``actors.wire``): its node's address, for askers on other nodes,
+    and 127.0.0.1, for askers on its own.  Run in the reader's process."""
+    return [ray.util.get_node_ip_address(), "127.0.0.1"]
 
 
 def shard_name(i: int, layout) -> str:
@@ -234,7 +242,7 @@ class RayRuntime:
             scheduling_strategy=where, max_restarts=-1, max_task_retries=0, max_concurrency=1,
             runtime_env={"env_vars": PROCESS_ENV}).remote(
                 layout.sketch, index, layout.shards, self._storage(layout), cfg.block_cache_mb, replica,
-                telemetry=RayTelemetry(cfg.namespace))
+                telemetry=RayTelemetry(cfg.namespace), question_hosts=question_hosts if cfg.question_ports else None)
 
     def find_shard(self, index: int, layout):
         try:
@@ -249,6 +257,9 @@ class RayRuntime:
             return None
 
     def cancel(self, pending) -> None:
+        if isinstance(pending, cf.Future):
+            pending.cancel()  # the port answers anyway; the answer is dropped and the connection kept
+            return
         try:
             ray.cancel(pending)
         except Exception:  # noqa: BLE001 - done already, or not cancellable: it ends on its own
@@ -257,15 +268,43 @@ class RayRuntime:
     def call(self, handle, method: str, *args):
         return call_actor(handle, method, *args)
 
+    _node_ip: str | None = None
+
+    def ask_at(self, address, body: bytes) -> cf.Future:
+        """A question (``actors.wire.encode_question``) to a copy's own port: on 127.0.0.1 when the copy is on
+        this node, else at its node's address."""
+        if self._node_ip is None:
+            self._node_ip = ray.util.get_node_ip_address()
+        return wire_client().ask(address.route(self._node_ip), address.token, body)
+
     def wait(self, pending: list, timeout: float | None = None, num_returns: int | None = None):
         if not pending:
             return [], []
-        return ray.wait(pending, num_returns=len(pending) if num_returns is None else num_returns, timeout=timeout)
+        n = len(pending) if num_returns is None else num_returns
+        if not any(isinstance(p, cf.Future) for p in pending):
+            return ray.wait(pending, num_returns=n, timeout=timeout)
+        # questions to ports, maybe beside Ray calls (a range's writer): all waited for as futures
+        futures = {p: p if isinstance(p, cf.Future) else p.future() for p in pending}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done = [p for p, f in futures.items() if f.done()]
+            left = None if deadline is None else deadline - time.monotonic()
+            if len(done) >= n or (left is not None and left <= 0):
+                break
+            cf.wait([f for f in futures.values() if not f.done()], left,
+                    cf.ALL_COMPLETED if n >= len(pending) else cf.FIRST_COMPLETED)
+        ready = done[:n]
+        return ready, [p for p in pending if p not in ready]
 
     def future(self, pending):
-        return pending.future()
+        return pending if isinstance(pending, cf.Future) else pending.future()
 
     def result(self, pending, timeout: float | None = None):
+        if isinstance(pending, cf.Future):  # a question to a port: its own exception as the copy raised it
+            try:
+                return pending.result(timeout)
+            except (cf.TimeoutError, cf.CancelledError):
+                raise ShardUnavailable(f"no answer within {timeout} s") from None
         try:
             return ray.get(pending, timeout=timeout)
         except ray.exceptions.GetTimeoutError:

@@ -232,3 +232,73 @@ def test_bulk_threads_give_way_where_questions_come_first_and_answers_are_the_sa
             assert not set(_bulk_workers()) - before
         for key in (None, "ad-0", "ad-7"):
             assert client.unique(key, last="2d", now=NOW) == ref.unique(key, last="2d", now=NOW).to_dict()
+
+
+def test_readers_answer_on_ports_of_their_own_as_through_ray(clients, stream):
+    """Questions go to the readers' own ports (``actors.wire``): the same answer, byte for byte, as the same
+    question through Ray and as the core's; the ports' tokens are in the askers' route only, never in stats or
+    health; a reader killed leaves answers complete, and comes back on a new port that askers use; with the
+    setting off, no port and the same answers."""
+    import pickle
+    import signal
+
+    import ray
+
+    from impressions.actors.base import pack_question
+    from impressions.actors.wire import encode_question, wire_client
+    from tests.conftest import wait_for
+    ref = _reference(stream)
+    for ports in (True, False):
+        client = clients(ClusterConfig(sketch=SMALL, shards=2, namespace=f"ports-{int(ports)}", readers=1,
+                                       question_ports=ports))
+        client.ingest(stream, now=NOW)
+        client.maintain()
+        client.checkpoint()
+
+        def route(c=client):
+            m = c.questions._shard_map(refresh=True)
+            return m if len(m.readers) == 2 and all(len(r) == 1 for r in m.readers) and \
+                (not ports or all(a is not None for p in m.ports for a in p)) else None
+        m = wait_for(route, what="both readers published")
+        if not ports:
+            assert all(a is None for p in m.ports for a in p)
+        for key in (None, "ad-0", "ad-7"):
+            assert client.unique(key, last="2d", now=NOW) == ref.unique(key, last="2d", now=NOW).to_dict()
+        assert client.reach(["ad-0", "ad-3"], prefix="ad-1", last="2d", now=NOW) == \
+            ref.reach(["ad-0", "ad-3"], "ad-1", last="2d", now=NOW)
+        st = client.stats()
+        asked = sum(r.get("port_questions", 0) for r in st["readers"])
+        if not ports:
+            assert asked == 0 and all(r["port"] is None for r in st["readers"])
+            continue
+        assert asked >= 4
+        b0, b1 = SMALL.resolve(now=NOW, last="2d").b0, SMALL.resolve(now=NOW, last="2d").b1
+        args = ([None, "ad-0", "no-such-ad"], b0, b1)
+        for i, (h,) in enumerate(m.readers):
+            a = m.ports[i][0]
+            over_port = wire_client().ask(a.route(ray.util.get_node_ip_address()), a.token,
+                                          encode_question("query", 0, args)).result(10)
+            through_ray = ray.get(h.ask_packed.options(concurrency_group="reads").remote(
+                pack_question("query", 0, args)))
+            assert over_port == through_ray
+            # the token opens the port; it is shown nowhere else
+            assert a.token not in json.dumps(st, default=str) and a.ident in json.dumps(st, default=str)
+            assert a.token not in json.dumps(ray.get(h.health.remote()), default=str)
+        # a reader killed: answers stay complete; it comes back on a new port, which askers are given
+        before = m.ports[0][0]
+        pid = next(r["pid"] for r in st["readers"] if r["shard"] == 0)
+        os.kill(pid, signal.SIGKILL)
+        t_end = __import__("time").monotonic() + 60
+
+        def back(c=client):
+            got = c.unique(None, last="2d", now=NOW)
+            assert got["partial"] is False and got == ref.unique(None, last="2d", now=NOW).to_dict()
+            new = route()
+            return new is not None and new.ports[0][0].ident != before.ident
+        while not back():
+            assert __import__("time").monotonic() < t_end, "the restarted reader's port was never published"
+
+        def on_new_port(c=client):  # once it is no longer suspect to the asker (``SUSPECT_S`` after it failed)
+            assert c.unique(None, last="2d", now=NOW) == ref.unique(None, last="2d", now=NOW).to_dict()
+            return sum(r.get("port_questions", 0) for r in c.stats()["readers"] if r["shard"] == 0) > 0
+        wait_for(on_new_port, timeout=30, interval=0.5, what="questions on the restarted reader's port")

@@ -233,7 +233,7 @@ def test_a_query_while_a_shard_is_gone_is_partial_and_never_hangs(clients, event
     client.ingest_files([str(folder)], now=NOW, progress=False)
     full = client.unique(None, last="3d", now=NOW)
     assert not full["partial"]
-    _, writers, _ = ray.get(client.coordinator.read_route.remote())
+    _, writers, *_ = ray.get(client.coordinator.read_route.remote())
     wait_for(lambda: len(ray.get(client.coordinator.read_route.remote())[2][2]) == 2, what="range 2's readers")
     from impressions.cluster.bootstrap import RayRuntime
     for h in [writers[2], *ray.get(client.coordinator.read_route.remote())[2][2]]:
