@@ -189,6 +189,7 @@ class Coordinator(Questions):
         the readers that answer and serve."""
         rt, rs = self.runtime, self._readers
         if not rs:
+            self._watch_writer_ports(m)
             return
         flat = [(i, h) for i, hs in enumerate(rs) for h in hs]
         for _, h in flat:
@@ -215,6 +216,20 @@ class Coordinator(Questions):
                 self.map = dataclasses.replace(m, readers=readers, ports=ports)
                 if m.readers != readers:
                     self._note(f"readers answering per range: {[len(x) for x in readers]}")
+        self._watch_writer_ports(self.map)
+
+    def _watch_writer_ports(self, m: ShardMap) -> None:
+        """Publish where each writer answers on a port of its own (``actors.wire``): a writer restarted by Ray
+        listens on a new one, named by its ``health``."""
+        rt = self.runtime
+        flat = list(enumerate(m.handles))
+        health = gather(rt, [rt.call(h, "health") for _, h in flat], self.config.query_timeout_s)
+        self._look_up_ports(flat, health)
+        # a writer that did not answer keeps the port it had: a Ray call to it would fail as well
+        ports = tuple(self._ports.get(h, (None, None))[1] for h in m.handles)
+        with self._map_lock:
+            if self.map is m and m.writer_ports != ports:
+                self.map = dataclasses.replace(m, writer_ports=ports)
 
     def _look_up_ports(self, flat: list, health: list) -> None:
         """Where each reader answers questions (``actors.wire``): asked of a reader whose port ``health`` names
@@ -275,12 +290,13 @@ class Coordinator(Questions):
         m = self._ensure()
         return m.epoch, list(m.handles)
 
-    def read_route(self) -> tuple[int, list, list, list]:
+    def read_route(self) -> tuple[int, list, list, list, list]:
         """(epoch, writers, readers per register range, where each reader answers on a port of its own or
-        None): what an asker needs (``DirectQuestions``).  The ports' tokens are in it: it is for askers inside
+        None, where each writer does or None): what an asker needs (``DirectQuestions``).  The ports' tokens are in it: it is for askers inside
         the cluster, never shown by the REST API."""
         m = self._ensure()
-        return m.epoch, list(m.handles), [list(r) for r in m.readers], [list(p) for p in m.ports]
+        return (m.epoch, list(m.handles), [list(r) for r in m.readers], [list(p) for p in m.ports],
+                list(m.writer_ports))
 
     def shard_map(self) -> dict:
         m = self._ensure()

@@ -89,9 +89,12 @@ class ShardMap:
     epoch: int = 0
     readers: tuple = ()  # per register range, the readers that answer (may be empty)
     ports: tuple = ()  # per register range, where each of those readers answers on a port of its own (or None)
+    writer_ports: tuple = ()  # per register range, where its writer does (or None)
 
     def address(self, i: int, h):
         """Where copy ``h`` of range ``i`` answers on a port of its own (``actors.wire.Address``), or None."""
+        if i < len(self.handles) and h == self.handles[i]:
+            return self.writer_ports[i] if i < len(self.writer_ports) else None
         if i < len(self.ports):
             for r, a in zip(self.readers[i], self.ports[i]):
                 if r == h:
@@ -484,8 +487,8 @@ class Questions:
 class DirectQuestions(Questions):
     """Questions asked of the shards directly, on a copy of the shard map.
 
-    ``route()`` fetches ``(epoch, writers, readers)`` from the coordinator
-    (``Coordinator.read_route``); ``p`` is the sketch precision (the
+    ``route()`` fetches ``(epoch, writers, readers, reader ports, writer ports)`` from the coordinator
+    (``Coordinator.read_route``; the ports may be missing: then every copy is asked through Ray); ``p`` is the sketch precision (the
     register ranges follow from it and the shard count)."""
 
     def __init__(self, route: Callable[[], tuple], runtime: Runtime, config, p: int,
@@ -504,7 +507,8 @@ class DirectQuestions(Questions):
             epoch, handles, *rest = self.route()
             readers = tuple(tuple(r) for r in rest[0]) if rest else ()
             ports = tuple(tuple(p) for p in rest[1]) if len(rest) > 1 else ()
-            m = ShardMap(tuple(handles), RegisterRange(self.p, len(handles)), epoch, readers, ports)
+            writer_ports = tuple(rest[2]) if len(rest) > 2 and len(rest[2]) == len(handles) else ()
+            m = ShardMap(tuple(handles), RegisterRange(self.p, len(handles)), epoch, readers, ports, writer_ports)
             self._map, self._fetched = m, time.monotonic()
             self.refreshes += 1
         return m

@@ -91,7 +91,7 @@ class ShardActor(ShardBase):
 
     def __init__(self, sketch: SketchConfig, shard: int, shards: int, storage: ShardStorage | None = None,
                  block_cache_mb: float = 256.0, seed_from=(), *seed_states, telemetry: Telemetry | None = None,
-                 await_seed: bool = False, followers: Followers | None = None):
+                 await_seed: bool = False, followers: Followers | None = None, question_hosts=None):
         self.sketch, self.shard_index, self.shards = sketch, shard, shards
         self.followers = followers or Followers()  # this range's readers: told of each log entry and checkpoint
         self.storage = storage
@@ -107,6 +107,8 @@ class ShardActor(ShardBase):
         self.unavailable: str | None = "starting"
         self._tried = 0.0
         self._upkeep_lock = threading.RLock()  # checkpoints, sealing, re-sharding and restarts: one at a time
+        if question_hosts:  # questions on a port of its own too (``actors.wire``): "unavailable" until started
+            self._open_port(question_hosts)
         with self._upkeep_lock:
             self._start()
 
@@ -506,7 +508,7 @@ class ShardActor(ShardBase):
         """A cheap summary: whether this shard serves, and if not why."""
         return {"shard": self.shard_index, "shards": self.shards, "available": self.unavailable is None,
                 "reason": self.unavailable, "sealed": self.sealed,
-                "checkpoint_age_s": self._checkpoint_age()}
+                "checkpoint_age_s": self._checkpoint_age(), **self._port_health()}
 
     def _checkpoint_age(self) -> float | None:
         return None if self.checkpointed_at is None else round(time.time() - self.checkpointed_at, 1)
@@ -527,5 +529,6 @@ class ShardActor(ShardBase):
                "available": self.unavailable is None, "reason": self.unavailable,
                "applied_batches": self.applied_batches, "first_apply_at": self.first_apply_at, "log_seq": self.seq, "manifest": self.manifest,
                "sealed": self.sealed, "recovery": self.recovery, "batch_ids": len(self.applied),
-               "checkpoint_age_s": self._checkpoint_age()}
+               "checkpoint_age_s": self._checkpoint_age(), **self._port_health(),
+               **(self.port.stats() if self.port is not None else {})}
         return {**out, **self.store.stats()}

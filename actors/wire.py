@@ -30,7 +30,9 @@ shard map reaches it there (``WireClient``): a round trip costs about 0.06 ms.
   the coordinator publishes them at its next look at the readers.
 * **Bounds.** A port serves at most ``MAX_CONNECTIONS`` connections at once
   (a thread each; each runs one question at a time, as a Ray reading thread
-  does) and drops one idle for ``IDLE_S``; a question is at most
+  does), drops one that shows no token within ``FIRST_S`` of opening and one
+  idle for ``IDLE_S``, reads the token before the question (a stranger's
+  bytes are never buffered or parsed); a question is at most
   ``MAX_QUESTION`` bytes.
 
 Nothing here holds a lock while it waits on the network: the asker's side is
@@ -66,6 +68,7 @@ MAX_QUESTION = 8 << 20
 MAX_ANSWER = 1 << 31
 MAX_CONNECTIONS = 64
 IDLE_S = 300.0  # a port closes a connection idle this long
+FIRST_S = 5.0  # ...and one that has not sent a question with the token this long after it opened
 POOL_IDLE_S = 60.0  # an asker drops a connection idle this long (well before the port would)
 CONNECT_S = 1.0
 STUCK_S = 600.0  # an asker gives up on a call not answered in this long (its caller gave up long before)
@@ -181,22 +184,24 @@ class QuestionPort:
     def _serve(self, conn: socket.socket) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(IDLE_S)
+            conn.settimeout(FIRST_S)  # until its first question shows the token: then as long as IDLE_S
             while not self._closed:
-                head = _recv_exact(conn, HEADER.size)
+                head = _recv_exact(conn, HEADER.size + TOKEN_LEN)
                 if head is None:
                     return
-                (n,) = HEADER.unpack(head)
+                (n,) = HEADER.unpack_from(head)
                 if n < TOKEN_LEN or n > MAX_QUESTION + TOKEN_LEN:
                     self._bad(f"a question of {n} bytes")
                     return
-                body = _recv_exact(conn, n)
-                if body is None:
-                    return
-                if not hmac.compare_digest(body[:TOKEN_LEN], self._token):
+                # the token before the question is read: nothing of a stranger's is buffered, let alone parsed
+                if not hmac.compare_digest(head[HEADER.size:], self._token):
                     self._bad("a question without this port's token")
                     return
-                status, out = self._answer(body[TOKEN_LEN:])
+                conn.settimeout(IDLE_S)
+                body = _recv_exact(conn, n - TOKEN_LEN)
+                if body is None:
+                    return
+                status, out = self._answer(body)
                 conn.sendall(HEADER.pack(1 + len(out)) + bytes((status,)) + out)
         except OSError:
             return  # the asker went away, or the connection idled out

@@ -45,15 +45,19 @@ from impressions.durable.layout import epoch_folder
 from impressions.sketch.config import SketchConfig
 
 
-def timed_queries(ask, keys, n: int, reps: int, now: float, rng) -> tuple[float, float]:
-    times = []
+def timed_queries(paths, keys, n: int, reps: int, now: float, rng) -> dict:
+    """``(p50 ms, p99 ms)`` of each path of ``paths`` (name, ask) over ``reps`` random ranges of ``n`` buckets, the
+    paths asked in turn on the same range (their order rotating), so each sees the same moments of the machine."""
+    times = {name: [] for name, _ in paths}
     room = 43_200 - n
-    for _ in range(reps):
-        end = now - 60 * int(rng.integers(0, room + 1))
-        t = time.perf_counter()
-        ask(keys, SketchConfig().resolve(now=now, last=n, end=end))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3), float(np.percentile(times, 99) * 1e3)
+    for i in range(reps):
+        rng_i = SketchConfig().resolve(now=now, last=n, end=now - 60 * int(rng.integers(0, room + 1)))
+        k = i % len(paths)
+        for name, ask in paths[k:] + paths[:k]:
+            t = time.perf_counter()
+            ask(keys, rng_i)
+            times[name].append(time.perf_counter() - t)
+    return {name: (float(np.median(v) * 1e3), float(np.percentile(v, 99) * 1e3)) for name, v in times.items()}
 
 
 def _ask_while(ask, stop, out: list) -> None:
@@ -334,8 +338,9 @@ def main(argv=None):
             for n in (60, 43_200):
                 for name, ask in paths:
                     ask(keys, SketchConfig().resolve(now=now, last=n))  # warm: no path pays for cold blocks
-                    rows[name] += list(timed_queries(ask, keys, n, a.queries if len(keys) == 1 else a.queries // 4,
-                                                     now, rng))
+                got = timed_queries(paths, keys, n, a.queries if len(keys) == 1 else a.queries // 4, now, rng)
+                for name, _ in paths:
+                    rows[name] += list(got[name])
             lat_rows += list(rows.values())
         # a bare round trip through the coordinator, for scale
         base = []
@@ -402,7 +407,7 @@ shards (sealed nodes are mapped files, section 5 of the design).
 {t1}
 
 Query latency, {a.queries} queries per cell ({a.queries // 4} for 100 keys), random end times, four paths side
-by side on the same cluster: the Python client's to the readers on their own ports (one round trip: the driver
+by side on the same cluster, asked in turn on each range (their order rotating): the Python client's to the readers on their own ports (one round trip: the driver
 asks one copy of every register range in parallel on its copy of the shard map and combines; `question_ports`,
 the default), the same by Ray calls (the route without the ports: the engine before them), the same to the
 writers only by Ray calls (the engine before readers), and through the coordinator (driver -> coordinator ->

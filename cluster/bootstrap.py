@@ -58,8 +58,8 @@ def call_actor(handle, method: str, *args):
 
 
 def question_hosts() -> list[str]:
-    """Where a reader listens for questions (``actors.wire``): its node's address, for askers on other nodes,
-    and 127.0.0.1, for askers on its own.  Run in the reader's process."""
+    """Where a writer or reader listens for questions (``actors.wire``): its node's address, for askers on other
+    nodes, and 127.0.0.1, for askers on its own.  Run in the copy's process."""
     return [ray.util.get_node_ip_address(), "127.0.0.1"]
 
 
@@ -213,7 +213,8 @@ class RayRuntime:
             scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1,
             max_concurrency=1, runtime_env={"env_vars": PROCESS_ENV}).remote(
                 layout.sketch, index, layout.shards, storage, cfg.block_cache_mb,
-                telemetry=RayTelemetry(cfg.namespace), await_seed=bool(seeds), followers=followers)
+                telemetry=RayTelemetry(cfg.namespace), await_seed=bool(seeds), followers=followers,
+                question_hosts=question_hosts if cfg.question_ports else None)
         if seeds:
             # by a call, not as creation arguments, which Ray would keep (pinned) as long as the actor lives;
             # top-level arguments, so the shard gets their values; the calls after it wait behind it

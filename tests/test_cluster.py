@@ -235,12 +235,12 @@ def test_bulk_threads_give_way_where_questions_come_first_and_answers_are_the_sa
 
 
 def test_readers_answer_on_ports_of_their_own_as_through_ray(clients, stream):
-    """Questions go to the readers' own ports (``actors.wire``): the same answer, byte for byte, as the same
-    question through Ray and as the core's; the ports' tokens are in the askers' route only, never in stats or
+    """Questions go to the readers' (and writers') own ports (``actors.wire``): the same answer, byte for byte,
+    as the same question through Ray and as the core's; the ports' tokens are in the askers' route only, never in stats or
     health; a reader killed leaves answers complete, and comes back on a new port that askers use; with the
     setting off, no port and the same answers."""
-    import pickle
     import signal
+    import time
 
     import ray
 
@@ -255,13 +255,13 @@ def test_readers_answer_on_ports_of_their_own_as_through_ray(clients, stream):
         client.maintain()
         client.checkpoint()
 
-        def route(c=client):
+        def route(c=client, ports=ports):
             m = c.questions._shard_map(refresh=True)
             return m if len(m.readers) == 2 and all(len(r) == 1 for r in m.readers) and \
-                (not ports or all(a is not None for p in m.ports for a in p)) else None
+                (not ports or all(a is not None for p in m.ports + (m.writer_ports,) for a in p)) else None
         m = wait_for(route, what="both readers published")
         if not ports:
-            assert all(a is None for p in m.ports for a in p)
+            assert all(a is None for p in m.ports + (m.writer_ports,) for a in p)
         for key in (None, "ad-0", "ad-7"):
             assert client.unique(key, last="2d", now=NOW) == ref.unique(key, last="2d", now=NOW).to_dict()
         assert client.reach(["ad-0", "ad-3"], prefix="ad-1", last="2d", now=NOW) == \
@@ -274,8 +274,8 @@ def test_readers_answer_on_ports_of_their_own_as_through_ray(clients, stream):
         assert asked >= 4
         b0, b1 = SMALL.resolve(now=NOW, last="2d").b0, SMALL.resolve(now=NOW, last="2d").b1
         args = ([None, "ad-0", "no-such-ad"], b0, b1)
-        for i, (h,) in enumerate(m.readers):
-            a = m.ports[i][0]
+        copies = [(h, m.ports[i][0]) for i, (h,) in enumerate(m.readers)] + list(zip(m.handles, m.writer_ports))
+        for h, a in copies:
             over_port = wire_client().ask(a.route(ray.util.get_node_ip_address()), a.token,
                                           encode_question("query", 0, args)).result(10)
             through_ray = ray.get(h.ask_packed.options(concurrency_group="reads").remote(
@@ -288,15 +288,15 @@ def test_readers_answer_on_ports_of_their_own_as_through_ray(clients, stream):
         before = m.ports[0][0]
         pid = next(r["pid"] for r in st["readers"] if r["shard"] == 0)
         os.kill(pid, signal.SIGKILL)
-        t_end = __import__("time").monotonic() + 60
+        t_end = time.monotonic() + 60
 
-        def back(c=client):
+        def back(c=client, before=before):
             got = c.unique(None, last="2d", now=NOW)
             assert got["partial"] is False and got == ref.unique(None, last="2d", now=NOW).to_dict()
             new = route()
             return new is not None and new.ports[0][0].ident != before.ident
         while not back():
-            assert __import__("time").monotonic() < t_end, "the restarted reader's port was never published"
+            assert time.monotonic() < t_end, "the restarted reader's port was never published"
 
         def on_new_port(c=client):  # once it is no longer suspect to the asker (``SUSPECT_S`` after it failed)
             assert c.unique(None, last="2d", now=NOW) == ref.unique(None, last="2d", now=NOW).to_dict()

@@ -79,7 +79,7 @@ def test_arguments_that_are_not_plain_values_do_not_go_over_the_wire():
 
 def test_a_question_without_the_token_is_not_read(port):
     c = WireClient()
-    with pytest.raises(ShardUnavailable, match="closed the connection"):
+    with pytest.raises(ShardUnavailable, match="closed the connection|went away"):
         _ask(c, port, "echo", token="0" * wire.TOKEN_LEN).result(5)
     assert port.copy.asked == [] and port.stats()["port_bad"] == 1
     # nor a pickle, whatever it says: the body is JSON or an error, never code
@@ -158,3 +158,20 @@ def test_connections_beyond_the_bound_are_refused_not_queued(port, monkeypatch):
 
 def test_a_framed_question_is_what_the_port_reads():
     assert frame("a" * 32, b"xy") == struct.pack(">I", 34) + b"a" * 32 + b"xy"
+
+
+def test_a_connection_that_shows_no_token_is_dropped_soon(port, monkeypatch):
+    monkeypatch.setattr(wire, "FIRST_S", 0.3)
+    s = socket.create_connection(port.address.route(None), timeout=5)
+    s.sendall(b"\0\0")  # a stranger that says next to nothing, holding a connection
+    t = time.monotonic()
+    assert s.recv(10) == b""
+    assert time.monotonic() - t < 2.0
+    s.close()
+    time.sleep(0.1)
+    assert port.stats()["port_open"] == 0
+    c = WireClient()  # an asker with the token keeps its connection past that
+    assert pickle.loads(_ask(c, port, "echo", 1, ()).result(5)) == (1, [])
+    time.sleep(0.5)
+    assert pickle.loads(_ask(c, port, "echo", 2, ()).result(5)) == (2, [])
+    assert port.stats()["port_connections"] == 2
