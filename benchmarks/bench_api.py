@@ -76,16 +76,17 @@ def json_body(n: int, now: float, seed: int) -> bytes:
                        zip(rng.uniform(0, 3600, n), rng.integers(0, 1000, n), rng.integers(0, 1_000_000, n))]).encode()
 
 
-def one_setting(a, work: str, now: float, first: bool) -> tuple[list, list, int]:
-    """The cluster, its REST app and every measure, with ``questions_first`` as given: (query rows, ingest
-    rows, events posted while measuring); the cluster and the app are taken down after."""
+def one_setting(a, work: str, now: float, first: bool, ports: bool = True) -> tuple[list, list, int]:
+    """The cluster, its REST app and every measure, with ``questions_first`` and ``question_ports`` as given:
+    (query rows, ingest rows, events posted while measuring); the cluster and the app are taken down after."""
     from ray import serve
 
     from impressions.cluster.serve import start
-    ns = f"bench-api-{int(first)}"
+    ns = f"bench-api-{int(first)}{int(ports)}"
     bulk = "give way" if first else "alike"
-    coord = ensure_actors(ClusterConfig(shards=2, namespace=ns, storage=f"file://{work}/store-{int(first)}",
-                                        checkpoint_interval_s=3600, questions_first=first))
+    asked = "ports" if ports else "Ray calls"
+    coord = ensure_actors(ClusterConfig(shards=2, namespace=ns, storage=f"file://{work}/store-{int(first)}{int(ports)}",
+                                        checkpoint_interval_s=3600, questions_first=first, question_ports=ports))
     run_ingest([f"{work}/events"], coordinator=coord, progress=False, now=now)
     ray.get(coord.maintain.remote())
     port = 18000 + os.getpid() % 1000
@@ -119,7 +120,8 @@ def one_setting(a, work: str, now: float, first: bool) -> tuple[list, list, int]
                 cl.get("/v1/unique", params={"key": "ad-0", "last": "1h"}) if name == "1 key, last 1h" else
                 cl.get("/v1/unique", params={"key": "ad-0", "last": "7d"}) if name == "1 key, last 7d" else
                 cl.post("/v1/unique", json={"keys": keys100, "last": "1h"}))), 8, 5.0)
-            out.append([label, bulk, name, float(np.median(lat) * 1e3), float(np.percentile(lat, 99) * 1e3), qps])
+            out.append([label, bulk, asked, name, float(np.median(lat) * 1e3), float(np.percentile(lat, 99) * 1e3),
+                        qps])
         return out
 
     rows += measure("idle")
@@ -152,7 +154,7 @@ def one_setting(a, work: str, now: float, first: bool) -> tuple[list, list, int]
             r = c.post("/v1/events", content=b, headers={"Content-Type": ctype})
             r.raise_for_status()
         dt = time.perf_counter() - t
-        ing.append([label, bulk, n, len(bodies[0]) / n, 5 * n / dt])
+        ing.append([label, bulk, asked, n, len(bodies[0]) / n, 5 * n / dt])
     serve.delete(ns)
     teardown(ns)
     return rows, ing, posted[0]
@@ -172,8 +174,10 @@ def main(argv=None):
         tab = generate(int(a.events), days=7, visitors=3_000_000, keys=10_000, seed=4, end=now - 60)
         write_parquet(tab, f"{work}/events")
         del tab
-        for first in (True, False):  # side by side: the bulk threads giving way, then at the questions' priority
-            r, i, p = one_setting(a, work, now, first)
+        # side by side: as it runs by default; the questions by Ray calls (no ports); the bulk threads at the
+        # questions' priority
+        for first, ports in ((True, True), (True, False), (False, True)):
+            r, i, p = one_setting(a, work, now, first, ports)
             rows, ing, posted = rows + r, ing + i, posted + [p]
     finally:
         if ray.is_initialized():
@@ -185,11 +189,12 @@ def main(argv=None):
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     rows.sort(key=lambda r: (r[0] != "idle", ["/healthz", "1 key, last 1h", "1 key, last 7d", "100"].index(
-        next(x for x in ["/healthz", "1 key, last 1h", "1 key, last 7d", "100"] if r[2].startswith(x))),
-        r[1] != "give way"))
-    t1 = table(["load", "bulk threads", "request", "sequential p50 ms", "p99 ms", "queries/s, 8 threads"], rows)
-    t2 = table(["body", "bulk threads", "events per request", "bytes per event", "events/s (one replica, durable)"],
-               ing)
+        next(x for x in ["/healthz", "1 key, last 1h", "1 key, last 7d", "100"] if r[3].startswith(x))),
+        r[1] != "give way", r[2] != "ports"))
+    t1 = table(["load", "bulk threads", "questions", "request", "sequential p50 ms", "p99 ms", "queries/s, 8 threads"],
+               rows)
+    t2 = table(["body", "bulk threads", "questions", "events per request", "bytes per event",
+                "events/s (one replica, durable)"], ing)
     cmd = "python -m benchmarks.bench_api" + ("" if int(a.events) == 2_000_000 else f" --events {a.events:g}")
     body = f"""## REST API over HTTP (`{cmd}`)
 
@@ -197,10 +202,13 @@ Machine: {machine()}.  A private local Ray: 2 shards (durable, local folder), th
 replica; client, proxy, replica and shards share the 2 cores.  {int(a.events):,} impressions of 10,000 ads over
 7 days loaded first.  Keep-alive httpx clients on 127.0.0.1; {a.queries} sequential requests per row
 ({a.queries // 5} for 100 keys), then 5 s from 8 threads.  "During Arrow ingest": another thread posts
-100,000-event Arrow batches back to back ({posted[0]:,} and {posted[1]:,} events while measuring).  "Bulk
+100,000-event Arrow batches back to back ({", ".join(f"{p:,}" for p in posted)} events while measuring).  "Bulk
 threads": "give way" is the cluster as it runs by default (`questions_first`: the replica parses and sends
 ingest bodies on threads at nice 19, the writers apply on such threads, `cluster/priority.py`);
-"alike", side by side in the same run, a cluster and app with the setting off.
+"alike", side by side in the same run, a cluster and app with the setting off.  "Questions": "ports" is
+the default (`question_ports`: the replica asks each register range's copy on its own TCP port,
+`actors/wire.py`), "Ray calls" a cluster with the setting off, side by side in the same run (no readers
+here: on 2 CPUs with 2 shards a range gets none by default, so the copies asked are the writers).
 
 {t1}
 
