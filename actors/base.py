@@ -177,9 +177,15 @@ class ShardBase:
         which publishes it to askers in ``read_route``), or None."""
         return None if self.port is None else self.port.address
 
+    def close_port(self) -> None:
+        """Stop answering on the port (before this copy is stopped for good: a process Ray has killed may
+        linger a moment, and must not answer meanwhile)."""
+        if self.port is not None:
+            self.port.close()
+
     def _port_health(self) -> dict:
         """What ``health`` says of the port: which one it is, never its token."""
-        return {"port": None if self.port is None else self.port.address.ident}
+        return {"port": self.port.address.ident if self.port is not None and self.port.serving else None}
 
     def ask_packed(self, question: bytes) -> bytes:
         """``ask`` with the question and its answer each packed in one bytes object (``pack_question``,

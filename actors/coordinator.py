@@ -92,6 +92,7 @@ class Coordinator(Questions):
         self._misses: dict = {}  # reader -> upkeep rounds in a row it did not answer its health call
         self._ports: dict = {}  # reader -> (its port's ident, ``actors.wire.Address``) as last asked
         self._suspects: dict = {}
+        self._ports_down: dict = {}
         self._map_lock = threading.Lock()  # the map is replaced whole, by upkeep (readers) or a re-sharding
         self._maint: threading.Thread | None = None
         self._starting = threading.Lock()  # start runs once, even when the first calls come at once
@@ -225,8 +226,10 @@ class Coordinator(Questions):
         flat = list(enumerate(m.handles))
         health = gather(rt, [rt.call(h, "health") for _, h in flat], self.config.query_timeout_s)
         self._look_up_ports(flat, health)
-        # a writer that did not answer keeps the port it had: a Ray call to it would fail as well
-        ports = tuple(self._ports.get(h, (None, None))[1] for h in m.handles)
+        # a writer that did not answer is asked through Ray (its port may be on a node that is gone, where a
+        # connection would only time out) until it answers again
+        ports = tuple(self._ports.get(h, (None, None))[1] if a is not None else None
+                      for h, a in zip(m.handles, health))
         with self._map_lock:
             if self.map is m and m.writer_ports != ports:
                 self.map = dataclasses.replace(m, writer_ports=ports)
@@ -244,6 +247,8 @@ class Coordinator(Questions):
                                        self.config.query_timeout_s)):
             if addr is not None:
                 self._ports[h] = (addr.ident, addr)
+            else:  # not told: asked through Ray until it is
+                self._ports.pop(h, None)
 
     def _settle_intent(self, objects: ObjectStore) -> bool:
         """A re-sharding interrupted by a crash: finished if the layout was

@@ -69,7 +69,7 @@ from impressions.sketch.windows import plan_series
 from .base import QUESTIONS, Behind, pack_question, unpack_answer
 from .runtime import Runtime, ShardUnavailable, gather
 from .telemetry import Telemetry
-from .wire import encode_question
+from .wire import PortFailed, encode_question
 
 MAP_TTL_S = 10.0  # how long a direct asker trusts its copy of the shard map without news
 HEDGE_S = 0.25  # a copy that has not answered by then (and is late against the others) is joined by the next
@@ -148,6 +148,7 @@ class Questions:
     telemetry: Telemetry
     queries = 0
     _suspects: dict  # copies that failed lately -> until when (a subclass gives its own)
+    _ports_down: dict  # copies whose port failed lately -> until when they are asked through Ray (the same)
     _wrote: tuple = (None, {})  # (epoch, {range: log position}) of this asker's acknowledged writes
 
     def _shard_map(self, refresh: bool = False) -> ShardMap:
@@ -230,11 +231,14 @@ class Questions:
                 wired[after] = encode_question(method, after, args)
             return wired[after]
 
-        def ask(i: int, h=None) -> None:
+        ports_down = self._ports_down
+
+        def ask(i: int, h=None, by_ray: bool = False) -> None:
             if h is None:
                 h = order[i][asked[i]]
                 asked[i] += 1
-            at = m.address(i, h) if by_port is not None else None
+            at = m.address(i, h) if by_port is not None and not by_ray and ports_down.get(h, 0) < time.monotonic() \
+                else None
             body = wire_question(after[i]) if at is not None else None
             p = by_port(at, body) if body is not None else rt.call(h, "ask_packed", question(after[i]))
             pending[p] = (i, h)
@@ -268,6 +272,11 @@ class Questions:
                 try:
                     answers[i], done[i] = unpack_answer(rt.result(p, 0)), True
                     slowest = time.monotonic() - start
+                except PortFailed:
+                    # the port did not carry it (refused, full, a stranger on it): the same copy through Ray,
+                    # which says whether the copy itself is there; its port passed by for a while
+                    ports_down[h] = time.monotonic() + SUSPECT_S
+                    ask(i, h, by_ray=True)
                 except Exception as e:  # noqa: BLE001 - a copy's failure sends the question on, never up
                     if isinstance(e, Behind):
                         if h not in behind[i]:
@@ -497,6 +506,7 @@ class DirectQuestions(Questions):
         self.telemetry = telemetry or Telemetry()
         self._asking: set = set()  # the questions out now (set.add and discard are atomic)
         self._suspects: dict = {}
+        self._ports_down: dict = {}
         self._map: ShardMap | None = None
         self._fetched = 0.0
         self.refreshes = 0

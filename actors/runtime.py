@@ -94,8 +94,8 @@ def gather(runtime: Runtime, pending: list, timeout: float | None) -> list:
 # threads of their own, beside the one that runs applies and every other call in order and the one that
 # runs upkeep: a question never waits behind an apply or a maintenance slice, and writes never wait for
 # questions.
-READ_METHODS = frozenset({"ask", "ask_packed", "question_address", "health", "query", "query_ranges", "reach", "overlap", "series",
-                          "key_impressions", "impressions_of", "registers"})
+READ_METHODS = frozenset({"ask", "ask_packed", "question_address", "close_port", "health", "query", "query_ranges",
+                          "reach", "overlap", "series", "key_impressions", "impressions_of", "registers"})
 READ_THREADS = 2
 # Upkeep: on a thread of its own too, beside the applies (``actors.shard``); a reader's switches to its writer's
 # checkpoints (``checkpointed``) too, beside the messages that keep its copy following (``actors.reader``)
@@ -143,6 +143,10 @@ class LocalShard:
     def stop(self, timeout: float) -> None:
         """Refuse new calls, drop queued ones, and wait for the running one."""
         self.dead = True
+        if self._ready.done() and self._ready.exception() is None:  # its port, if any, answers no more either
+            close = getattr(self._ready.result(), "close_port", None)
+            if close is not None:
+                close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._reads.shutdown(wait=False, cancel_futures=True)
         self._upkeep.shutdown(wait=False, cancel_futures=True)

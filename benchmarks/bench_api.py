@@ -76,9 +76,10 @@ def json_body(n: int, now: float, seed: int) -> bytes:
                        zip(rng.uniform(0, 3600, n), rng.integers(0, 1000, n), rng.integers(0, 1_000_000, n))]).encode()
 
 
-def one_setting(a, work: str, now: float, first: bool, ports: bool = True) -> tuple[list, list, int]:
+def one_setting(a, work: str, now: float, first: bool, ports: bool = True) -> tuple[list, list, tuple]:
     """The cluster, its REST app and every measure, with ``questions_first`` and ``question_ports`` as given:
-    (query rows, ingest rows, events posted while measuring); the cluster and the app are taken down after."""
+    (query rows, ingest rows, (events posted while measuring, questions answered on ports)); the cluster and
+    the app are taken down after."""
     from ray import serve
 
     from impressions.cluster.serve import start
@@ -155,9 +156,11 @@ def one_setting(a, work: str, now: float, first: bool, ports: bool = True) -> tu
             r.raise_for_status()
         dt = time.perf_counter() - t
         ing.append([label, bulk, asked, n, len(bodies[0]) / n, 5 * n / dt])
+    st = ray.get(coord.stats.remote())
+    on_ports = sum((x or {}).get("port_questions", 0) for x in st["shards"] + st["readers"])
     serve.delete(ns)
     teardown(ns)
-    return rows, ing, posted[0]
+    return rows, ing, (posted[0], on_ports)
 
 
 def main(argv=None):
@@ -202,13 +205,14 @@ Machine: {machine()}.  A private local Ray: 2 shards (durable, local folder), th
 replica; client, proxy, replica and shards share the 2 cores.  {int(a.events):,} impressions of 10,000 ads over
 7 days loaded first.  Keep-alive httpx clients on 127.0.0.1; {a.queries} sequential requests per row
 ({a.queries // 5} for 100 keys), then 5 s from 8 threads.  "During Arrow ingest": another thread posts
-100,000-event Arrow batches back to back ({", ".join(f"{p:,}" for p in posted)} events while measuring).  "Bulk
+100,000-event Arrow batches back to back ({", ".join(f"{p:,}" for p, _ in posted)} events while measuring).  "Bulk
 threads": "give way" is the cluster as it runs by default (`questions_first`: the replica parses and sends
 ingest bodies on threads at nice 19, the writers apply on such threads, `cluster/priority.py`);
 "alike", side by side in the same run, a cluster and app with the setting off.  "Questions": "ports" is
 the default (`question_ports`: the replica asks each register range's copy on its own TCP port,
 `actors/wire.py`), "Ray calls" a cluster with the setting off, side by side in the same run (no readers
-here: on 2 CPUs with 2 shards a range gets none by default, so the copies asked are the writers).
+here: on 2 CPUs with 2 shards a range gets none by default, so the copies asked are the writers; questions
+the copies answered on their ports, per app: {", ".join(f"{q:,}" for _, q in posted)}).
 
 {t1}
 

@@ -30,7 +30,7 @@ from impressions.actors.memory import PROCESS_ENV
 from impressions.actors.reader import ShardReader
 from impressions.actors.runtime import READ_METHODS, READ_THREADS, UPKEEP_METHODS, ShardUnavailable
 from impressions.actors.shard import ShardActor
-from impressions.actors.wire import wire_client
+from impressions.actors.wire import answer_of, wire_client
 from impressions.cluster.config import ClusterConfig
 from impressions.cluster.metrics import RayTelemetry
 from impressions.cluster.priority import giving_way
@@ -281,7 +281,7 @@ class RayRuntime:
     def wait(self, pending: list, timeout: float | None = None, num_returns: int | None = None):
         if not pending:
             return [], []
-        n = len(pending) if num_returns is None else num_returns
+        n = len(pending) if num_returns is None else min(num_returns, len(pending))
         if not any(isinstance(p, cf.Future) for p in pending):
             return ray.wait(pending, num_returns=n, timeout=timeout)
         # questions to ports, maybe beside Ray calls (a range's writer): all waited for as futures
@@ -302,10 +302,9 @@ class RayRuntime:
 
     def result(self, pending, timeout: float | None = None):
         if isinstance(pending, cf.Future):  # a question to a port: its own exception as the copy raised it
-            try:
-                return pending.result(timeout)
-            except (cf.TimeoutError, cf.CancelledError):
-                raise ShardUnavailable(f"no answer within {timeout} s") from None
+            if pending.cancelled() or not pending.done() and not cf.wait([pending], timeout).done:
+                raise ShardUnavailable(f"no answer within {timeout} s")
+            return answer_of(pending.result())  # PortFailed when the port failed: ask the copy through Ray
         try:
             return ray.get(pending, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
@@ -318,6 +317,10 @@ class RayRuntime:
             raise
 
     def kill(self, handle, timeout: float = 30.0) -> None:
+        try:  # its port first: Ray's kill ends the process a moment later, and it must not answer meanwhile
+            ray.get(handle.close_port.options(concurrency_group="reads").remote(), timeout=min(2.0, timeout))
+        except Exception:  # noqa: BLE001 - gone, hung or without a port: the kill below is what counts
+            pass
         ray.kill(handle, no_restart=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # ray.kill returns at once: wait until the process is gone

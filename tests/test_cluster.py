@@ -245,7 +245,7 @@ def test_readers_answer_on_ports_of_their_own_as_through_ray(clients, stream):
     import ray
 
     from impressions.actors.base import pack_question
-    from impressions.actors.wire import encode_question, wire_client
+    from impressions.actors.wire import answer_of, encode_question, wire_client
     from tests.conftest import wait_for
     ref = _reference(stream)
     for ports in (True, False):
@@ -276,8 +276,8 @@ def test_readers_answer_on_ports_of_their_own_as_through_ray(clients, stream):
         args = ([None, "ad-0", "no-such-ad"], b0, b1)
         copies = [(h, m.ports[i][0]) for i, (h,) in enumerate(m.readers)] + list(zip(m.handles, m.writer_ports))
         for h, a in copies:
-            over_port = wire_client().ask(a.route(ray.util.get_node_ip_address()), a.token,
-                                          encode_question("query", 0, args)).result(10)
+            over_port = answer_of(wire_client().ask(a.route(ray.util.get_node_ip_address()), a.token,
+                                                    encode_question("query", 0, args)).result(10))
             through_ray = ray.get(h.ask_packed.options(concurrency_group="reads").remote(
                 pack_question("query", 0, args)))
             assert over_port == through_ray

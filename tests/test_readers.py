@@ -10,6 +10,7 @@ writer's messages, fills in from the store.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import time
 from typing import ClassVar
 
@@ -455,3 +456,76 @@ def test_upkeep_and_checkpoints_beside_ingest_keep_every_copy_exact(tmp_path, st
     for h in handles:
         assert runtime.result(runtime.call(h, "stats"), 30)["recovery"]["manifest"], "recovered from a checkpoint"
     _same_everywhere(coord, runtime, ref, direct)
+
+
+class PortRuntime(LocalRuntime):
+    """``LocalRuntime`` whose copies also answer on ports of their own (127.0.0.1), asked there as on Ray
+    (``RayRuntime.ask_at``); ``BROKEN`` makes every port call fail as a refused or foreign port does."""
+
+    BROKEN = False
+
+    def ask_at(self, address, body):
+        from impressions.actors.wire import PortFailed, answer_of, wire_client
+        out = cf.Future()
+        if PortRuntime.BROKEN:
+            out.set_exception(PortFailed("refused"))
+            return out
+        sent = wire_client().ask(address.route(None), address.token, body)
+
+        def done(f):
+            try:
+                out.set_result(answer_of(f.result()))
+            except Exception as e:  # noqa: BLE001 - handed to the asker as the copy raised it
+                out.set_exception(e)
+        sent.add_done_callback(done)
+        return out
+
+
+def test_questions_on_the_copies_ports_answer_the_same_and_a_broken_port_falls_back_to_ray(tmp_path, stream):
+    """Every copy (writer and readers) answers on a port of its own, published by the coordinator; the answers
+    are the reference's whichever way they are asked; with every port failing, each question asks the same
+    copies through the runtime instead: complete, the same, and no copy taken for gone."""
+    batch, ref = stream
+    storage = f"file://{tmp_path}/store"
+    cfg = ClusterConfig(sketch=SK, shards=2, storage=storage, maintain_interval_s=3600, checkpoint_interval_s=3600,
+                        query_timeout_s=5, readers=1, hedge_s=0.25)
+
+    def st(layout):
+        return ShardStorage(storage, None, layout.cluster_id, layout.folder)
+    here = ["127.0.0.1"]
+    runtime = PortRuntime(
+        lambda i, layout, seed_from, *states: ShardActor(SK, i, layout.shards, st(layout), 32.0, seed_from, *states,
+                                                         question_hosts=here),
+        lambda i, r, layout: ShardReader(SK, i, layout.shards, st(layout), 32.0, r, question_hosts=here))
+    coord = Coordinator(cfg, runtime)
+    coord.start()
+    assert coord.watch_readers() == [1, 1]
+    _, writers, readers, ports, writer_ports = coord.read_route()
+    assert all(a is not None for a in writer_ports) and all(a is not None for p in ports for a in p)
+    direct = DirectQuestions(coord.read_route, runtime, coord.config, SK.p)
+    _ingest(coord, runtime, batch, asker=direct)
+    _settled(runtime, coord)
+    rng = SK.resolve(now=NOW, last="2d")
+    want = [r.to_dict() for r in ref.query_range(KEYS, rng)]
+
+    def served():
+        return sum(runtime.result(runtime.call(h, "stats"), 10).get("port_questions", 0)
+                   for h in [*writers, *(r for rs in readers for r in rs)])
+    before = served()
+    assert direct.query(KEYS, rng) == want
+    assert served() > before  # asked on the ports
+    PortRuntime.BROKEN = True
+    try:
+        before = served()
+        for _ in range(3):
+            assert direct.query(KEYS, rng) == want
+        assert served() == before and not direct._suspects  # through the runtime, no copy suspected
+        assert direct._ports_down
+    finally:
+        PortRuntime.BROKEN = False
+    # a copy stopped for good answers on its port no more (a process Ray killed may linger a moment)
+    from impressions.actors.wire import PortFailed, encode_question, wire_client
+    for h, a in [*zip(writers, writer_ports), *((r, a) for rs, ps in zip(readers, ports) for r, a in zip(rs, ps))]:
+        runtime.kill(h)
+        with pytest.raises(PortFailed):
+            wire_client().ask(a.route(None), a.token, encode_question("query", 0, (KEYS, rng.b0, rng.b1))).result(5)
