@@ -187,6 +187,10 @@ class ShardBase:
         """What ``health`` says of the port: which one it is, never its token."""
         return {"port": self.port.address.ident if self.port is not None and self.port.serving else None}
 
+    def _port_stats(self) -> dict:
+        """What ``stats`` says of the port: ``_port_health`` and its counts."""
+        return {**self._port_health(), **(self.port.stats() if self.port is not None else {})}
+
     def ask_packed(self, question: bytes) -> bytes:
         """``ask`` with the question and its answer each packed in one bytes object (``pack_question``,
         ``unpack_answer``): Ray serializes each argument of a call and each array of its answer apart, about

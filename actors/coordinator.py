@@ -90,7 +90,7 @@ class Coordinator(Questions):
         self._readers: tuple = ()  # per register range, every reader started (``map.readers``: those that answer)
         self._reader_upkeep: dict = {}  # reader -> its catch-up call still out
         self._misses: dict = {}  # reader -> upkeep rounds in a row it did not answer its health call
-        self._ports: dict = {}  # reader -> (its port's ident, ``actors.wire.Address``) as last asked
+        self._ports: dict = {}  # writer or reader -> (its port's ident, ``actors.wire.Address``) as last asked
         self._suspects: dict = {}
         self._ports_down: dict = {}
         self._map_lock = threading.Lock()  # the map is replaced whole, by upkeep (readers) or a re-sharding
@@ -182,15 +182,20 @@ class Coordinator(Questions):
     def watch_readers(self) -> list[int]:
         """One round of ``_watch_readers`` now (upkeep does it every round); returns the readers
         answering per register range."""
-        self._watch_readers(self._ensure())
+        self._watch_copies(self._ensure())
         return [len(r) for r in self.map.readers]
+
+    def _watch_copies(self, m: ShardMap) -> None:
+        """Publish the readers that answer, and where every copy answers on a port of its own."""
+        self._watch_readers(m)
+        if getattr(self.config, "question_ports", True):
+            self._watch_writer_ports(self.map)  # the map as the readers' round left it
 
     def _watch_readers(self, m: ShardMap) -> None:
         """Give every reader a catch-up slice (unless its last one is still running) and publish, in the map,
         the readers that answer and serve."""
         rt, rs = self.runtime, self._readers
         if not rs:
-            self._watch_writer_ports(m)
             return
         flat = [(i, h) for i, hs in enumerate(rs) for h in hs]
         for _, h in flat:
@@ -217,7 +222,6 @@ class Coordinator(Questions):
                 self.map = dataclasses.replace(m, readers=readers, ports=ports)
                 if m.readers != readers:
                     self._note(f"readers answering per range: {[len(x) for x in readers]}")
-        self._watch_writer_ports(self.map)
 
     def _watch_writer_ports(self, m: ShardMap) -> None:
         """Publish where each writer answers on a port of its own (``actors.wire``): a writer restarted by Ray
@@ -235,8 +239,9 @@ class Coordinator(Questions):
                 self.map = dataclasses.replace(m, writer_ports=ports)
 
     def _look_up_ports(self, flat: list, health: list) -> None:
-        """Where each reader answers questions (``actors.wire``): asked of a reader whose port ``health`` names
-        differently from the one known (started, or restarted with a new port); forgotten for one without."""
+        """Where each copy of ``flat`` answers questions (``actors.wire``): asked of a copy whose port ``health``
+        names differently from the one known (started, or restarted with a new port); forgotten for one
+        without."""
         rt = self.runtime
         ask = [h for (_, h), a in zip(flat, health)
                if a is not None and a.get("port") and self._ports.get(h, (None,))[0] != a["port"]]
@@ -297,8 +302,8 @@ class Coordinator(Questions):
 
     def read_route(self) -> tuple[int, list, list, list, list]:
         """(epoch, writers, readers per register range, where each reader answers on a port of its own or
-        None, where each writer does or None): what an asker needs (``DirectQuestions``).  The ports' tokens are in it: it is for askers inside
-        the cluster, never shown by the REST API."""
+        None, where each writer does or None): what an asker needs (``DirectQuestions``).  The ports' tokens
+        are in it: it is for askers inside the cluster, never shown by the REST API."""
         m = self._ensure()
         return (m.epoch, list(m.handles), [list(r) for r in m.readers], [list(p) for p in m.ports],
                 list(m.writer_ports))
@@ -410,7 +415,7 @@ class Coordinator(Questions):
         enforced on this machine's clock), and a checkpoint when one is due."""
         rt = self.runtime
         maint = [rt.call(h, "maintain", self._now(), UPKEEP_SLICE_S) for h in m.handles]
-        self._watch_readers(m)
+        self._watch_copies(m)
         rt.wait(maint, CALL_TIMEOUT_S)
         failed = [i for i, p in enumerate(maint) if _failed(rt, p)]
         if checkpoint:

@@ -497,8 +497,8 @@ class DirectQuestions(Questions):
     """Questions asked of the shards directly, on a copy of the shard map.
 
     ``route()`` fetches ``(epoch, writers, readers, reader ports, writer ports)`` from the coordinator
-    (``Coordinator.read_route``; the ports may be missing: then every copy is asked through Ray); ``p`` is the sketch precision (the
-    register ranges follow from it and the shard count)."""
+    (``Coordinator.read_route``; the ports may be missing: then every copy is asked through Ray); ``p`` is the
+    sketch precision (the register ranges follow from it and the shard count)."""
 
     def __init__(self, route: Callable[[], tuple], runtime: Runtime, config, p: int,
                  telemetry: Telemetry | None = None):

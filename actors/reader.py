@@ -388,5 +388,5 @@ class ShardReader(ShardBase):
 
     def stats(self) -> dict:
         out = {**self.health(), "role": "reader", **self._process_stats(), "incarnation": self.incarnation,
-               **self.counts, **(self.port.stats() if self.port is not None else {})}
+               **self.counts, **self._port_stats()}
         return {**out, **self.store.stats()}

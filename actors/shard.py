@@ -529,6 +529,5 @@ class ShardActor(ShardBase):
                "available": self.unavailable is None, "reason": self.unavailable,
                "applied_batches": self.applied_batches, "first_apply_at": self.first_apply_at, "log_seq": self.seq, "manifest": self.manifest,
                "sealed": self.sealed, "recovery": self.recovery, "batch_ids": len(self.applied),
-               "checkpoint_age_s": self._checkpoint_age(), **self._port_health(),
-               **(self.port.stats() if self.port is not None else {})}
+               "checkpoint_age_s": self._checkpoint_age(), **self._port_stats()}
         return {**out, **self.store.stats()}

@@ -292,9 +292,8 @@ class QuestionPort:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not self._handshake(conn):
                 return
-            self._forget(conn, stranger=True)
-            with self._lock:
-                self._conns.add(conn)
+            with self._lock:  # no stranger any more: out of their budget
+                self._strangers -= 1
             stranger = False
             conn.settimeout(IDLE_S)
             while not self._closed:
@@ -533,10 +532,10 @@ class WireClient:
         if call.state == NONCE_IN:
             if len(call.buf) < NONCE:
                 return
-            theirs, call.nonce = bytes(call.buf[:NONCE]), os.urandom(NONCE)
+            theirs, mine = bytes(call.buf[:NONCE]), os.urandom(NONCE)
             del call.buf[:NONCE]
-            call.out = call.nonce + _mac(call.key, b"asker", theirs, call.nonce) + call.out
-            call.nonce = call.nonce + theirs  # what the port's proof is of
+            call.out = mine + _mac(call.key, b"asker", theirs, mine) + call.out
+            call.nonce = mine + theirs  # what the port's proof is of
             call.state = SENDING
             self._sel.modify(call.sock, selectors.EVENT_WRITE, call)
             return

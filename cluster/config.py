@@ -61,8 +61,8 @@ class ClusterConfig:
     # questions', the ingest tasks in the idle class, so a question gets the core ahead of it
     # (cluster/priority.py); off: all threads alike
     questions_first: bool = True
-    # readers also answer on TCP ports of their own (actors/wire.py): one round trip of about 0.06 ms for a
-    # question where a Ray call costs 0.6; off: every question is a Ray call
+    # writers and readers also answer on TCP ports of their own (actors/wire.py): one round trip of about 0.06 ms
+    # for a question where a Ray call costs 0.6; off: every question is a Ray call
     question_ports: bool = True
     hedge_s: float = 0.25  # a copy of a range that has not answered by then is joined by the next one
     batch_rows: int = 262_144  # rows per batch read by an ingest task
