@@ -6,3 +6,5 @@
 through a runtime (``runtime``): Ray's on a cluster, ``LocalRuntime`` in
 one process.
 """
+
+import impressions.sketch  # noqa: F401  first: fits numpy's kernels to this CPU before numpy loads (sketch.simd)

@@ -25,7 +25,7 @@ import socket
 import time
 
 from impressions.durable.journal import CorruptObject, ShardJournal
-from impressions.sketch import sealed
+from impressions.sketch import sealed, simd
 from impressions.sketch.arrowio import StateError, nodes_from_batches
 from impressions.sketch.events import Batch
 from impressions.sketch.store import ShardStore, SketchConfig
@@ -251,10 +251,10 @@ class ShardBase:
 
     def _process_stats(self) -> dict:
         """What a writer's and a reader's stats say of their process: where it runs, its memory, its CPU
-        time (all threads) and its block cache."""
+        time (all threads), its block cache and the vector kernels its numpy runs (``sketch.simd``)."""
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": self.telemetry.node() or socket.gethostname(),
                 **process_memory(), "uptime_s": round(time.time() - self.started, 1),
-                "cpu_s": round(time.process_time(), 3), **sealed.CACHE.stats()}
+                "cpu_s": round(time.process_time(), 3), **sealed.CACHE.stats(), **simd.stats()}
 
     def ping(self) -> int:
         return self.shard_index

@@ -10,6 +10,7 @@
     impressions reach ad-1 ad-2 --prefix campaign-12/ --last 30d   # a set of keys' visitors, each once
     impressions overlap ad-1,ad-2 ad-3 --last 7d      # visitors of both sets (comma-separated keys)
     impressions checkpoint | rescale 4 | down | demo
+    eval "$(impressions node-env)" && ray start ...    # a node's settings for every process Ray starts there
 
 Every command but ``up`` and ``demo`` needs a running cluster (this
 machine's, or ``--address``) and says so plainly when there is none.
@@ -359,6 +360,14 @@ def _range_args(p, default: str) -> None:
     p.add_argument("--json", action="store_true", help="the REST API's JSON")
 
 
+def cmd_node_env(a) -> int:
+    from impressions.sketch import simd
+    lines = simd.node_env()
+    if lines:
+        print(lines)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="impressions", description="Unique visitors in the last n units of time.",
                                  epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -410,6 +419,8 @@ def main(argv=None) -> int:
     p.add_argument("--events", type=int, default=2_000_000)
     p.add_argument("--ads", type=int, default=1000)
     p.add_argument("--days", type=float, default=3.0)
+    sub.add_parser("node-env", help="shell lines to evaluate before `ray start` on a node (numpy's kernels for "
+                   "this CPU, impressions.sketch.simd)")
     a = ap.parse_args(argv)
     _auth_mode(starts_ray=a.cmd in ("up", "demo"))
     from impressions.cluster.bootstrap import ClusterNotRunning
@@ -417,7 +428,7 @@ def main(argv=None) -> int:
     try:
         return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "ingest": cmd_ingest, "query": cmd_query,
                 "reach": cmd_reach, "overlap": cmd_overlap, "checkpoint": cmd_checkpoint, "rescale": cmd_rescale,
-                "demo": cmd_demo}[a.cmd](a)
+                "demo": cmd_demo, "node-env": cmd_node_env}[a.cmd](a)
     except ClusterNotRunning as e:
         print(f"impressions: {e}", file=sys.stderr)
         return 2

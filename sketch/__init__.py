@@ -8,3 +8,7 @@ the estimator, ``rows`` how many sketches are stored column-wise,
 Arrow state ``arrowio``, re-sharding ``reshard``; ``events`` and ``formats``
 validate and parse input; ``counter`` is the whole system in one process.
 """
+
+from . import simd
+
+simd.fit_numpy()  # before anything of ours loads numpy (see ``simd``)
