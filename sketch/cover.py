@@ -47,6 +47,9 @@ def _rows(t, keys, n0: int, n1: int) -> RowTable:
     return t.view(make_code(keys.id, n0), make_code(keys.id, max(n1 - 1, n0)))
 
 
+SLICES_FROM = 64  # coupons a range on average from which ``add_gather`` takes slices rather than one gather
+
+
 def _gather_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Indices of the concatenated ranges ``[starts[i], ends[i])``."""
     lengths = ends - starts
@@ -127,10 +130,16 @@ class Pieces:
         self.rows += int((r1 - r0).sum())
         self.reads += len(pos)
         c0, c1 = t.off[r0], t.off[r1]
-        if (c1 > c0).any():
-            self.cv.append(t.coupons[_gather_ranges(c0, c1)])
-            self.ck.append(np.repeat(pos, c1 - c0))
-            self.bytes += 4 * len(self.cv[-1])
+        n = c1 - c0
+        total = int(n.sum())
+        if total:
+            if total >= SLICES_FROM * len(n):  # long runs (a key's rows in a table): slices, joined once in
+                cps = t.coupons                # ``_joined`` with every other piece, no index array, no copy here
+                self.cv.extend([cps[a:b] for a, b in zip(c0.tolist(), c1.tolist()) if b > a])
+            else:
+                self.cv.append(t.coupons[_gather_ranges(c0, c1)])
+            self.ck.append(np.repeat(pos, n))
+            self.bytes += 4 * total
         d0, d1 = t.dense_cs[r0], t.dense_cs[r1]
         if (d1 > d0).any():
             self.dv.append(t.regs[_gather_ranges(d0, d1)])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from impressions.sketch import npx
-from impressions.sketch.hll import RegisterRange, coupons_from_hashes
+from impressions.sketch.hll import RegisterRange, coupon_register, coupons_from_hashes
 from impressions.sketch.rows import _build_levels_by_merging, build_levels, level_up, merge, rows_from_events
 
 
@@ -114,3 +114,27 @@ def test_max_rows_takes_the_max_of_every_row_into_its_target_whatever_the_order(
     out = np.zeros((2, 4), np.uint8)
     npx.max_rows(out, np.zeros(0, np.int64), rows[:0])
     assert not out.any()
+
+
+@pytest.mark.parametrize("per_row", [1, 300])  # few coupons a range (one gather) and many (slices joined once)
+def test_add_gather_reads_the_same_coupons_and_positions_however_it_reads(per_row):
+    from impressions.sketch.cover import SLICES_FROM, Pieces
+
+    rr = RegisterRange(14, 2, 0)
+    rng = np.random.default_rng(per_row)
+    n = 40 * per_row
+    keys = np.repeat(np.arange(1, 41), per_row)
+    h = rng.integers(0, 1 << 63, 20 * n, dtype=np.uint64)
+    c = coupons_from_hashes(h)
+    c = c[coupon_register(c, 14) < rr.hi][:n]  # this range's coupons
+    t = rows_from_events(keys[:len(c)], np.full(len(c), 7), c, rr)
+    r0 = np.array([0, 5, 9, 20, 30]) % len(t)
+    r1 = np.minimum(r0 + np.array([3, 1, 0, 8, 4]), len(t))
+    pos = np.array([4, 0, 2, 1, 3])
+    pc = Pieces(5)
+    pc.add_gather(t, pos, r0, r1)
+    want = np.concatenate([t.coupons[t.off[a]:t.off[b]] for a, b in zip(r0, r1)])
+    assert (int(want.size) >= SLICES_FROM * len(r0)) == (per_row > 1)  # both ways of reading are taken
+    assert np.array_equal(pc.coupon_array(), want)
+    assert np.array_equal(np.concatenate(pc.ck), np.repeat(pos, t.off[r1] - t.off[r0]))
+    assert pc.rows == int((r1 - r0).sum()) and pc.bytes == 4 * want.size
