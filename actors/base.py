@@ -31,6 +31,7 @@ from impressions.sketch.events import Batch
 from impressions.sketch.store import ShardStore, SketchConfig
 from impressions.sketch.tiers import Slot, TableNode
 
+from . import pauses
 from .memory import keep_freed_memory
 from .runtime import ShardUnavailable
 from .telemetry import Telemetry, process_memory
@@ -58,9 +59,11 @@ class ShardBase:
     @staticmethod
     def _set_up_process(block_cache_mb: float) -> None:
         """What a copy's process holds for its questions: a block cache of ``block_cache_mb``, and the memory
-        a question frees kept for the next (``actors.memory``)."""
+        a question frees kept for the next (``actors.memory``); the cycle collector's pauses timed
+        (``actors.pauses``)."""
         sealed.CACHE.budget = int(block_cache_mb * (1 << 20))
         keep_freed_memory()
+        pauses.watch()
 
     # ------------------------------------------------------------ loading a checkpoint
     def _sealed_header(self) -> dict:
@@ -251,10 +254,12 @@ class ShardBase:
 
     def _process_stats(self) -> dict:
         """What a writer's and a reader's stats say of their process: where it runs, its memory, its CPU
-        time (all threads), its block cache and the vector kernels its numpy runs (``sketch.simd``)."""
+        time (all threads), its block cache, the vector kernels its numpy runs (``sketch.simd``) and the
+        cycle collector's pauses (``actors.pauses``)."""
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": self.telemetry.node() or socket.gethostname(),
                 **process_memory(), "uptime_s": round(time.time() - self.started, 1),
-                "cpu_s": round(time.process_time(), 3), **sealed.CACHE.stats(), **simd.stats()}
+                "cpu_s": round(time.process_time(), 3), **sealed.CACHE.stats(), **simd.stats(),
+                **pauses.stats()}
 
     def ping(self) -> int:
         return self.shard_index

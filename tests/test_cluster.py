@@ -51,8 +51,10 @@ def test_cluster_equals_the_core_register_for_register(clients, stream, shards):
     cfg = ClusterConfig(sketch=SMALL, shards=shards, namespace=f"equal-{shards}", maintain_interval_s=0.3)
     client = clients(cfg)
     assert len(client.stats()["shards"]) == shards
+    copies = client.stats()["shards"]
     if simd.STATE["chosen"]:  # a CPU where numpy's AVX-512 kernels are turned off: the copies' numpy runs without
-        assert [s["numpy_avx512"] for s in client.stats()["shards"]] == [False] * shards
+        assert [s["numpy_avx512"] for s in copies] == [False] * shards
+    assert all(len(s["gc_runs"]) == len(s["gc_longest_ms"]) == 3 for s in copies)  # the collector's pauses, timed
     rep = client.ingest(stream, now=NOW)
     assert rep.accepted == stream.num_rows
     ref = _reference(stream)

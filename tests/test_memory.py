@@ -22,3 +22,20 @@ def test_freed_blocks_stay_in_the_heap_for_the_next_question():
     again = [np.ones(1 << 21, np.uint8) for _ in range(40)]  # the next question's: from the kept memory
     assert memory.free_heap_bytes() <= before + (20 << 20)
     del again
+
+
+def test_the_collectors_pauses_are_timed_per_generation():
+    import gc
+
+    from impressions.actors import pauses
+
+    pauses.watch()
+    pauses.watch()  # once a process, however often asked
+    assert gc.callbacks.count(pauses._timed) == 1
+    before = pauses.stats()
+    junk = [[i] for i in range(50_000)]  # objects for a full collection to scan
+    gc.collect()
+    after = pauses.stats()
+    del junk
+    assert after["gc_runs"][2] >= before["gc_runs"][2] + 1  # gc.collect() at least (allocating may run one)
+    assert after["gc_pause_s"][2] > before["gc_pause_s"][2] and after["gc_longest_ms"][2] > 0
