@@ -10,7 +10,8 @@ of the same numpy (``benchmarks/bench_simd.py``).  Zen 5 (family 26) and
 Intel run it at full speed, and Zen 4's other AVX-512 kernels are no faster
 than AVX2 (its 512-bit units are two 256-bit halves), so on Zen 4 alone the
 AVX-512 kernels are turned off, through numpy's own switch,
-``NPY_DISABLE_CPU_FEATURES``, which it reads once, at import.
+``NPY_DISABLE_CPU_FEATURES``, which it reads once, at import (after checking,
+once per machine, that this numpy accepts it: ``numpy_accepts``).
 
 ``fit_numpy()`` runs first thing in every package of ours (each package's
 ``__init__`` imports this module before anything that imports numpy), and
@@ -22,8 +23,12 @@ empty, is the operator's choice and is left alone.  No numpy import here.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 from importlib import metadata
 
 VARIABLE = "NPY_DISABLE_CPU_FEATURES"
@@ -81,6 +86,38 @@ def choose(environ, cpuinfo: str | None, numpy_version: str | None) -> tuple[str
     return feature_names(numpy_version), "AMD Zen 4: numpy's AVX-512 sort is microcoded there, AVX2 kernels used"
 
 
+def numpy_accepts(value: str) -> bool:
+    """Whether numpy loads with ``NPY_DISABLE_CPU_FEATURES=value``: it refuses (an error at import, in every
+    process) to turn off a feature built into its baseline, which a numpy compiled for the machine may hold.
+    Asked of a child interpreter once per machine, numpy build and value; the verdict is kept in a file."""
+    spec = importlib.util.find_spec("numpy")
+    where = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    try:
+        built = os.stat(os.path.join(where, "version.py")).st_mtime_ns
+    except OSError:
+        built = 0
+    tag = hashlib.sha256(f"{sys.executable}|{where}|{built}|{value}".encode()).hexdigest()[:16]
+    verdict = os.path.join(tempfile.gettempdir(), f"impressions-numpy-{tag}")
+    try:
+        with open(verdict) as f:
+            return f.read() == "yes"
+    except OSError:
+        pass
+    try:
+        ok = subprocess.run([sys.executable, "-c", "import numpy"], env={**os.environ, VARIABLE: value},
+                            capture_output=True, timeout=120, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False  # not known: numpy's own choice
+    try:
+        part = f"{verdict}.{os.getpid()}"
+        with open(part, "w") as f:
+            f.write("yes" if ok else "no")
+        os.replace(part, verdict)  # whole or absent, whoever asks at the same time
+    except OSError:
+        pass
+    return ok
+
+
 def fit_numpy() -> dict:
     """Decide once per process (see the module text); returns ``STATE``."""
     if STATE:
@@ -95,6 +132,8 @@ def fit_numpy() -> dict:
     except metadata.PackageNotFoundError:
         version = None
     value, why = choose(os.environ, cpuinfo, version)
+    if value is not None and not numpy_accepts(value):
+        value, why = None, f"numpy refuses {VARIABLE}={value!r} (AVX-512 is in its baseline): left as it is"
     late = "numpy" in sys.modules
     if value is not None:
         os.environ[VARIABLE] = value  # children inherit it, whatever this process could still do

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from importlib import metadata
+
+import pytest
 
 from impressions.sketch import simd
 
@@ -76,3 +79,21 @@ def test_a_fresh_process_runs_numpy_as_chosen_and_passes_it_on():
     lines = subprocess.run([sys.executable, "-m", "impressions.cluster.cli", "node-env"], env=env,
                            capture_output=True, text=True, timeout=120, check=True).stdout.strip()
     assert lines == ("" if want is None else f"export {simd.VARIABLE}='{want}'")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 feature names")
+def test_a_value_numpy_would_refuse_is_never_set(monkeypatch):
+    # numpy refuses at import (in every process) to turn off a feature of its baseline: asked of a child first
+    assert simd.numpy_accepts("X86_V2") is False  # the baseline of numpy's x86 wheels
+    assert simd.numpy_accepts(simd.feature_names(metadata.version("numpy"))) is True
+    assert simd.numpy_accepts("X86_V2") is False  # the verdict kept: the same answer
+    saved = dict(simd.STATE)
+    monkeypatch.delenv(simd.VARIABLE, raising=False)
+    monkeypatch.setattr(simd, "choose", lambda *a: ("X86_V2", "a value numpy refuses"))
+    try:
+        simd.STATE.clear()
+        st = simd.fit_numpy()
+        assert st["chosen"] is None and "refuses" in st["why"] and simd.VARIABLE not in os.environ
+    finally:
+        simd.STATE.clear()
+        simd.STATE.update(saved)
