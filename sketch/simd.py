@@ -90,6 +90,8 @@ def numpy_accepts(value: str) -> bool:
     """Whether numpy loads with ``NPY_DISABLE_CPU_FEATURES=value``: it refuses (an error at import, in every
     process) to turn off a feature built into its baseline, which a numpy compiled for the machine may hold.
     Asked of a child interpreter once per machine, numpy build and value; the verdict is kept in a file."""
+    if not sys.executable:  # an embedded interpreter: no child to ask, numpy's own choice
+        return False
     spec = importlib.util.find_spec("numpy")
     where = os.path.dirname(spec.origin) if spec and spec.origin else ""
     try:
@@ -109,11 +111,11 @@ def numpy_accepts(value: str) -> bool:
                             capture_output=True, timeout=120, check=False).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False  # not known: numpy's own choice
-    try:
-        part = f"{verdict}.{os.getpid()}"
-        with open(part, "w") as f:
+    try:  # a file of its own made safely (never through a link someone left), then renamed: whole or absent
+        fd, part = tempfile.mkstemp(prefix=os.path.basename(verdict) + ".", dir=os.path.dirname(verdict))
+        with os.fdopen(fd, "w") as f:
             f.write("yes" if ok else "no")
-        os.replace(part, verdict)  # whole or absent, whoever asks at the same time
+        os.replace(part, verdict)
     except OSError:
         pass
     return ok
@@ -134,7 +136,8 @@ def fit_numpy() -> dict:
         version = None
     value, why = choose(os.environ, cpuinfo, version)
     if value is not None and not numpy_accepts(value):
-        value, why = None, f"numpy refuses {VARIABLE}={value!r} (AVX-512 is in its baseline): left as it is"
+        value, why = None, (f"numpy does not load with {VARIABLE}={value!r} (AVX-512 in its baseline, or no "
+                            "interpreter to ask): left as it is")
     late = "numpy" in sys.modules
     if value is not None:
         os.environ[VARIABLE] = value  # children inherit it, whatever this process could still do

@@ -93,7 +93,7 @@ def test_a_value_numpy_would_refuse_is_never_set(monkeypatch):
     try:
         simd.STATE.clear()
         st = simd.fit_numpy()
-        assert st["chosen"] is None and "refuses" in st["why"] and simd.VARIABLE not in os.environ
+        assert st["chosen"] is None and "does not load" in st["why"] and simd.VARIABLE not in os.environ
     finally:
         simd.STATE.clear()
         simd.STATE.update(saved)
